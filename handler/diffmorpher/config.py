@@ -1,0 +1,161 @@
+"""The one source of truth for morph options and their defaults.
+
+Every entry point (TorchServe handler, local CLI, gRPC client CLI, tests, export's
+`model-config.yaml`) reads these defaults from here, so they cannot drift apart. The defaults are
+those of the DiffMorpher paper's public implementation (see shared/method.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A morph request or option is invalid. Servers map this to a client error (HTTP 400 /
+    gRPC INVALID_ARGUMENT) with `str(error)` as the message."""
+
+
+LORA_TARGET_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
+PERCEPTUAL_METRICS: tuple[str, ...] = ("lpips", "pixel")
+
+# Upper bounds protect a shared server from requests that would run for hours or exhaust memory.
+MAX_FRAMES = 256
+MAX_LORA_STEPS = 2000
+MAX_INFERENCE_STEPS = 1000
+MAX_LORA_RANK = 256
+MAX_FRAME_BATCH = 64
+MAX_RESOLUTION = 2048
+
+
+@dataclass
+class MorphConfig:
+    """Options of one morph. Field names are the request's JSON option names."""
+
+    # Frames
+    num_frames: int = 16
+    seed: int = 0
+    resolution: int | None = None  # None: the model's native resolution
+    # Step 1: LoRA fitting
+    use_lora: bool = True
+    fixed_lora_alpha: float | None = None  # None: interpolate LoRAs; else use this alpha for all frames
+    lora_rank: int = 16
+    lora_steps: int = 200
+    lora_lr: float = 2e-4
+    # Step 2-4: inversion, sampling, attention interpolation
+    num_inference_steps: int = 50
+    attn_lambda: float = 0.6  # fraction of the denoising steps that use interpolated self-attention
+    attn_beta: float = 0.0  # weight of the layer's own input mixed into the interpolated keys/values
+    use_adain: bool = True
+    # Step 5: reschedule
+    use_reschedule: bool = True
+    perceptual_metric: str = "lpips"
+    # Execution
+    frame_batch_size: int = 8
+    dtype: str = "float32"
+    device: str | None = None  # None: best available (see devices.select_device)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ConfigError naming the first offending option."""
+        _check_int("num_frames", self.num_frames, 2, MAX_FRAMES)
+        _check_int("seed", self.seed, 0, 2**63 - 1)
+        if self.resolution is not None:
+            _check_int("resolution", self.resolution, 8, MAX_RESOLUTION)
+            if self.resolution % 8:
+                raise ConfigError(f"resolution must be a multiple of 8, got {self.resolution}")
+        _check_bool("use_lora", self.use_lora)
+        if self.fixed_lora_alpha is not None:
+            _check_float("fixed_lora_alpha", self.fixed_lora_alpha, 0.0, 1.0)
+        _check_int("lora_rank", self.lora_rank, 1, MAX_LORA_RANK)
+        _check_int("lora_steps", self.lora_steps, 0, MAX_LORA_STEPS)
+        _check_float("lora_lr", self.lora_lr, 0.0, 1.0, low_inclusive=False)
+        _check_int("num_inference_steps", self.num_inference_steps, 1, MAX_INFERENCE_STEPS)
+        _check_float("attn_lambda", self.attn_lambda, 0.0, 1.0)
+        _check_float("attn_beta", self.attn_beta, 0.0, 1.0)
+        _check_bool("use_adain", self.use_adain)
+        _check_bool("use_reschedule", self.use_reschedule)
+        _check_choice("perceptual_metric", self.perceptual_metric, PERCEPTUAL_METRICS)
+        _check_int("frame_batch_size", self.frame_batch_size, 1, MAX_FRAME_BATCH)
+        _check_choice("dtype", self.dtype, DTYPES)
+        if self.device is not None and not isinstance(self.device, str):
+            raise ConfigError(f"device must be a string such as 'cpu', got {self.device!r}")
+
+    # ------------------------------------------------------------------ (de)serialisation
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any] | None, **overrides: Any) -> "MorphConfig":
+        """Build from request options; unknown keys are an error, never silently dropped."""
+        merged = {**(options or {}), **overrides}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise ConfigError(f"unknown option(s) {unknown}; valid options are {sorted(known)}")
+        return cls(**merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "MorphConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def lora_mode(self) -> str:
+        """'interpolate' (the paper), 'fixed' (one LoRA mix for every frame) or 'none'."""
+        if not self.use_lora:
+            return "none"
+        return "interpolate" if self.fixed_lora_alpha is None else "fixed"
+
+    @property
+    def num_attn_replace_steps(self) -> int:
+        """Denoising steps (from the start) whose self-attention uses the interpolated store."""
+        return int(round(self.attn_lambda * self.num_inference_steps))
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+
+
+def _check_float(
+    name: str, value: Any, low: float, high: float, *, low_inclusive: bool = True
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    too_low = value < low if low_inclusive else value <= low
+    if too_low or value > high:
+        bracket = "[" if low_inclusive else "("
+        raise ConfigError(f"{name} must be in {bracket}{low}, {high}], got {value}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+@dataclass
+class OutputOptions:
+    """How the finished frames are delivered (handler and CLIs)."""
+
+    format: str = "gif"  # gif | mp4 | frames-zip | png
+    frame_duration_ms: int = 100
+    loop: bool = True
+
+    FORMATS = ("gif", "mp4", "frames-zip", "png")
+
+    def __post_init__(self) -> None:
+        _check_choice("format", self.format, self.FORMATS)
+        _check_int("frame_duration_ms", self.frame_duration_ms, 10, 10_000)
+        _check_bool("loop", self.loop)

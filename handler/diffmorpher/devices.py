@@ -1,0 +1,47 @@
+"""Device and dtype selection: the only place that names an accelerator backend."""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ConfigError
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def select_device(requested: str | None = None) -> torch.device:
+    """The requested device, or the best available one: CUDA, then Apple MPS, then CPU."""
+    if requested:
+        try:
+            device = torch.device(requested)
+        except RuntimeError as error:
+            raise ConfigError(f"unknown device {requested!r}: {error}") from error
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {requested!r} requested but CUDA is not available")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Half precision is for accelerators; on CPU it is slow or unsupported, so refuse it."""
+    dtype = _DTYPES[name]
+    if device.type == "cpu" and dtype == torch.float16:
+        raise ConfigError("dtype float16 is not supported on CPU; use float32 (or bfloat16)")
+    return dtype
+
+
+def device_for_worker(gpu_id: int | None) -> torch.device:
+    """The device a serving worker should use, given the accelerator index its server assigned
+    (TorchServe passes `gpu_id` only when GPUs are configured)."""
+    if gpu_id is not None and torch.cuda.is_available():
+        return torch.device("cuda", gpu_id)
+    return select_device(None)
+
+
+def generator_for(device: torch.device, seed: int) -> torch.Generator:
+    """A seeded generator. CPU generators make results identical across devices for a seed."""
+    return torch.Generator(device="cpu").manual_seed(seed)

@@ -1,0 +1,70 @@
+"""Loading a Stable Diffusion checkpoint (diffusers folder layout) into the parts the morph uses."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from .config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MorphModels:
+    """The frozen components of an SD 1.x/2.x pipeline, on one device and dtype."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: DDIMScheduler  # always DDIM, built from the checkpoint's scheduler config
+    device: torch.device
+    dtype: torch.dtype
+    source: str = ""
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_resolution(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def prediction_type(self) -> str:
+        return str(self.scheduler.config.prediction_type)
+
+
+def load_morph_models(
+    source: str | Path, device: torch.device, dtype: torch.dtype = torch.float32
+) -> MorphModels:
+    """Load from a local diffusers folder (or a hub id where a hub is reachable).
+
+    The checkpoint's own scheduler class is replaced by DDIM built from its config: inversion
+    and sampling must use the same deterministic DDIM steps (the authors' code silently
+    sampled with PNDM for SD 2.1-base).
+    """
+    source = str(source)
+    local = Path(source)
+    if local.exists() and not (local / "unet").is_dir():
+        raise ConfigError(f"{source} is not a diffusers Stable Diffusion folder (no unet/)")
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype)
+    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype)
+    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+    scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler")
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+        module.to(device)
+    logger.info(
+        "loaded %s on %s (%s), prediction_type=%s",
+        source, device, dtype, scheduler.config.prediction_type,
+    )
+    return MorphModels(unet, vae, text_encoder, tokenizer, scheduler, device, dtype, source)

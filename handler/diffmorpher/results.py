@@ -1,0 +1,49 @@
+"""Data passed out of the morph pipeline: progress events while it runs, the result at the end."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from PIL import Image
+
+# Stage names, in pipeline order. Servers forward them to clients verbatim.
+STAGE_LORA = "lora"  # fitting one LoRA per image; step = optimisation step
+STAGE_INVERSION = "inversion"  # DDIM inversion per image; step = denoising step
+STAGE_FRAMES = "frames"  # generating frames (first pass); step = frames done
+STAGE_RESCHEDULE = "reschedule"  # second pass at re-spaced alphas; step = frames done
+STAGES = (STAGE_LORA, STAGE_INVERSION, STAGE_FRAMES, STAGE_RESCHEDULE)
+
+
+@dataclass
+class ProgressEvent:
+    """One progress report. `frame` is set when a final output frame is ready (frames arrive in
+    order, index `frame_index` of `num_frames`); otherwise it is a step of `stage`."""
+
+    stage: str
+    step: int
+    total: int
+    item: int = 0  # which image (lora/inversion) or segment the step belongs to
+    frame: Image.Image | None = None
+    frame_index: int | None = None
+    num_frames: int | None = None
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+@dataclass
+class MorphResult:
+    """Frames of the whole morph (all segments concatenated, joints once) and what produced them."""
+
+    frames: list[Image.Image]
+    alphas: list[float]  # per frame: the alpha within its segment
+    segments: list[int]  # per frame: index of the segment (0 .. K-2) it belongs to
+    loras: list[dict[str, torch.Tensor] | None]  # per input image; safetensors-compatible
+    latents: list[torch.Tensor]  # per input image: the DDIM-inverted noise latent (cpu)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    perceptual_metric: str = "lpips"  # which distance drove the reschedule ("lpips" or fallback)
+    perceptual_weights: str = ""  # where the metric's weights came from
+    seed: int = 0
+    resolution: int = 0
