@@ -1,0 +1,191 @@
+"""Command line: `python -m client morph a.png b.png --prompt-a ... --prompt-b ... --out morph.gif`.
+
+Examples::
+
+    python -m client ping
+    python -m client morph a.png b.png --prompt-a "a red circle" --prompt-b "a blue triangle" \\
+        --frames 16 --out out/morph.gif --out out/morph.mp4 --stream
+    python -m client morph a.png b.png c.png --prompt "a" --prompt "b" --prompt "c" \\
+        --option lora_steps=50 --format png --out out/frames/
+
+The output format follows each --out's suffix (.gif, .mp4, .zip = frames-zip, a directory or no
+suffix = png per frame) unless --format is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import wire
+from .auth import TokenError, TokenSource
+from .morph_client import DEFAULT_MODEL, DEFAULT_TARGET, MorphClient, MorphClientError, MorphResult
+
+SUFFIX_FORMATS = {".gif": "gif", ".mp4": "mp4", ".zip": "frames-zip", "": "png"}
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    """`key=value`, value parsed as JSON when it is JSON (numbers, true/false, null)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--option expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        return key.strip(), json.loads(raw)
+    except json.JSONDecodeError:
+        return key.strip(), raw
+
+
+def format_for(out: Path, explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    fmt = SUFFIX_FORMATS.get(out.suffix.lower())
+    if fmt is None:
+        raise SystemExit(f"cannot tell the format of {out} from its suffix; pass --format")
+    return fmt
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m client", description=__doc__.split("\n")[0])
+    parser.add_argument("--target", default=DEFAULT_TARGET, help="gRPC inference address host:port")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="registered model name")
+    parser.add_argument("--token", help="bearer token (default: $DIFFMORPHER_TOKEN or the key file)")
+    parser.add_argument("--key-file", help="TorchServe's key_file.json (default ./key_file.json)")
+    parser.add_argument("--no-auth", action="store_true", help="send no token (auth disabled)")
+    parser.add_argument("--max-message-mb", type=int, default=256, help="gRPC message size limit")
+    parser.add_argument("--retries", type=int, default=3, help="retries on UNAVAILABLE only")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("ping", help="check the server's health")
+
+    morph = commands.add_parser("morph", help="morph two or more images")
+    morph.add_argument("images", nargs="+", type=Path, help="input images, in morph order")
+    morph.add_argument("--prompt-a", help="prompt of the first image (two-image morphs)")
+    morph.add_argument("--prompt-b", help="prompt of the second image (two-image morphs)")
+    morph.add_argument("--prompt", action="append", default=[], help="one per image, in order")
+    morph.add_argument("--frames", type=int, help="number of frames (num_frames)")
+    morph.add_argument("--seed", type=int, help="random seed")
+    morph.add_argument("--option", action="append", type=_parse_option, default=[],
+                       help="any MorphConfig option as key=value, e.g. lora_steps=50")
+    morph.add_argument("--format", choices=("gif", "mp4", "frames-zip", "png"),
+                       help="output format (default: from --out's suffix)")
+    morph.add_argument("--frame-duration-ms", type=int, help="GIF/MP4 frame duration")
+    morph.add_argument("--out", action="append", type=Path, default=[],
+                       help="output path; repeat to get several formats from one morph")
+    morph.add_argument("--stream", action="store_true", help="stream progress and frames")
+    morph.add_argument("--frames-dir", type=Path, help="with --stream: also save each frame PNG")
+    morph.add_argument("--deadline", type=float, default=1800.0, help="seconds before giving up")
+    morph.add_argument("--metadata-out", type=Path, help="write the result metadata JSON here")
+    return parser
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompt:
+        return list(args.prompt)
+    if args.prompt_a is not None and args.prompt_b is not None and len(args.images) == 2:
+        return [args.prompt_a, args.prompt_b]
+    raise SystemExit("give --prompt-a and --prompt-b (two images) or one --prompt per image")
+
+
+def _options(args: argparse.Namespace, formats: list[str]) -> dict[str, Any]:
+    options: dict[str, Any] = dict(args.option)
+    if args.frames is not None:
+        options["num_frames"] = args.frames
+    if args.seed is not None:
+        options["seed"] = args.seed
+    if args.frame_duration_ms is not None:
+        options["frame_duration_ms"] = args.frame_duration_ms
+    options["format"] = formats[0] if len(formats) == 1 else formats
+    return options
+
+
+class _ProgressBar:
+    """A tqdm bar per stage, fed by the stream's progress and frame messages."""
+
+    def __init__(self, frames_dir: Path | None) -> None:
+        self.frames_dir = frames_dir
+        self.bar = None
+        self.stage = None
+
+    def __call__(self, message: wire.Message) -> None:
+        from tqdm import tqdm
+
+        header = message.header
+        if message.type == wire.TYPE_PROGRESS:
+            label = f"{header['stage']}" + (f" #{header['item']}" if header.get("item") else "")
+            if label != self.stage:
+                self.close()
+                self.stage = label
+                self.bar = tqdm(total=header["total"], desc=label, unit="step", leave=True)
+            self.bar.n = header["step"]
+            self.bar.refresh()
+        elif message.type == wire.TYPE_FRAME and self.frames_dir is not None:
+            self.frames_dir.mkdir(parents=True, exist_ok=True)
+            part = message.part()
+            (self.frames_dir / part.name).write_bytes(part.data)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _read_image(path: Path) -> bytes:
+    """The file's bytes, after checking locally that it is an image (saves an upload)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return path.read_bytes()
+    except (OSError, UnidentifiedImageError) as error:
+        raise SystemExit(f"cannot read image {path}: {error}") from error
+
+
+def _run_morph(client: MorphClient, args: argparse.Namespace) -> int:
+    outs = args.out or [Path("morph.gif")]
+    formats = [format_for(out, args.format) for out in outs]
+    images = [_read_image(path) for path in args.images]
+    options = _options(args, formats)
+    if args.stream:
+        bar = _ProgressBar(args.frames_dir)
+        try:
+            result: MorphResult = client.morph_stream(
+                images, _prompts(args), options, deadline_s=args.deadline, on_event=bar
+            )
+        finally:
+            bar.close()
+    else:
+        result = client.morph(images, _prompts(args), options, deadline_s=args.deadline)
+    for out, fmt in zip(outs, formats):
+        for path in result.save(out, fmt):
+            print(f"wrote {path}")
+    meta = result.metadata
+    timings = ", ".join(f"{k} {v:.1f}s" for k, v in meta.get("timings", {}).items())
+    print(f"{meta.get('num_frames')} frames, seed {meta.get('seed')}, "
+          f"metric {meta.get('perceptual_metric')}; {timings}")
+    if args.metadata_out:
+        args.metadata_out.parent.mkdir(parents=True, exist_ok=True)
+        args.metadata_out.write_text(json.dumps(meta, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    tokens = TokenSource(token=args.token, key_file=args.key_file, enabled=not args.no_auth)
+    try:
+        with MorphClient(args.target, args.model, tokens=tokens,
+                         max_message_mb=args.max_message_mb, retries=args.retries) as client:
+            if args.command == "ping":
+                print(client.ping())
+                return 0
+            return _run_morph(client, args)
+    except (MorphClientError, TokenError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

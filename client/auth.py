@@ -1,0 +1,89 @@
+"""Where the client's bearer token comes from: an explicit token, an env var, or TorchServe's key file.
+
+TorchServe 0.12 (token authorization on) writes `key_file.json` into the directory it was started
+from, with an inference key that expires (60 minutes by default) and is then replaced in the
+file. So a token read from the key file is re-read once when the server answers
+PERMISSION_DENIED; an explicit or env token is used as given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+TOKEN_ENV = "DIFFMORPHER_TOKEN"
+KEY_FILE_ENV = "DIFFMORPHER_KEY_FILE"
+DEFAULT_KEY_FILE = "key_file.json"
+
+
+class TokenError(RuntimeError):
+    """No usable token could be found."""
+
+
+def read_key_file(path: str | Path, api: str = "inference") -> str:
+    """The `api` ("inference" or "management") key from a TorchServe key file."""
+    path = Path(path)
+    try:
+        content = json.loads(path.read_text())
+    except FileNotFoundError as error:
+        raise TokenError(
+            f"TorchServe key file {path} not found: pass --key-file pointing to the key_file.json "
+            f"in the directory TorchServe was started from, or set {TOKEN_ENV}"
+        ) from error
+    except json.JSONDecodeError as error:
+        raise TokenError(f"TorchServe key file {path} is not valid JSON: {error}") from error
+    try:
+        key = content[api]["key"]
+    except (KeyError, TypeError) as error:
+        raise TokenError(f"TorchServe key file {path} has no {api!r} key") from error
+    if not isinstance(key, str) or not key:
+        raise TokenError(f"TorchServe key file {path} has an empty {api!r} key")
+    return key
+
+
+@dataclass
+class TokenSource:
+    """Resolves the token lazily; `refresh()` re-reads the key file after the key expired.
+
+    Precedence: explicit `token`, then the env var, then the key file (explicit path, the
+    DIFFMORPHER_KEY_FILE env var, or ./key_file.json). `enabled=False` sends no token (for
+    servers with token authorization disabled).
+    """
+
+    token: str | None = None
+    key_file: str | Path | None = None
+    enabled: bool = True
+    _cached: str | None = None
+
+    def _key_file_path(self) -> Path:
+        return Path(self.key_file or os.environ.get(KEY_FILE_ENV) or DEFAULT_KEY_FILE)
+
+    @property
+    def refreshable(self) -> bool:
+        """Only a key-file token can change behind our back."""
+        return self.enabled and not self.token and not os.environ.get(TOKEN_ENV)
+
+    def get(self) -> str | None:
+        if not self.enabled:
+            return None
+        if self.token:
+            return self.token
+        if os.environ.get(TOKEN_ENV):
+            return os.environ[TOKEN_ENV]
+        if self._cached is None:
+            self._cached = read_key_file(self._key_file_path())
+        return self._cached
+
+    def refresh(self) -> bool:
+        """Re-read the key file; True when it now holds a different key."""
+        if not self.refreshable:
+            return False
+        previous = self._cached
+        self._cached = read_key_file(self._key_file_path())
+        return self._cached != previous
+
+    def metadata(self) -> list[tuple[str, str]]:
+        token = self.get()
+        return [("authorization", f"Bearer {token}")] if token else []

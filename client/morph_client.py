@@ -1,0 +1,260 @@
+"""gRPC client for the morph service behind TorchServe (grpcio + protobuf; no torch, no core).
+
+Three TorchServe-specific facts shape it:
+- Responses can be tens of MB (long GIFs), over gRPC's 4 MiB default receive limit, so the
+  channel raises `grpc.max_receive_message_length` (and the send limit for 4 large images).
+- Streaming must be asked for in the *input map* (`stream`), and only on StreamPredictions: a
+  handler that streams into a unary Predictions call kills its worker in TorchServe 0.12.
+- The bearer token from TorchServe's key file expires; on PERMISSION_DENIED the key file is
+  re-read once and the call repeated.
+Only UNAVAILABLE (server starting, restarting, or unreachable) is retried, with backoff; every
+other status is reported with a message saying what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import grpc
+
+from . import stubs, wire
+from .auth import TokenSource
+
+DEFAULT_TARGET = "127.0.0.1:7070"
+DEFAULT_MODEL = "diffmorpher"
+DEFAULT_MAX_MESSAGE_MB = 256
+
+# What to tell a user for each status TorchServe (or the transport) can return.
+STATUS_HINTS: dict[grpc.StatusCode, str] = {
+    grpc.StatusCode.INVALID_ARGUMENT: "the request is invalid",
+    grpc.StatusCode.PERMISSION_DENIED: "token rejected: pass --token, set DIFFMORPHER_TOKEN, or "
+    "point --key-file at the key_file.json TorchServe wrote",
+    grpc.StatusCode.UNAUTHENTICATED: "authentication required: pass a token",
+    grpc.StatusCode.NOT_FOUND: "the model is not registered on this server (check --model)",
+    grpc.StatusCode.UNAVAILABLE: "server unreachable or no worker ready (is TorchServe running?)",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "the morph took longer than the deadline: raise "
+    "--deadline, or ask for fewer frames / steps",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "a message exceeded a size limit (server "
+    "max_request_size / max_response_size, or the client's receive limit) or the queue is full",
+    grpc.StatusCode.INTERNAL: "the server failed while morphing (see its model log)",
+    grpc.StatusCode.UNKNOWN: "the server failed without a reason (see its logs)",
+    grpc.StatusCode.CANCELLED: "the call was cancelled",
+    grpc.StatusCode.UNIMPLEMENTED: "the server does not offer this RPC",
+    grpc.StatusCode.FAILED_PRECONDITION: "the server refused the request in its current state",
+    grpc.StatusCode.ABORTED: "the server aborted the request",
+    grpc.StatusCode.OUT_OF_RANGE: "a value was out of range",
+}
+
+
+class MorphClientError(RuntimeError):
+    """A failed call, with the gRPC status and the server's own message."""
+
+    def __init__(self, code: grpc.StatusCode | None, details: str, hint: str = "") -> None:
+        self.code = code
+        self.details = details
+        self.hint = hint or (STATUS_HINTS.get(code, "") if code else "")
+        name = code.name if code else "CLIENT"
+        super().__init__(f"{name}: {details}" + (f" ({self.hint})" if self.hint else ""))
+
+
+@dataclass
+class MorphResult:
+    """The final answer: metadata (alphas, timings, seed, metric, ...) and the encoded parts."""
+
+    metadata: dict[str, Any]
+    parts: list[wire.Part]
+    streamed_frames: list[bytes] = field(default_factory=list)  # PNGs, when streamed
+    progress: list[dict[str, Any]] = field(default_factory=list)  # progress headers, in order
+
+    def part_for(self, fmt: str) -> wire.Part:
+        wanted = {"gif": "image/gif", "mp4": "video/mp4", "frames-zip": "application/zip"}
+        for part in self.parts:
+            if part.mime == wanted.get(fmt):
+                return part
+        raise MorphClientError(None, f"the result has no {fmt} part: {[p.name for p in self.parts]}")
+
+    def save(self, out: str | Path, fmt: str) -> list[Path]:
+        """Write the `fmt` part to `out` (for `png`, every frame PNG into the directory `out`)."""
+        out = Path(out)
+        if fmt == "png":
+            out.mkdir(parents=True, exist_ok=True)
+            written = []
+            for part in self.parts:
+                if part.mime == "image/png":
+                    (out / part.name).write_bytes(part.data)
+                    written.append(out / part.name)
+            return written
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(self.part_for(fmt).data)
+        return [out]
+
+
+EventCallback = Callable[[wire.Message], None]
+
+
+def build_input(
+    images: Sequence[bytes], prompts: Sequence[str], options: dict[str, Any] | None, *, stream: bool
+) -> dict[str, bytes]:
+    """The TorchServe input map for one morph (see client/wire.py for the schema)."""
+    if len(images) < 2:
+        raise MorphClientError(None, f"a morph needs at least 2 images, got {len(images)}")
+    if len(images) > wire.MAX_IMAGES:
+        raise MorphClientError(None, f"at most {wire.MAX_IMAGES} images per morph, got {len(images)}")
+    if len(prompts) != len(images):
+        raise MorphClientError(None, f"one prompt per image: {len(images)} images, {len(prompts)} prompts")
+    data: dict[str, bytes] = {}
+    for index, (image, prompt) in enumerate(zip(images, prompts)):
+        data[wire.image_key(index)] = bytes(image)
+        data[wire.prompt_key(index)] = prompt.encode("utf-8")
+    data[wire.INPUT_OPTIONS] = json.dumps(options or {}).encode("utf-8")
+    if stream:
+        data[wire.INPUT_STREAM] = b"true"
+    return data
+
+
+class MorphClient:
+    """One channel to TorchServe's gRPC inference port. Use as a context manager."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        model: str = DEFAULT_MODEL,
+        *,
+        tokens: TokenSource | None = None,
+        max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
+        retries: int = 3,
+        backoff_s: float = 1.0,
+    ) -> None:
+        self.target = target
+        self.model = model
+        self.tokens = tokens or TokenSource()
+        self.retries = retries
+        self.backoff_s = backoff_s
+        limit = max_message_mb * 1024 * 1024
+        self._channel = grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+            ],
+        )
+        self._pb2, pb2_grpc = stubs.load()
+        self._stub = pb2_grpc.InferenceAPIsServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "MorphClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ calls
+    def ping(self, timeout_s: float = 10.0) -> str:
+        from google.protobuf import empty_pb2
+
+        response = self._call(lambda md: self._stub.Ping(empty_pb2.Empty(), timeout=timeout_s, metadata=md))
+        return str(response.health)
+
+    def morph(
+        self,
+        images: Sequence[bytes],
+        prompts: Sequence[str],
+        options: dict[str, Any] | None = None,
+        *,
+        deadline_s: float | None = None,
+    ) -> MorphResult:
+        """Unary Predictions: one response holding the final result."""
+        request = self._request(images, prompts, options, stream=False)
+        response = self._call(lambda md: self._stub.Predictions(request, timeout=deadline_s, metadata=md))
+        message = _decode(response.prediction)
+        if message.type != wire.TYPE_RESULT:
+            raise MorphClientError(None, f"expected a result message, got {message.type!r}")
+        return MorphResult(message.header, message.parts)
+
+    def morph_stream(
+        self,
+        images: Sequence[bytes],
+        prompts: Sequence[str],
+        options: dict[str, Any] | None = None,
+        *,
+        deadline_s: float | None = None,
+        on_event: EventCallback | None = None,
+    ) -> MorphResult:
+        """StreamPredictions: progress and frame messages (passed to `on_event`), then the result."""
+        request = self._request(images, prompts, options, stream=True)
+        streamed: list[bytes] = []
+        progress: list[dict[str, Any]] = []
+        for message in self._stream(request, deadline_s):
+            if on_event is not None:
+                on_event(message)
+            if message.type == wire.TYPE_PROGRESS:
+                progress.append(message.header)
+            elif message.type == wire.TYPE_FRAME:
+                streamed.append(message.part().data)
+            else:
+                return MorphResult(message.header, message.parts, streamed, progress)
+        raise MorphClientError(None, "the stream ended without a result message")
+
+    # ------------------------------------------------------------------ plumbing
+    def _request(self, images, prompts, options, *, stream: bool):
+        return self._pb2.PredictionsRequest(
+            model_name=self.model, input=build_input(images, prompts, options, stream=stream)
+        )
+
+    def _call(self, invoke: Callable[[list[tuple[str, str]]], Any]) -> Any:
+        """Run a unary call with token refresh (once) and UNAVAILABLE retries."""
+        refreshed = False
+        attempt = 0
+        while True:
+            try:
+                return invoke(self.tokens.metadata())
+            except grpc.RpcError as error:
+                code = error.code()
+                if code == grpc.StatusCode.PERMISSION_DENIED and not refreshed and self.tokens.refresh():
+                    refreshed = True
+                    continue
+                if code == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
+                    attempt += 1
+                    time.sleep(self.backoff_s * 2 ** (attempt - 1))
+                    continue
+                raise MorphClientError(code, error.details() or "") from error
+
+    def _stream(self, request, deadline_s: float | None) -> Iterator[wire.Message]:
+        """Iterate a StreamPredictions call. Retries/refresh only before the first message, so
+        a morph is never silently restarted half-way."""
+        refreshed = False
+        attempt = 0
+        while True:
+            received = False
+            try:
+                call = self._stub.StreamPredictions(
+                    request, timeout=deadline_s, metadata=self.tokens.metadata()
+                )
+                for response in call:
+                    received = True
+                    yield _decode(response.prediction)
+                return
+            except grpc.RpcError as error:
+                code = error.code()
+                if not received:
+                    if code == grpc.StatusCode.PERMISSION_DENIED and not refreshed and self.tokens.refresh():
+                        refreshed = True
+                        continue
+                    if code == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
+                        attempt += 1
+                        time.sleep(self.backoff_s * 2 ** (attempt - 1))
+                        continue
+                raise MorphClientError(code, error.details() or "") from error
+
+
+def _decode(payload: bytes) -> wire.Message:
+    try:
+        return wire.decode_message(payload)
+    except wire.WireError as error:
+        raise MorphClientError(None, f"unreadable response: {error}") from error
