@@ -41,7 +41,3 @@ def device_for_worker(gpu_id: int | None) -> torch.device:
         return torch.device("cuda", gpu_id)
     return select_device(None)
 
-
-def generator_for(device: torch.device, seed: int) -> torch.Generator:
-    """A seeded generator. CPU generators make results identical across devices for a seed."""
-    return torch.Generator(device="cpu").manual_seed(seed)

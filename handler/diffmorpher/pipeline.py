@@ -1,16 +1,94 @@
-"""DiffMorpherPipeline: the paper's algorithm as numbered stages (work in progress: API fixed)."""
+"""DiffMorpherPipeline: the paper's algorithm as numbered stages.
+
+    1. encode prompts and images       (one preprocessing for every stage)
+    2. fit one LoRA per image          (lora.py, peft)
+    3. DDIM-invert each image          (ddim.py, with its own LoRA mix loaded)
+    4. denoise the endpoints, storing up-block self-attention inputs   (attention.py)
+    5. denoise the intermediate frames in batches, each sample with its own alpha:
+       slerp + AdaIN latents, lerped text embedding, per-sample LoRA mix, interpolated attention
+    6. reschedule: re-space alphas by perceptual distance and denoise the frames again
+
+K >= 2 images give K-1 segments; image k is the alpha = 1 end of segment k-1 and the alpha = 0 end
+of segment k, so its LoRA, inverted latent and stored attention are computed once and shared.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
 
-from .config import MorphConfig
-from .models import MorphModels
-from .results import MorphResult, ProgressCallback
+from .attention import (
+    MODE_OFF,
+    MODE_REPLACE,
+    MODE_STORE,
+    AttentionStore,
+    MorphController,
+    morph_attention,
+)
+from .config import ConfigError, MorphConfig
+from .ddim import ddim_invert, ddim_sample
+from .devices import resolve_dtype, select_device
+from .interpolation import interpolate_latents
+from .lora import fit_lora
+from .lora_mix import build_lora_stacks
+from .models import MorphModels, load_morph_models
+from .perceptual import PerceptualDistance, consecutive_distances, load_perceptual
+from .preprocess import image_to_tensor, pil_to_unit_tensor, tensor_to_images
+from .reschedule import reschedule_alphas, uniform_alphas
+from .results import (
+    STAGE_FRAME_READY,
+    STAGE_FRAMES,
+    STAGE_INVERSION,
+    STAGE_LORA,
+    STAGE_RESCHEDULE,
+    MorphResult,
+    ProgressCallback,
+    ProgressEvent,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_IMAGES = 16
+
+
+@dataclass(frozen=True)
+class FrameSpec:
+    """One frame to denoise: segment k (between images k and k+1) at alpha."""
+
+    segment: int
+    alpha: float
+    index: int  # position in the final, concatenated sequence
+
+
+class _FrameEmitter:
+    """Reports finished frames to the progress callback strictly in sequence order."""
+
+    def __init__(self, progress: ProgressCallback | None, total: int) -> None:
+        self.progress = progress
+        self.total = total
+        self.ready: dict[int, Image.Image] = {}
+        self.next_index = 0
+
+    def add(self, index: int, frame: Image.Image) -> None:
+        self.ready[index] = frame
+        while self.progress and self.next_index in self.ready:
+            self.progress(
+                ProgressEvent(
+                    stage=STAGE_FRAME_READY,
+                    step=self.next_index + 1,
+                    total=self.total,
+                    frame=self.ready[self.next_index],
+                    frame_index=self.next_index,
+                    num_frames=self.total,
+                )
+            )
+            self.next_index += 1
 
 
 class DiffMorpherPipeline:
@@ -18,13 +96,15 @@ class DiffMorpherPipeline:
 
     Usage::
 
-        pipe = DiffMorpherPipeline.from_pretrained("models/tiny-shapes-sd", device=None)
-        result = pipe([img_a, img_b], ["a red circle", "a blue triangle"], MorphConfig(num_frames=8),
-                      progress=callback)
-        result.frames  # list of PIL images
+        pipe = DiffMorpherPipeline.from_pretrained("models/tiny-shapes-sd")
+        result = pipe([img_a, img_b], ["a red circle", "a blue triangle"], MorphConfig(num_frames=8))
+        result.frames  # PIL images, frame 0 reproduces img_a, the last img_b
+
+    Not re-entrant: one morph at a time per pipeline (the UNet's attention processors are
+    swapped for the duration of a call and restored afterwards).
     """
 
-    def __init__(self, models: MorphModels, perceptual=None) -> None:
+    def __init__(self, models: MorphModels, perceptual: PerceptualDistance | None = None) -> None:
         self.models = models
         self.perceptual = perceptual
 
@@ -36,8 +116,11 @@ class DiffMorpherPipeline:
         dtype: str = "float32",
         lpips_weights: str | Path | None = None,
     ) -> "DiffMorpherPipeline":
-        raise NotImplementedError
+        resolved = device if isinstance(device, torch.device) else select_device(device)
+        models = load_morph_models(source, resolved, resolve_dtype(dtype, resolved))
+        return cls(models, load_perceptual("lpips", lpips_weights, resolved))
 
+    # ------------------------------------------------------------------ entry point
     def __call__(
         self,
         images: Sequence[Image.Image],
@@ -47,4 +130,366 @@ class DiffMorpherPipeline:
         loras: Sequence[dict[str, torch.Tensor] | None] | None = None,
         progress: ProgressCallback | None = None,
     ) -> MorphResult:
-        raise NotImplementedError
+        config = config or MorphConfig()
+        self.check_inputs(images, prompts, config, loras)
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        resolution = config.resolution or self.models.native_resolution
+        num_images = len(images)
+        with torch.no_grad():
+            # 1. encode prompts and images
+            with _timed(timings, "encode"):
+                text = self.encode_prompts(prompts)
+                latent_mean, latent_std = self.encode_images(images, resolution)
+            # 2. fit LoRAs
+            with _timed(timings, STAGE_LORA):
+                fitted = self.fit_loras(latent_mean, latent_std, text, config, loras, progress)
+            stacks = None
+            if config.lora_mode != "none":
+                stacks = build_lora_stacks(fitted, self.models.device, self.models.dtype)  # type: ignore[arg-type]
+            store = AttentionStore(num_images, config.num_attn_replace_steps)
+            controller = MorphController(store, beta=config.attn_beta)
+            with morph_attention(self.models.unet, controller, stacks):
+                # 3. invert every image with its own LoRA mix
+                with _timed(timings, STAGE_INVERSION):
+                    noise = self.invert(latent_mean, text, controller, config, progress)
+                # 4-5. endpoints (storing attention), then intermediate frames at uniform alphas
+                alphas = uniform_alphas(config.num_frames)
+                total = (num_images - 1) * (config.num_frames - 1) + 1
+                emitter = _FrameEmitter(None if config.use_reschedule else progress, total)
+                with _timed(timings, STAGE_FRAMES):
+                    endpoints = self.denoise_endpoints(noise, text, controller, config)
+                    frames = self.denoise_frames(
+                        _specs(num_images, alphas), noise, text, controller, config,
+                        STAGE_FRAMES, progress, emitter, endpoints,
+                    )
+                all_alphas = [alphas] * (num_images - 1)
+                metric_name, metric_weights = "none", ""
+                # 6. reschedule
+                if config.use_reschedule:
+                    with _timed(timings, STAGE_RESCHEDULE):
+                        metric = self.perceptual_metric(config)
+                        metric_name, metric_weights = metric.name, metric.weights
+                        all_alphas = self.reschedule(frames, num_images, config, metric)
+                        emitter = _FrameEmitter(progress, total)
+                        frames = self.denoise_frames(
+                            _specs_per_segment(all_alphas), noise, text, controller, config,
+                            STAGE_RESCHEDULE, progress, emitter, endpoints,
+                        )
+        timings["total"] = time.perf_counter() - started
+        frame_alphas, frame_segments = _flatten(all_alphas)
+        return MorphResult(
+            frames=frames,
+            alphas=frame_alphas,
+            segments=frame_segments,
+            loras=list(fitted),
+            latents=[z.unsqueeze(0).float().cpu() for z in noise],
+            timings=timings,
+            perceptual_metric=metric_name,
+            perceptual_weights=metric_weights,
+            seed=config.seed,
+            resolution=resolution,
+        )
+
+    # ------------------------------------------------------------------ stage 0: checks
+    def check_inputs(
+        self,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str],
+        config: MorphConfig,
+        loras: Sequence[dict[str, torch.Tensor] | None] | None,
+    ) -> None:
+        if not 2 <= len(images) <= MAX_IMAGES:
+            raise ConfigError(f"need between 2 and {MAX_IMAGES} images, got {len(images)}")
+        if len(prompts) != len(images):
+            raise ConfigError(f"need one prompt per image: {len(images)} images, {len(prompts)} prompts")
+        for index, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise ConfigError(f"prompt {index} must be a string, got {type(prompt).__name__}")
+        if loras is not None and len(loras) != len(images):
+            raise ConfigError(f"need one LoRA (or None) per image, got {len(loras)}")
+        multiple = self.models.vae_scale_factor * 2 ** (len(self.models.unet.config.down_block_types) - 1)
+        resolution = config.resolution or self.models.native_resolution
+        if resolution % multiple:
+            raise ConfigError(f"resolution must be a multiple of {multiple} for this model, got {resolution}")
+        if self.models.device.type == "cpu" and self.models.dtype == torch.float16:
+            raise ConfigError("float16 is not supported on CPU")
+
+    # ------------------------------------------------------------------ stage 1: encode
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(K, 77, D) CLIP text embeddings (last hidden state, as SD conditions on)."""
+        tokenizer = self.models.tokenizer
+        tokens = tokenizer(
+            list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+            truncation=True, return_tensors="pt",
+        ).input_ids.to(self.models.device)
+        return self.models.text_encoder(tokens)[0].to(self.models.dtype)
+
+    def encode_images(
+        self, images: Sequence[Image.Image], resolution: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """VAE posterior mean and std of each image, scaled like the latents the UNet sees."""
+        pixels = torch.cat([image_to_tensor(image, resolution) for image in images])
+        pixels = pixels.to(device=self.models.device, dtype=self.models.dtype)
+        posterior = self.models.vae.encode(pixels).latent_dist
+        scale = self.models.vae.config.scaling_factor
+        return posterior.mean * scale, posterior.std * scale
+
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        scale = self.models.vae.config.scaling_factor
+        images = self.models.vae.decode(latents / scale).sample
+        return tensor_to_images((images.float() + 1) / 2)
+
+    # ------------------------------------------------------------------ stage 2: LoRAs
+    def fit_loras(
+        self,
+        latent_mean: torch.Tensor,
+        latent_std: torch.Tensor,
+        text: torch.Tensor,
+        config: MorphConfig,
+        given: Sequence[dict[str, torch.Tensor] | None] | None,
+        progress: ProgressCallback | None,
+    ) -> list[dict[str, torch.Tensor] | None]:
+        """One LoRA per image: reuse a given one, else fit it. None in no-LoRA mode."""
+        if config.lora_mode == "none":
+            return [None] * len(latent_mean)
+        fitted: list[dict[str, torch.Tensor] | None] = []
+        for index in range(len(latent_mean)):
+            if given is not None and given[index] is not None:
+                fitted.append(given[index])
+                continue
+
+            def on_step(step: int, total: int, loss: float, item: int = index) -> None:
+                if progress:
+                    progress(ProgressEvent(stage=STAGE_LORA, step=step, total=total, item=item))
+
+            fitted.append(
+                fit_lora(
+                    self.models.unet, self.models.scheduler,
+                    latent_mean[index : index + 1], latent_std[index : index + 1],
+                    text[index : index + 1], config, seed=config.seed, on_step=on_step,
+                )
+            )
+        return fitted
+
+    # ------------------------------------------------------------------ stage 3: inversion
+    def invert(
+        self,
+        latent_mean: torch.Tensor,
+        text: torch.Tensor,
+        controller: MorphController,
+        config: MorphConfig,
+        progress: ProgressCallback | None,
+    ) -> torch.Tensor:
+        """z_T of each image (K, C, h, w), from its posterior mean, with its endpoint LoRA mix."""
+        num_images = len(latent_mean)
+        results = []
+        for chunk in _chunks(list(range(num_images)), config.frame_batch_size):
+            weights = _one_hot(chunk, num_images)
+            self._set_batch(controller, MODE_OFF, weights, self._endpoint_lora_weights(chunk, num_images, config))
+
+            def on_step(step: int, total: int, item: int = chunk[0]) -> None:
+                if progress:
+                    progress(ProgressEvent(stage=STAGE_INVERSION, step=step, total=total, item=item))
+
+            results.append(
+                ddim_invert(
+                    self.models.scheduler, self._predictor(controller, text[chunk]),
+                    latent_mean[chunk], config.num_inference_steps, on_step,
+                )
+            )
+        return torch.cat(results)
+
+    # ------------------------------------------------------------------ stage 4: endpoints
+    def denoise_endpoints(
+        self, noise: torch.Tensor, text: torch.Tensor, controller: MorphController, config: MorphConfig
+    ) -> list[Image.Image]:
+        """Reconstruct every input image from its z_T, storing self-attention inputs."""
+        num_images = len(noise)
+        frames: list[Image.Image] = []
+        for chunk in _chunks(list(range(num_images)), config.frame_batch_size):
+            weights = _one_hot(chunk, num_images)
+            lora_weights = self._endpoint_lora_weights(chunk, num_images, config)
+            self._set_batch(controller, MODE_STORE, weights, lora_weights, image_indices=chunk)
+            latents = ddim_sample(
+                self.models.scheduler, self._predictor(controller, text[chunk]),
+                noise[chunk], config.num_inference_steps,
+            )
+            frames.extend(self.decode(latents))
+        return frames
+
+    # ------------------------------------------------------------------ stage 5: frames
+    def denoise_frames(
+        self,
+        specs: list[FrameSpec],
+        noise: torch.Tensor,
+        text: torch.Tensor,
+        controller: MorphController,
+        config: MorphConfig,
+        stage: str,
+        progress: ProgressCallback | None,
+        emitter: _FrameEmitter,
+        endpoints: list[Image.Image],
+    ) -> list[Image.Image]:
+        """All frames of the sequence; intermediate ones denoised in batches of per-sample alphas."""
+        num_images = len(noise)
+        frames: dict[int, Image.Image] = {}
+        intermediate = [spec for spec in specs if 0.0 < spec.alpha < 1.0]
+        for spec in specs:
+            if not 0.0 < spec.alpha < 1.0:
+                image = spec.segment + (1 if spec.alpha >= 1.0 else 0)
+                frames[spec.index] = endpoints[image]
+        for index in sorted(frames):
+            emitter.add(index, frames[index])
+        done = 0
+        for chunk in _chunks(intermediate, config.frame_batch_size):
+            weights = torch.stack([_segment_weights(s.segment, s.alpha, num_images) for s in chunk])
+            lora_weights = self._frame_lora_weights(chunk, num_images, config)
+            self._set_batch(controller, MODE_REPLACE, weights, lora_weights)
+            start = torch.cat([
+                interpolate_latents(
+                    noise[s.segment : s.segment + 1], noise[s.segment + 1 : s.segment + 2],
+                    torch.tensor([s.alpha]), config.use_adain,
+                )
+                for s in chunk
+            ])
+            batch_text = torch.einsum("bk,kld->bld", weights.to(text), text)
+            latents = ddim_sample(
+                self.models.scheduler, self._predictor(controller, batch_text), start,
+                config.num_inference_steps,
+            )
+            for spec, frame in zip(chunk, self.decode(latents)):
+                frames[spec.index] = frame
+                emitter.add(spec.index, frame)
+            done += len(chunk)
+            if progress:
+                progress(ProgressEvent(stage=stage, step=done, total=len(intermediate)))
+        return [frames[index] for index in sorted(frames)]
+
+    # ------------------------------------------------------------------ stage 6: reschedule
+    def perceptual_metric(self, config: MorphConfig) -> PerceptualDistance:
+        if config.perceptual_metric == "lpips" and self.perceptual is not None:
+            return self.perceptual
+        if self.perceptual is None or config.perceptual_metric != self.perceptual.name:
+            self.perceptual = load_perceptual(config.perceptual_metric, None, self.models.device)
+        return self.perceptual
+
+    def reschedule(
+        self,
+        frames: list[Image.Image],
+        num_images: int,
+        config: MorphConfig,
+        metric: PerceptualDistance,
+    ) -> list[list[float]]:
+        """Per segment, alphas that even out the perceptual distance between frames."""
+        per_segment = []
+        step = config.num_frames - 1
+        uniform = uniform_alphas(config.num_frames)
+        for segment in range(num_images - 1):
+            segment_frames = frames[segment * step : segment * step + config.num_frames]
+            distances = consecutive_distances(pil_to_unit_tensor(segment_frames), metric)
+            per_segment.append(reschedule_alphas(uniform, distances.tolist()))
+        return per_segment
+
+    # ------------------------------------------------------------------ helpers
+    def _predictor(
+        self, controller: MorphController, text: torch.Tensor
+    ) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
+        unet = self.models.unet
+
+        def predict(latents: torch.Tensor, timestep: torch.Tensor, step_index: int) -> torch.Tensor:
+            controller.step = step_index
+            return unet(latents, timestep, encoder_hidden_states=text).sample
+
+        return predict
+
+    @staticmethod
+    def _set_batch(
+        controller: MorphController,
+        mode: str,
+        weights: torch.Tensor,
+        lora_weights: torch.Tensor | None,
+        image_indices: list[int] | None = None,
+    ) -> None:
+        controller.mode = mode
+        controller.weights = weights
+        controller.lora_weights = lora_weights
+        controller.image_indices = image_indices
+
+    @staticmethod
+    def _endpoint_lora_weights(
+        images: list[int], num_images: int, config: MorphConfig
+    ) -> torch.Tensor | None:
+        """LoRA mix used to invert and reconstruct image i: its own LoRA, or in fixed mode the
+        fixed mix of the segment it starts (the last image: the segment it ends)."""
+        if config.lora_mode == "none":
+            return None
+        if config.lora_mode == "interpolate":
+            return _one_hot(images, num_images)
+        fixed = float(config.fixed_lora_alpha or 0.0)
+        return torch.stack([_segment_weights(min(i, num_images - 2), fixed, num_images) for i in images])
+
+    @staticmethod
+    def _frame_lora_weights(
+        specs: list[FrameSpec], num_images: int, config: MorphConfig
+    ) -> torch.Tensor | None:
+        if config.lora_mode == "none":
+            return None
+        fixed = config.fixed_lora_alpha
+        return torch.stack([
+            _segment_weights(s.segment, s.alpha if fixed is None else fixed, num_images) for s in specs
+        ])
+
+
+# ---------------------------------------------------------------------- module helpers
+def _one_hot(indices: list[int], num_images: int) -> torch.Tensor:
+    weights = torch.zeros(len(indices), num_images)
+    weights[torch.arange(len(indices)), torch.tensor(indices)] = 1.0
+    return weights
+
+
+def _segment_weights(segment: int, alpha: float, num_images: int) -> torch.Tensor:
+    """Weights over the K images for a point of segment k: (1 - alpha) on k, alpha on k+1."""
+    weights = torch.zeros(num_images)
+    weights[segment] = 1.0 - alpha
+    weights[segment + 1] += alpha
+    return weights
+
+
+def _specs(num_images: int, alphas: list[float]) -> list[FrameSpec]:
+    return _specs_per_segment([alphas] * (num_images - 1))
+
+
+def _specs_per_segment(per_segment: list[list[float]]) -> list[FrameSpec]:
+    """Frame specs of the concatenated sequence; joints appear once (as alpha 1 of a segment
+    they are skipped, being alpha 0 of the next)."""
+    specs: list[FrameSpec] = []
+    for segment, alphas in enumerate(per_segment):
+        last = segment == len(per_segment) - 1
+        for alpha in alphas if last else alphas[:-1]:
+            specs.append(FrameSpec(segment, float(alpha), len(specs)))
+    return specs
+
+
+def _flatten(per_segment: list[list[float]]) -> tuple[list[float], list[int]]:
+    specs = _specs_per_segment(per_segment)
+    return [s.alpha for s in specs], [s.segment for s in specs]
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class _timed:
+    """Adds the wall time of a `with` block to timings[name]."""
+
+    def __init__(self, timings: dict[str, float], name: str) -> None:
+        self.timings, self.name = timings, name
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        elapsed = time.perf_counter() - self.start
+        self.timings[self.name] = self.timings.get(self.name, 0.0) + elapsed

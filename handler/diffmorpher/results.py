@@ -13,7 +13,8 @@ STAGE_LORA = "lora"  # fitting one LoRA per image; step = optimisation step
 STAGE_INVERSION = "inversion"  # DDIM inversion per image; step = denoising step
 STAGE_FRAMES = "frames"  # generating frames (first pass); step = frames done
 STAGE_RESCHEDULE = "reschedule"  # second pass at re-spaced alphas; step = frames done
-STAGES = (STAGE_LORA, STAGE_INVERSION, STAGE_FRAMES, STAGE_RESCHEDULE)
+STAGE_FRAME_READY = "frame"  # a final output frame is ready (event carries the image)
+STAGES = (STAGE_LORA, STAGE_INVERSION, STAGE_FRAMES, STAGE_RESCHEDULE, STAGE_FRAME_READY)
 
 
 @dataclass

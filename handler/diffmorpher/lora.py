@@ -1,0 +1,119 @@
+"""Step 1: fit one LoRA per image on the UNet attention projections with peft.
+
+The LoRA captures the image's identity (paper Sec. 3.1): it is trained to denoise that single
+image, so loading it makes the model's prior centred on that image, and interpolating two such
+LoRAs gives a semantically meaningful path between the images.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+from .config import LORA_TARGET_MODULES, MorphConfig
+
+ADAPTER_NAME = "diffmorpher_fit"
+
+# on_step(step, total, loss)
+LoraStepCallback = Callable[[int, int, float], None]
+
+
+def fit_lora(
+    unet: UNet2DConditionModel,
+    scheduler: DDIMScheduler,
+    latent_mean: torch.Tensor,
+    latent_std: torch.Tensor,
+    text_embedding: torch.Tensor,
+    config: MorphConfig,
+    seed: int,
+    on_step: LoraStepCallback | None = None,
+) -> dict[str, torch.Tensor]:
+    """Train a rank-r LoRA to denoise one image; return its tensors (peft state-dict keys, cpu).
+
+    `latent_mean`/`latent_std` are the VAE posterior of the image, already scaled by the VAE
+    scaling factor; each step samples from it (as the authors do). AdamW with the paper's
+    hyper-parameters, constant learning rate, MSE to the noise (or to v for v-prediction).
+    The UNet is left without adapters afterwards.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    device = latent_mean.device
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # peft initialises lora_A from the global generator
+        unet.add_adapter(
+            LoraConfig(
+                r=config.lora_rank,
+                lora_alpha=config.lora_rank,
+                init_lora_weights=True,
+                target_modules=list(LORA_TARGET_MODULES),
+            ),
+            adapter_name=ADAPTER_NAME,
+        )
+    try:
+        params = [p for name, p in unet.named_parameters() if ADAPTER_NAME in name]
+        for param in params:
+            param.data = param.data.float()  # optimiser state in fp32 even for a half-precision UNet
+            param.requires_grad_(True)
+        optimizer = torch.optim.AdamW(
+            params, lr=config.lora_lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8
+        )
+        prediction_type = scheduler.config.prediction_type
+        num_train_timesteps = scheduler.config.num_train_timesteps
+        for step in range(config.lora_steps):
+            latents = latent_mean + latent_std * _randn_like(latent_mean, generator)
+            noise = _randn_like(latent_mean, generator)
+            timestep = torch.randint(0, num_train_timesteps, (1,), generator=generator).to(device)
+            noisy = scheduler.add_noise(latents, noise, timestep)
+            with torch.enable_grad():
+                prediction = unet(noisy, timestep, encoder_hidden_states=text_embedding).sample
+                if prediction_type == "v_prediction":
+                    target = scheduler.get_velocity(latents, noise, timestep)
+                else:
+                    target = noise
+                loss = F.mse_loss(prediction.float(), target.float())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            if on_step:
+                on_step(step + 1, config.lora_steps, float(loss))
+        state = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
+        return {key: value.detach().float().cpu().contiguous() for key, value in state.items()}
+    finally:
+        unet.unload_lora()
+        unet.requires_grad_(False)
+
+
+def denoising_loss(
+    unet: UNet2DConditionModel,
+    scheduler: DDIMScheduler,
+    latents: torch.Tensor,
+    text_embedding: torch.Tensor,
+    timesteps: list[int],
+    seed: int,
+) -> float:
+    """Mean denoising MSE of the UNet on fixed (noise, timestep) draws: the objective LoRA
+    fitting lowers, used to check that it did."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    losses = []
+    with torch.no_grad():
+        for t in timesteps:
+            noise = _randn_like(latents, generator)
+            timestep = torch.tensor([t], device=latents.device)
+            noisy = scheduler.add_noise(latents, noise, timestep)
+            prediction = unet(noisy, timestep, encoder_hidden_states=text_embedding).sample
+            target = (
+                scheduler.get_velocity(latents, noise, timestep)
+                if scheduler.config.prediction_type == "v_prediction"
+                else noise
+            )
+            losses.append(float(F.mse_loss(prediction.float(), target.float())))
+    return sum(losses) / len(losses)
+
+
+def _randn_like(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Noise drawn on the CPU generator, so a seed gives the same LoRA on every device."""
+    return torch.randn(like.shape, generator=generator).to(device=like.device, dtype=like.dtype)

@@ -1,0 +1,76 @@
+"""Per-sample LoRA interpolation inside a batch, without building weights per frame.
+
+The paper loads, for frame alpha, a LoRA whose down and up matrices are both lerped:
+A(a) = (1-a) A0 + a A1 and B(a) = (1-a) B0 + a B1. Its output on x is B(a) A(a) x, which
+expands into quantities shared by the whole batch:
+
+    u     = (1-a) * (A0 x) + a * (A1 x)            # rank-r activations, per sample
+    delta = (1-a) * (B0 u) + a * (B1 u)
+
+so each sample of a batch can carry its own alpha (or, with K images, its own weights over the K
+LoRAs) and the base weights are never copied. With weights (1, 0) the result is exactly LoRA_0's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ConfigError
+
+
+@dataclass
+class LoraStack:
+    """The K LoRAs of one linear layer: down (K, r, in) and up (K, out, r) matrices."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    scaling: float = 1.0
+
+
+def build_lora_stacks(
+    loras: list[dict[str, torch.Tensor]], device: torch.device, dtype: torch.dtype
+) -> dict[str, LoraStack]:
+    """Group K peft state dicts (keys `<module>.lora_A.weight` / `<module>.lora_B.weight`, as
+    returned by `get_peft_model_state_dict`) by target module path, e.g.
+    `up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`.
+
+    LoRAs are fitted with lora_alpha == rank, so their scaling is 1.
+    """
+    reference = set(loras[0])
+    for index, lora in enumerate(loras[1:], start=1):
+        if set(lora) != reference:
+            raise ConfigError(f"LoRA {index} does not have the same parameters as LoRA 0")
+    stacks: dict[str, LoraStack] = {}
+    for key in sorted(reference):
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key[: -len(".lora_A.weight")]
+        up_key = f"{module}.lora_B.weight"
+        if up_key not in reference:
+            raise ConfigError(f"LoRA has {key} but no {up_key}")
+        down = torch.stack([lora[key] for lora in loras]).to(device=device, dtype=dtype)
+        up = torch.stack([lora[up_key] for lora in loras]).to(device=device, dtype=dtype)
+        stacks[module] = LoraStack(down=down, up=up)
+    if not stacks:
+        raise ConfigError("LoRA state dict has no lora_A/lora_B weights")
+    return stacks
+
+
+def mixed_linear(
+    linear: nn.Module, x: torch.Tensor, stack: LoraStack | None, weights: torch.Tensor | None
+) -> torch.Tensor:
+    """linear(x) plus the per-sample mix of the K LoRAs; x is (B, L, in), weights (B, K)."""
+    out = linear(x)
+    if stack is None or weights is None:
+        return out
+    w = weights.to(device=x.device, dtype=x.dtype)
+    active = [k for k in range(w.shape[1]) if bool((w[:, k] != 0).any())]
+    if not active:
+        return out
+    down = sum(w[:, k, None, None] * F.linear(x, stack.down[k]) for k in active)
+    delta = sum(w[:, k, None, None] * F.linear(down, stack.up[k]) for k in active)
+    return out + stack.scaling * delta
