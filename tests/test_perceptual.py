@@ -23,6 +23,7 @@ from diffmorpher.perceptual import (
     consecutive_distances,
     load_perceptual,
 )
+from diffmorpher.preprocess import pil_to_unit_tensor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = REPO_ROOT.parent / "shared" / "lpips-reference"
@@ -46,15 +47,12 @@ def lpips_alex(weights_path: Path) -> PerceptualDistance:
     return load_perceptual("lpips", weights=weights_path, device=CPU)
 
 
-def _read_rgb(name: str) -> torch.Tensor:
-    pixels = np.array(Image.open(REFERENCE_DIR / name).convert("RGB"), dtype=np.float32)
-    return torch.from_numpy(pixels).permute(2, 0, 1) / 255.0
-
-
 def test_reference_distances(lpips_alex: PerceptualDistance) -> None:
     if not REFERENCE_DIR.is_dir():
         pytest.skip(f"LPIPS reference images not available at {REFERENCE_DIR}")
-    ref, p0, p1 = (_read_rgb(f"{name}.png") for name in ("ex_ref", "ex_p0", "ex_p1"))
+    ref, p0, p1 = pil_to_unit_tensor(
+        [Image.open(REFERENCE_DIR / f"{name}.png") for name in ("ex_ref", "ex_p0", "ex_p1")]
+    )
     assert lpips_alex.name == "lpips-alex"
     distances = lpips_alex(torch.stack([ref, ref, ref]), torch.stack([p0, p1, ref]))
     assert distances.dtype == torch.float32 and distances.device == CPU
