@@ -1,0 +1,184 @@
+"""TorchServe handler for the morph service: a thin adapter over the `diffmorpher` core.
+
+It only decodes the request (morph_request), runs the core pipeline, encodes the response
+(client/wire.py framing, media from diffmorpher.encoding) and maps errors to status codes. TorchServe
+has been in limited maintenance since 2025; keeping all logic in the core means replacing this
+file is all it takes to move to another server.
+
+Streaming: when the request's `stream` field is true the handler sends progress and every
+finished frame as intermediate responses, then the result. Only the client's StreamPredictions
+call sets it: in TorchServe 0.12 intermediate responses on a unary call answer it with the first
+message and leave a dead worker the management API still reports READY. The handler cannot see
+which RPC was used (gRPC metadata does not reach the worker), hence the explicit field.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from client import wire
+from diffmorpher.config import ConfigError, MorphConfig
+from diffmorpher.devices import device_for_worker
+from diffmorpher.encoding import encode_parts
+from diffmorpher.pipeline import DiffMorpherPipeline
+from morph_request import parse_request
+from morph_response import ResponseTooLarge, StreamSender, check_size, result_metadata
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+DEFAULT_PROGRESS_INTERVAL_S = 0.5
+
+
+class DiffMorpherHandler:
+    """`initialize` loads the pipeline once per worker; `handle` serves each batch of requests.
+
+    Configured by the `handler:` section of the archive's model-config.yaml:
+    `model_dir` (weights folder, relative to the extracted archive or absolute), `lpips_weights`,
+    `defaults` (MorphConfig fields), `max_response_bytes`, `progress_interval_s`.
+    """
+
+    def __init__(self) -> None:
+        self.initialized = False
+        self.pipeline: DiffMorpherPipeline | None = None
+        self.defaults = MorphConfig()
+        self.max_response_bytes = DEFAULT_MAX_RESPONSE_BYTES
+        self.progress_interval_s = DEFAULT_PROGRESS_INTERVAL_S
+        self.model_name = "diffmorpher"
+
+    # ------------------------------------------------------------------ lifecycle
+    def initialize(self, context: Any) -> None:
+        properties = context.system_properties
+        archive_dir = Path(properties.get("model_dir", "."))
+        settings = dict((context.model_yaml_config or {}).get("handler", {}) or {})
+        self.model_name = getattr(context, "model_name", None) or self.model_name
+        self.defaults = MorphConfig.from_dict(settings.get("defaults") or {})
+        self.max_response_bytes = int(settings.get("max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES))
+        self.progress_interval_s = float(settings.get("progress_interval_s", DEFAULT_PROGRESS_INTERVAL_S))
+        weights = _resolve(archive_dir, settings.get("model_dir", "model"))
+        lpips = settings.get("lpips_weights")
+        lpips_path = _resolve(archive_dir, lpips) if lpips else None
+        if lpips_path is not None and not lpips_path.exists():
+            logger.warning("lpips weights %s not found; the core falls back to its default", lpips_path)
+            lpips_path = None
+        device = device_for_worker(properties.get("gpu_id"))
+        logger.info("loading %s on %s (lpips: %s)", weights, device, lpips_path)
+        self.pipeline = DiffMorpherPipeline.from_pretrained(
+            weights, device=device, dtype=self.defaults.dtype, lpips_weights=lpips_path
+        )
+        self.initialized = True
+
+    def handle(self, data: list[Any], context: Any) -> list[bytes]:
+        """One response per request. With one request per batch (the shipped config), a
+        failure raises PredictionException so TorchServe returns its code and message; in
+        larger batches the failing request gets its own status and message."""
+        from ts.utils.util import PredictionException
+
+        responses: list[bytes] = []
+        for index, request_data in enumerate(data):
+            try:
+                responses.append(self._serve_one(index, request_data, context))
+            except Exception as error:  # noqa: BLE001 - the worker must survive any request
+                code, message = self._classify(error)
+                self._count("MorphRejected", context, reason=_reason(code))
+                if len(data) == 1:
+                    raise PredictionException(message, code) from error
+                context.set_response_status(code, message, index)
+                responses.append(message.encode("utf-8"))
+        return responses
+
+    # ------------------------------------------------------------------ one request
+    def _serve_one(self, index: int, request_data: Any, context: Any) -> bytes:
+        started = time.perf_counter()
+        request = parse_request(request_data, self.defaults)
+        decoded = time.perf_counter()
+        self._count("MorphRequests", context, mode="stream" if request.stream else "unary")
+        if self.pipeline is None:
+            raise RuntimeError("the handler was not initialized")
+        progress = None
+        if request.stream:
+            progress = StreamSender(
+                self._intermediate_sender(index, context), self.max_response_bytes, self.progress_interval_s
+            )
+        result = self.pipeline(request.images, request.prompts, request.config, progress=progress)
+        generated = time.perf_counter()
+        parts = [
+            wire.Part(part.name, part.mime, part.data)
+            for output in request.outputs
+            for part in encode_parts(result.frames, output)
+        ]
+        finished = time.perf_counter()
+        timings = {
+            **{stage: round(float(t), 4) for stage, t in result.timings.items()},
+            "decode_request": round(decoded - started, 4),
+            "encode": round(finished - generated, 4),
+            "total": round(finished - started, 4),
+        }
+        payload = wire.encode_message(wire.TYPE_RESULT, result_metadata(request, result, timings), parts)
+        check_size(payload, self.max_response_bytes, "the result")
+        self._observe(context, timings, len(result.frames))
+        return payload
+
+    @staticmethod
+    def _intermediate_sender(index: int, context: Any):
+        """Sends one payload as an intermediate response of request `index` of the batch."""
+        from ts.handler_utils.utils import send_intermediate_predict_response
+
+        request_id = context.request_ids[index]
+
+        def send(payload: bytes) -> None:
+            send_intermediate_predict_response(
+                {index: payload}, {index: request_id}, "Intermediate response", 200, context
+            )
+
+        return send
+
+    @staticmethod
+    def _classify(error: Exception) -> tuple[int, str]:
+        """HTTP status (TorchServe maps it to gRPC: 400 INVALID_ARGUMENT, 413
+        RESOURCE_EXHAUSTED, 500 INTERNAL, 507 RESOURCE_EXHAUSTED) and a readable message."""
+        if isinstance(error, ConfigError):
+            return 400, f"invalid request: {error}"
+        if isinstance(error, ResponseTooLarge):
+            return 413, str(error)
+        if isinstance(error, MemoryError):
+            return 507, "the server ran out of memory for this morph; ask for fewer frames or a lower resolution"
+        logger.exception("morph failed")
+        # 500, not TorchServe's default 503: a deterministic failure must not be retried.
+        return 500, f"morph failed: {type(error).__name__}: {error}"
+
+    # ------------------------------------------------------------------ metrics
+    def _count(self, name: str, context: Any, **dimensions: str) -> None:
+        self._emit(context, name, 1, "Count", dimensions, counter=True)
+
+    def _observe(self, context: Any, timings: dict[str, float], frames: int) -> None:
+        self._emit(context, "MorphLatencySeconds", timings["total"], "Seconds", {}, counter=False)
+        for stage, seconds in timings.items():
+            if stage != "total":
+                self._emit(context, "MorphStageSeconds", seconds, "Seconds", {"stage": stage}, counter=False)
+        self._emit(context, "MorphFrames", frames, "Count", {}, counter=True)
+
+    def _emit(self, context: Any, name: str, value: float, unit: str,
+              dimensions: dict[str, str], *, counter: bool) -> None:
+        """Metrics never fail a request: a metrics problem is logged and skipped."""
+        try:
+            from ts.metrics.dimension import Dimension
+            from ts.metrics.metric_type_enum import MetricTypes
+
+            metric_type = MetricTypes.COUNTER if counter else MetricTypes.GAUGE
+            dims = [Dimension(key.capitalize(), value_) for key, value_ in dimensions.items()]
+            context.metrics.add_metric(name, value, unit, dimensions=dims, metric_type=metric_type)
+        except Exception:  # noqa: BLE001
+            logger.warning("could not emit metric %s", name, exc_info=True)
+
+
+def _resolve(base: Path, path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.is_absolute() else base / path
+
+
+def _reason(code: int) -> str:
+    return {400: "invalid_request", 413: "too_large", 507: "out_of_memory"}.get(code, "internal")
