@@ -1,0 +1,167 @@
+"""Train the project's embedded text-to-image model, or write the demo inputs.
+
+    python -m embedded_model train --out models/tiny-shapes-sd      # what `make train-model` runs
+    python -m embedded_model demo-assets --out assets/demo          # the two demo input images
+    python -m embedded_model tokenizer --out DIR                    # only the CLIP tokenizer
+
+`train` runs everything on CPU with a fixed seed: build the tokenizer (downloads the
+open_clip_torch wheel into .cache/ once, for its BPE file), generate the shapes dataset, train
+the VAE, precompute latents, train the UNet + text encoder, save a StableDiffusionPipeline
+folder, evaluate it (VAE PSNR, held-out prompts with and without guidance) and write the model
+card. Default step counts take about 30-35 minutes on 2 idle cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import dataset
+from .architecture import make_scheduler
+from .export import save_pipeline
+from .model_card import write_model_card
+from .tokenizer import build_tokenizer
+from .train_unet import train_unet
+from .train_vae import encode_latents, round_trip_psnr, train_vae
+
+PSNR_IMAGES = 256
+EVAL_SEED = 1234
+
+
+def train(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out: Path = args.out
+    log_lines: list[str] = []
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        log_lines.append(line)
+
+    started = time.perf_counter()
+    tokenizer = build_tokenizer(out / "tokenizer")
+
+    t = time.perf_counter()
+    images, captions = dataset.generate(args.seed, args.images)
+    log(f"dataset: {len(images)} images in {time.perf_counter() - t:.0f}s")
+
+    vae_result = train_vae(images, args.vae_steps, batch_size=args.vae_batch, seed=args.seed,
+                           log=log)
+    test_images, _ = dataset.generate(args.seed + 1, PSNR_IMAGES)
+    vae_psnr = round_trip_psnr(vae_result.vae, test_images)
+    log(f"vae: final mse {vae_result.final_loss:.5f}, round-trip PSNR {vae_psnr:.2f} dB")
+
+    t = time.perf_counter()
+    latents = encode_latents(vae_result.vae, images)
+    scaling_factor = float(1.0 / latents.std())
+    vae_result.vae.register_to_config(scaling_factor=scaling_factor)
+    latent_seconds = time.perf_counter() - t
+    log(f"latents: {tuple(latents.shape)}, scaling_factor {scaling_factor:.5f} "
+        f"({latent_seconds:.0f}s)")
+
+    unet_result = train_unet(
+        latents, captions, tokenizer, scaling_factor, steps=args.unet_steps,
+        batch_size=args.unet_batch, seed=args.seed, log=log,
+    )
+    log(f"unet: final eps-mse {unet_result.final_loss:.4f} after {unet_result.steps} steps")
+    save_pipeline(out, unet_result.unet, vae_result.vae, unet_result.text_encoder,
+                  make_scheduler())
+    train_seconds = time.perf_counter() - started
+
+    stats = {
+        "command": "python -m embedded_model train " + " ".join(args.argv),
+        "seed": args.seed,
+        "threads": args.threads,
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "torch": torch.__version__,
+        "images": args.images,
+        "vae_steps": args.vae_steps,
+        "vae_batch": args.vae_batch,
+        "vae_seconds": round(vae_result.seconds),
+        "vae_final_mse": round(vae_result.final_loss, 6),
+        "vae_psnr_db": round(vae_psnr, 2),
+        "scaling_factor": scaling_factor,
+        "latent_seconds": round(latent_seconds),
+        "unet_steps": unet_result.steps,
+        "unet_batch": args.unet_batch,
+        "unet_seconds": round(unet_result.seconds),
+        "unet_final_eps_mse": round(unet_result.final_loss, 5),
+        "total_train_seconds": round(train_seconds),
+    }
+    if not args.skip_eval:
+        stats.update(evaluate_folder(out, log))
+    (out / "training.json").write_text(json.dumps(stats, indent=2) + "\n")
+    write_model_card(out, stats)
+    log(f"done in {time.perf_counter() - started:.0f}s")
+
+
+def evaluate_folder(out: Path, log) -> dict:
+    """Held-out prompt pass rates with guidance 1 (the morph's setting) and 5."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from .evaluate import evaluate_prompts
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), torch_dtype=torch.float32,
+                                                   safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    results = {}
+    for guidance in (1.0, 5.0):
+        verdicts, _ = evaluate_prompts(pipe, dataset.held_out_prompts(), guidance, EVAL_SEED)
+        passed = sum(v.passed for v in verdicts)
+        results[f"held_out_pass_guidance_{guidance:g}"] = f"{passed}/{len(verdicts)}"
+        log(f"held-out prompts, guidance {guidance:g}: {passed}/{len(verdicts)} pass")
+        for v in verdicts:
+            log(f"  {'ok ' if v.passed else 'BAD'} {v.prompt}: {v.colour} {v.shape} "
+                f"(iou {v.shape_iou:.2f})")
+    return results
+
+
+def demo_assets(args: argparse.Namespace) -> None:
+    """The two demo input images, drawn by the generator, and their prompts."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    demos = {"red_circle": ("red", "circle", "white"), "blue_triangle": ("blue", "triangle", "white")}
+    prompts = {}
+    for name, (colour, shape, background) in demos.items():
+        dataset.render(dataset.centred_scene(colour, shape, background)).save(args.out / f"{name}.png")
+        prompts[f"{name}.png"] = dataset.caption_for(colour, shape, background)
+    (args.out / "prompts.json").write_text(json.dumps(prompts, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m embedded_model", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train the embedded model into --out")
+    p.add_argument("--out", type=Path, default=Path("models/tiny-shapes-sd"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--images", type=int, default=12000)
+    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--unet-steps", type=int, default=3000)
+    p.add_argument("--unet-batch", type=int, default=64)
+    p.add_argument("--skip-eval", action="store_true")
+    p.set_defaults(func=train)
+    p = sub.add_parser("demo-assets", help="write the demo input images")
+    p.add_argument("--out", type=Path, default=Path("assets/demo"))
+    p.set_defaults(func=demo_assets)
+    p = sub.add_parser("tokenizer", help="write only the CLIP tokenizer folder")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=lambda a: build_tokenizer(a.out))
+    args = parser.parse_args(argv)
+    args.argv = argv[1:]
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

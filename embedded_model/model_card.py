@@ -1,0 +1,86 @@
+"""The model card (README.md) of the trained folder, filled from the training run's numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .architecture import LATENT_SIZE, TEXT_HIDDEN, UNET_CHANNELS, VAE_CHANNELS
+from .dataset import BACKGROUNDS, COLOURS, HELD_OUT_PAIRS, RESOLUTION, SHAPES
+
+
+def _size_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
+
+
+def write_model_card(out: Path, stats: dict) -> None:
+    held_out = ", ".join(f"{c} {s}" for c, s in sorted(HELD_OUT_PAIRS))
+    guidance = "\n".join(
+        f"| {key.removeprefix('held_out_pass_guidance_')} | {value} |"
+        for key, value in stats.items() if key.startswith("held_out_pass_guidance_")
+    ) or "| (not evaluated) | |"
+    text = f"""# tiny-shapes-sd — the project's embedded Stable Diffusion model
+
+A small text-to-image model in the exact diffusers `StableDiffusionPipeline` format, trained
+by this repository's own code (`embedded_model/`) on images it draws. It exists so that the
+morph service, its tests and its demo run with meaningful images where no model hub is
+reachable. It is not a general image model: it draws one coloured shape on a plain background.
+
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained("models/tiny-shapes-sd", safety_checker=None)
+    image = pipe("a red circle on a white background", num_inference_steps=25,
+                 guidance_scale=5.0).images[0]
+
+## Architecture (standard classes, SD 1.x layout, small sizes)
+- Resolution {RESOLUTION}x{RESOLUTION}. `AutoencoderKL` with block_out_channels {VAE_CHANNELS}
+  (scale factor {2 ** (len(VAE_CHANNELS) - 1)}): latents {LATENT_SIZE}x{LATENT_SIZE}x4,
+  scaling_factor {stats['scaling_factor']:.5f} (1 / std of the training latents, as SD's 0.18215).
+  64px with a 4x VAE rather than 128px with SD's 8x VAE: the 12x compression keeps shape edges
+  sharp (PSNR below) and costs a quarter of the compute, which fits the 2-core CPU budget.
+- `UNet2DConditionModel`: block_out_channels {UNET_CHANNELS}, CrossAttnDownBlock2D x2 + DownBlock2D,
+  UpBlock2D + CrossAttnUpBlock2D x2, one layer per block, cross_attention_dim {TEXT_HIDDEN}. The
+  up blocks have SD's `attn1` (self) / `attn2` (cross) attention with to_q/to_k/to_v/to_out.0,
+  which the morph's attention processors and LoRA use.
+- `CLIPTextModel`: 2 layers, hidden size {TEXT_HIDDEN}, the full 49,408-token CLIP vocabulary;
+  weights keyed `text_model.*` as in SD checkpoints. `CLIPTokenizer`: the real CLIP BPE
+  (vocab.json + merges.txt, from the MIT-licensed open_clip_torch wheel), max length 77.
+- `DDIMScheduler`: SD's scaled_linear betas 0.00085..0.012, 1000 steps, epsilon prediction.
+- Weights stored as fp16 safetensors ({_size_mb(out):.1f} MB for the whole folder); load with
+  `torch_dtype=torch.float32` on CPU.
+
+## Data
+Procedural (`embedded_model/dataset.py`, seed {stats['seed']}, {stats['images']} images): one
+shape ({", ".join(SHAPES)}) in one colour ({", ".join(COLOURS)}) on a plain background
+({", ".join(BACKGROUNDS)}), random size and position, captions like "a red circle on a white
+background". Held out of training (never in a caption): {held_out}; the evaluation asks for
+exactly these pairs on every background (20 prompts).
+
+## Training
+    {stats['command']}
+
+Seed {stats['seed']}, {stats['threads']} CPU thread(s), torch {stats['torch']}.
+- VAE: {stats['vae_steps']} steps x batch {stats['vae_batch']} (pixel MSE + 1e-6 KL; random
+  32x32 crops, the last 10% on full images), {stats['vae_seconds']} s. Final MSE (in [-1, 1]
+  units) {stats['vae_final_mse']}.
+- Latents precomputed: {stats['latent_seconds']} s.
+- UNet + text encoder (jointly, 10% empty captions, Min-SNR-5 weighting, EMA 0.998):
+  {stats['unet_steps']} steps x batch {stats['unet_batch']}, {stats['unet_seconds']} s. Final
+  epsilon MSE {stats['unet_final_eps_mse']}.
+- Total wall time {stats['total_train_seconds']} s ({stats['total_train_seconds'] / 60:.1f} min),
+  on a 2-core machine shared with other jobs at the time.
+
+## Metrics
+- VAE round trip of 256 fresh dataset images: PSNR {stats['vae_psnr_db']} dB.
+- Held-out colour/shape prompts (25 DDIM steps; foreground colour and shape checked by
+  `embedded_model/evaluate.py`):
+
+| guidance scale | pass |
+| --- | --- |
+{guidance}
+
+Guidance 1 is what the morph uses (no classifier-free guidance).
+
+## Using real Stable Diffusion instead
+Any local SD 1.x/2.x diffusers folder (epsilon or v-prediction) works wherever this folder
+does; see the repository README.
+"""
+    (out / "README.md").write_text(text)
