@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.tiny_sd import save_tiny_sd
+
+# Two cores are shared by this process, TorchServe workers and Locust: more than one intra-op
+# thread per process makes OpenMP barriers wait on descheduled threads, measured here as a 10x
+# slowdown of small models. Override with TEST_TORCH_THREADS.
+torch.set_num_threads(int(os.environ.get("TEST_TORCH_THREADS", "1")))
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_MODEL = REPO_ROOT / "models" / "tiny-shapes-sd"

@@ -38,8 +38,8 @@ from .interpolation import interpolate_latents
 from .lora import fit_lora
 from .lora_mix import build_lora_stacks
 from .models import MorphModels, load_morph_models
-from .perceptual import PerceptualDistance, consecutive_distances, load_perceptual
-from .preprocess import image_to_tensor, pil_to_unit_tensor, tensor_to_images
+from .perceptual import PerceptualDistance, PixelDistance, consecutive_distances, load_perceptual
+from .preprocess import image_to_tensor, tensor_to_images
 from .reschedule import reschedule_alphas, uniform_alphas
 from .results import (
     STAGE_FRAME_READY,
@@ -72,10 +72,10 @@ class _FrameEmitter:
     def __init__(self, progress: ProgressCallback | None, total: int) -> None:
         self.progress = progress
         self.total = total
-        self.ready: dict[int, Image.Image] = {}
+        self.ready: dict[int, torch.Tensor] = {}
         self.next_index = 0
 
-    def add(self, index: int, frame: Image.Image) -> None:
+    def add(self, index: int, frame: torch.Tensor) -> None:
         self.ready[index] = frame
         while self.progress and self.next_index in self.ready:
             self.progress(
@@ -83,7 +83,7 @@ class _FrameEmitter:
                     stage=STAGE_FRAME_READY,
                     step=self.next_index + 1,
                     total=self.total,
-                    frame=self.ready[self.next_index],
+                    frame=tensor_to_images(self.ready[self.next_index].unsqueeze(0))[0],
                     frame_index=self.next_index,
                     num_frames=self.total,
                 )
@@ -179,7 +179,8 @@ class DiffMorpherPipeline:
         timings["total"] = time.perf_counter() - started
         frame_alphas, frame_segments = _flatten(all_alphas)
         return MorphResult(
-            frames=frames,
+            frames=tensor_to_images(frames),
+            frame_tensors=frames,
             alphas=frame_alphas,
             segments=frame_segments,
             loras=list(fitted),
@@ -235,10 +236,11 @@ class DiffMorpherPipeline:
         scale = self.models.vae.config.scaling_factor
         return posterior.mean * scale, posterior.std * scale
 
-    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> (B, 3, H, W) float32 images in [0, 1] on the CPU."""
         scale = self.models.vae.config.scaling_factor
         images = self.models.vae.decode(latents / scale).sample
-        return tensor_to_images((images.float() + 1) / 2)
+        return ((images.float() + 1) / 2).clamp(0, 1).cpu()
 
     # ------------------------------------------------------------------ stage 2: LoRAs
     def fit_loras(
@@ -303,10 +305,10 @@ class DiffMorpherPipeline:
     # ------------------------------------------------------------------ stage 4: endpoints
     def denoise_endpoints(
         self, noise: torch.Tensor, text: torch.Tensor, controller: MorphController, config: MorphConfig
-    ) -> list[Image.Image]:
+    ) -> torch.Tensor:
         """Reconstruct every input image from its z_T, storing self-attention inputs."""
         num_images = len(noise)
-        frames: list[Image.Image] = []
+        frames: list[torch.Tensor] = []
         for chunk in _chunks(list(range(num_images)), config.frame_batch_size):
             weights = _one_hot(chunk, num_images)
             lora_weights = self._endpoint_lora_weights(chunk, num_images, config)
@@ -315,8 +317,8 @@ class DiffMorpherPipeline:
                 self.models.scheduler, self._predictor(controller, text[chunk]),
                 noise[chunk], config.num_inference_steps,
             )
-            frames.extend(self.decode(latents))
-        return frames
+            frames.append(self.decode(latents))
+        return torch.cat(frames)
 
     # ------------------------------------------------------------------ stage 5: frames
     def denoise_frames(
@@ -329,11 +331,12 @@ class DiffMorpherPipeline:
         stage: str,
         progress: ProgressCallback | None,
         emitter: _FrameEmitter,
-        endpoints: list[Image.Image],
-    ) -> list[Image.Image]:
-        """All frames of the sequence; intermediate ones denoised in batches of per-sample alphas."""
+        endpoints: torch.Tensor,
+    ) -> torch.Tensor:
+        """All frames of the sequence, (N, 3, H, W) in [0, 1]; intermediate ones denoised in
+        batches, each sample with its own alpha."""
         num_images = len(noise)
-        frames: dict[int, Image.Image] = {}
+        frames: dict[int, torch.Tensor] = {}
         intermediate = [spec for spec in specs if 0.0 < spec.alpha < 1.0]
         for spec in specs:
             if not 0.0 < spec.alpha < 1.0:
@@ -364,19 +367,21 @@ class DiffMorpherPipeline:
             done += len(chunk)
             if progress:
                 progress(ProgressEvent(stage=stage, step=done, total=len(intermediate)))
-        return [frames[index] for index in sorted(frames)]
+        return torch.stack([frames[index] for index in sorted(frames)])
 
     # ------------------------------------------------------------------ stage 6: reschedule
     def perceptual_metric(self, config: MorphConfig) -> PerceptualDistance:
-        if config.perceptual_metric == "lpips" and self.perceptual is not None:
-            return self.perceptual
-        if self.perceptual is None or config.perceptual_metric != self.perceptual.name:
-            self.perceptual = load_perceptual(config.perceptual_metric, None, self.models.device)
+        """The distance that drives the reschedule. "lpips" is the loaded LPIPS-AlexNet (or its
+        logged fallback when its weights are missing); "pixel" is asked for explicitly."""
+        if config.perceptual_metric == "pixel":
+            return PixelDistance()
+        if self.perceptual is None:
+            self.perceptual = load_perceptual("lpips", None, self.models.device)
         return self.perceptual
 
     def reschedule(
         self,
-        frames: list[Image.Image],
+        frames: torch.Tensor,
         num_images: int,
         config: MorphConfig,
         metric: PerceptualDistance,
@@ -387,7 +392,7 @@ class DiffMorpherPipeline:
         uniform = uniform_alphas(config.num_frames)
         for segment in range(num_images - 1):
             segment_frames = frames[segment * step : segment * step + config.num_frames]
-            distances = consecutive_distances(pil_to_unit_tensor(segment_frames), metric)
+            distances = consecutive_distances(segment_frames, metric)
             per_segment.append(reschedule_alphas(uniform, distances.tolist()))
         return per_segment
 

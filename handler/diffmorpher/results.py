@@ -39,12 +39,13 @@ class MorphResult:
     """Frames of the whole morph (all segments concatenated, joints once) and what produced them."""
 
     frames: list[Image.Image]
+    frame_tensors: torch.Tensor  # (N, 3, H, W) float32 in [0, 1], before 8-bit quantisation
     alphas: list[float]  # per frame: the alpha within its segment
     segments: list[int]  # per frame: index of the segment (0 .. K-2) it belongs to
     loras: list[dict[str, torch.Tensor] | None]  # per input image; safetensors-compatible
     latents: list[torch.Tensor]  # per input image: the DDIM-inverted noise latent (cpu)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
-    perceptual_metric: str = "lpips"  # which distance drove the reschedule ("lpips" or fallback)
+    perceptual_metric: str = "none"  # distance that drove the reschedule: "lpips-alex", "pixel-l2" or "none"
     perceptual_weights: str = ""  # where the metric's weights came from
     seed: int = 0
     resolution: int = 0
