@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default: from the --out suffix")
     morph.add_argument("--frame-duration-ms", type=int, default=OutputOptions().frame_duration_ms)
     morph.add_argument("--model", default=str(DEFAULT_MODEL), help="diffusers SD folder or hub id")
-    morph.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best)")
+    morph.add_argument("--device", default=None, help="a torch device such as cpu or mps (default: the best available)")
     morph.add_argument("--frames", type=int, default=MorphConfig().num_frames)
     morph.add_argument("--seed", type=int, default=MorphConfig().seed)
     morph.add_argument("--lpips-weights", default=None, help="LPIPS AlexNet backbone safetensors")
