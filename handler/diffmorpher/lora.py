@@ -7,6 +7,8 @@ LoRAs gives a semantically meaningful path between the images.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Callable
 
 import torch
@@ -15,7 +17,10 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
+from PIL import Image
+
 from .config import LORA_TARGET_MODULES, MorphConfig
+from .preprocess import to_model_square
 
 ADAPTER_NAME = "diffmorpher_fit"
 
@@ -117,3 +122,23 @@ def denoising_loss(
 def _randn_like(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Noise drawn on the CPU generator, so a seed gives the same LoRA on every device."""
     return torch.randn(like.shape, generator=generator).to(device=like.device, dtype=like.dtype)
+
+
+def lora_cache_key(
+    image: Image.Image, prompt: str, model_id: str, config: MorphConfig, resolution: int
+) -> str:
+    """Content address of a fitted LoRA: what the model saw (the preprocessed pixels), the
+    prompt, the model, and every hyper-parameter that changes the result.
+
+    The authors' code cached LoRAs by output-folder name, so a new image could silently reuse
+    an old LoRA; a content hash cannot. Used by LoRA caches shared between workers/replicas.
+    """
+    digest = hashlib.sha256()
+    digest.update(to_model_square(image, resolution).tobytes())
+    settings = {
+        "prompt": prompt, "model": model_id, "resolution": resolution, "rank": config.lora_rank,
+        "steps": config.lora_steps, "lr": config.lora_lr, "seed": config.seed, "dtype": config.dtype,
+        "targets": list(LORA_TARGET_MODULES), "version": 1,
+    }
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()
