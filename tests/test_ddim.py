@@ -1,0 +1,45 @@
+import torch
+from diffusers import DDIMScheduler
+
+from diffmorpher.ddim import ddim_invert, ddim_sample, ddim_timesteps, split_prediction
+
+
+def _scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+    return DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
+    )
+
+
+def _recording_predictor(log: list):
+    """A model whose output depends on the timestep only: DDIM inversion is then exact."""
+
+    def predict(latents, timestep, step_index):
+        log.append((int(timestep), step_index))
+        generator = torch.Generator().manual_seed(int(timestep))
+        return torch.randn(latents.shape, generator=generator, dtype=torch.float64)
+
+    return predict
+
+
+def test_inversion_walks_the_samplers_timesteps_backwards_and_is_exactly_undone():
+    scheduler = _scheduler()
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    inverted_log, sampled_log = [], []
+    noise = ddim_invert(scheduler, _recording_predictor(inverted_log), x0, 50)
+    back = ddim_sample(scheduler, _recording_predictor(sampled_log), noise, 50)
+    assert inverted_log == sampled_log[::-1]  # same (timestep, step index) pairs, reversed
+    assert [t for t, _ in sampled_log] == ddim_timesteps(scheduler, 50).tolist()
+    assert (back - x0).abs().max() < 1e-9
+    assert (noise - x0).abs().mean() > 0.3  # it did move away from the image
+
+
+def test_prediction_types_agree_on_x0_and_eps():
+    sample = torch.randn(2, 4, 4, 4)
+    eps = torch.randn(2, 4, 4, 4)
+    a_t = 0.3
+    x0 = (sample - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+    v = a_t**0.5 * eps - (1 - a_t) ** 0.5 * x0
+    for output, kind in ((eps, "epsilon"), (v, "v_prediction"), (x0, "sample")):
+        got_x0, got_eps = split_prediction(output, sample, a_t, kind)
+        assert torch.allclose(got_x0, x0, atol=1e-5) and torch.allclose(got_eps, eps, atol=1e-5)
