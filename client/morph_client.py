@@ -177,6 +177,15 @@ class MorphClient:
             raise MorphClientError(None, f"expected a result message, got {message.type!r}")
         return MorphResult(message.header, message.parts)
 
+    def predict(self, fields: dict[str, bytes], *, deadline_s: float | None = None) -> wire.Message:
+        """Unary Predictions with a raw input map, unchecked (tests, load tests, other handlers).
+        Never put `stream` in it: see the module docstring."""
+        if wire.INPUT_STREAM in fields:
+            raise MorphClientError(None, "a unary call must not ask for streaming; use morph_stream")
+        request = self._pb2.PredictionsRequest(model_name=self.model, input=fields)
+        response = self._call(lambda md: self._stub.Predictions(request, timeout=deadline_s, metadata=md))
+        return _decode(response.prediction)
+
     def morph_stream(
         self,
         images: Sequence[bytes],

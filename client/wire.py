@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAGIC = b"DMPH"
+CONTENT_TYPE = "application/vnd.diffmorpher.message"  # REST Content-Type of a framed message
 VERSION = 1
 _PREFIX = struct.Struct("!4sBI")
 

@@ -74,7 +74,8 @@ def decode_image(name: str, value: Any) -> Image.Image:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ConfigError(
-            f"field {name!r} is not a readable image ({len(data)} bytes starting {data[:8]!r}): {error}"
+            f"field {name!r} is not a readable image ({len(data)} bytes starting {data[:8]!r}); "
+            f"send PNG, JPEG, WebP or another format Pillow reads"
         ) from error
     except (OSError, ValueError, SyntaxError) as error:
         raise ConfigError(f"field {name!r} is a damaged or truncated image: {error}") from error

@@ -93,6 +93,7 @@ class DiffMorpherHandler:
     # ------------------------------------------------------------------ one request
     def _serve_one(self, index: int, request_data: Any, context: Any) -> bytes:
         started = time.perf_counter()
+        context.set_response_content_type(index, wire.CONTENT_TYPE)
         request = parse_request(request_data, self.defaults)
         decoded = time.perf_counter()
         self._count("MorphRequests", context, mode="stream" if request.stream else "unary")
@@ -164,6 +165,8 @@ class DiffMorpherHandler:
     def _emit(self, context: Any, name: str, value: float, unit: str,
               dimensions: dict[str, str], *, counter: bool) -> None:
         """Metrics never fail a request: a metrics problem is logged and skipped."""
+        if getattr(context, "metrics", None) is None:  # e.g. a handler driven outside TorchServe
+            return
         try:
             from ts.metrics.dimension import Dimension
             from ts.metrics.metric_type_enum import MetricTypes

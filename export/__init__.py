@@ -1,0 +1,1 @@
+"""Packaging the morph service for TorchServe: `python -m export` writes model_store/<name>.mar."""

@@ -1,0 +1,212 @@
+"""Build the TorchServe archive: handler + core package + weights + model-config.yaml.
+
+    python -m export --model models/tiny-shapes-sd --export-path model_store [--archive-format ...]
+
+Archive formats (torch-model-archiver's `--archive-format`):
+- `default`: a zip-deflated `<name>.mar`. Right for the embedded model (~25 MB).
+- `zip-store`: a `.mar` without deflate. For multi-GB SD weights: safetensors barely compress,
+  so deflating gigabytes only costs minutes at export and at every unpack.
+- `no-archive`: a plain directory `<export-path>/<name>/` with MAR-INF/MANIFEST.json. TorchServe
+  serves it in place (no unpacking into /tmp at each start); register it as `<name>=<name>`.
+With `--weights external` the weights are not copied at all: the handler loads them from the
+absolute `--model` path, which must exist on the serving host (e.g. a mounted volume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+HANDLER_DIR = REPO_ROOT / "handler"
+HANDLER_FILE = HANDLER_DIR / "torchserve_handler.py"
+HANDLER_MODULES = ("morph_request.py", "morph_response.py")
+CORE_PACKAGE = HANDLER_DIR / "diffmorpher"
+WIRE_FILES = ("__init__.py", "wire.py")  # the client's stdlib-only message format
+TEMPLATE = Path(__file__).resolve().parent / "model-config.yaml"
+DEFAULT_LPIPS = REPO_ROOT / ".cache" / "lpips" / "lpips_alex_backbone.safetensors"
+DEFAULT_MAX_RESPONSE = 268435456
+SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+ARCHIVE_FORMATS = ("default", "zip-store", "no-archive", "tgz")
+
+logger = logging.getLogger("export")
+
+
+class ExportError(RuntimeError):
+    """The inputs cannot make a servable archive."""
+
+
+def check_sd_folder(model: Path) -> None:
+    """A diffusers SD 1.x/2.x folder: model_index.json plus the five parts the morph loads."""
+    if not model.is_dir():
+        raise ExportError(f"model folder {model} does not exist (train or download it first)")
+    missing = [name for name in SD_SUBFOLDERS if not (model / name).is_dir()]
+    if missing or not (model / "model_index.json").is_file():
+        raise ExportError(
+            f"{model} is not a diffusers Stable Diffusion folder: missing "
+            f"{missing + ([] if (model / 'model_index.json').is_file() else ['model_index.json'])}"
+        )
+
+
+def copy_weights(model: Path, destination: Path) -> None:
+    """Copy only what the morph loads: the five parts and model_index.json. Where a part has
+    both .safetensors and legacy .bin weights, the .bin files are left out."""
+    destination.mkdir(parents=True)
+    shutil.copy2(model / "model_index.json", destination / "model_index.json")
+    for name in SD_SUBFOLDERS:
+        source = model / name
+        has_safetensors = any(source.glob("*.safetensors"))
+        ignore = shutil.ignore_patterns("*.bin", "*.ckpt", "*.msgpack", "*.onnx*") if has_safetensors \
+            else shutil.ignore_patterns("*.msgpack", "*.onnx*")
+        shutil.copytree(source, destination / name, ignore=ignore)
+
+
+def read_max_response_size(properties: Path) -> int:
+    """max_response_size from a config.properties, so the handler refuses what the frontend would."""
+    if properties.is_file():
+        for line in properties.read_text().splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "max_response_size" and value.strip().isdigit():
+                return int(value.strip())
+    return DEFAULT_MAX_RESPONSE
+
+
+def render_model_config(
+    *,
+    model_dir: str,
+    lpips_weights: str,
+    max_response_bytes: int,
+    device_type: str,
+    workers: int,
+    response_timeout: int | None,
+    defaults: dict[str, Any],
+) -> dict[str, Any]:
+    """The template with this export's values; defaults come from MorphConfig (one source)."""
+    from diffmorpher.config import MorphConfig  # needs handler/ on sys.path (see main)
+
+    config = yaml.safe_load(TEMPLATE.read_text())
+    morph_defaults = MorphConfig.from_dict(defaults).to_dict()  # validates the overrides
+    morph_defaults.pop("device", None)  # the worker's device comes from TorchServe's gpu_id
+    config["deviceType"] = device_type
+    config["minWorkers"] = config["maxWorkers"] = workers
+    if response_timeout is not None:
+        config["responseTimeout"] = response_timeout
+    config["handler"].update(
+        model_dir=model_dir,
+        lpips_weights=lpips_weights,
+        max_response_bytes=max_response_bytes,
+        defaults=morph_defaults,
+    )
+    return config
+
+
+def stage(
+    staging: Path,
+    model: Path,
+    *,
+    weights: str,
+    lpips: Path | None,
+) -> None:
+    """Lay out the archive's extra files under `staging` (they land at the archive root)."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(CORE_PACKAGE, staging / "diffmorpher", ignore=ignore)
+    for name in HANDLER_MODULES:
+        shutil.copy2(HANDLER_DIR / name, staging / name)
+    (staging / "client").mkdir()
+    for name in WIRE_FILES:
+        shutil.copy2(REPO_ROOT / "client" / name, staging / "client" / name)
+    if weights == "copy":
+        copy_weights(model, staging / "model")
+    if lpips is not None:
+        (staging / "lpips").mkdir()
+        shutil.copy2(lpips, staging / "lpips" / lpips.name)
+
+
+def build(args: argparse.Namespace) -> Path:
+    model = Path(args.model).resolve()
+    check_sd_folder(model)
+    export_path = Path(args.export_path).resolve()
+    export_path.mkdir(parents=True, exist_ok=True)
+    lpips = Path(args.lpips_weights).resolve() if args.lpips_weights else None
+    if lpips is not None and not lpips.is_file():
+        logger.warning("LPIPS weights %s not found: the archive ships none and the worker uses "
+                       "the pixel fallback (run `make setup` to prepare them)", lpips)
+        lpips = None
+    defaults = {}
+    for item in args.default:
+        key, _, raw = item.partition("=")
+        defaults[key] = yaml.safe_load(raw)
+    model_config = render_model_config(
+        model_dir="model" if args.weights == "copy" else str(model),
+        lpips_weights=f"lpips/{lpips.name}" if lpips else "",
+        max_response_bytes=read_max_response_size(Path(args.config_properties)),
+        device_type=args.device_type,
+        workers=args.workers,
+        response_timeout=args.response_timeout,
+        defaults=defaults,
+    )
+    with tempfile.TemporaryDirectory(prefix="diffmorpher-export-") as tmp:
+        staging = Path(tmp) / "extra"
+        staging.mkdir()
+        stage(staging, model, weights=args.weights, lpips=lpips)
+        config_file = Path(tmp) / "model-config.yaml"
+        config_file.write_text(yaml.safe_dump(model_config, sort_keys=False))
+        command = [
+            str(Path(sys.executable).with_name("torch-model-archiver")),
+            "--model-name", args.name,
+            "--version", args.version,
+            "--handler", str(HANDLER_FILE),
+            "--extra-files", str(staging),
+            "--config-file", str(config_file),
+            "--export-path", str(export_path),
+            "--archive-format", args.archive_format,
+            "--force",
+        ]  # fmt: skip
+        logger.info("running %s", " ".join(command))
+        subprocess.run(command, check=True)
+    suffix = {"default": ".mar", "zip-store": ".mar", "tgz": ".tar.gz", "no-archive": ""}
+    return export_path / f"{args.name}{suffix[args.archive_format]}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=str(REPO_ROOT / "models" / "tiny-shapes-sd"),
+                        help="diffusers SD 1.x/2.x folder (default: the embedded model)")
+    parser.add_argument("--name", default="diffmorpher", help="model name in TorchServe")
+    parser.add_argument("--version", default="1.0")
+    parser.add_argument("--export-path", default=str(REPO_ROOT / "model_store"))
+    parser.add_argument("--archive-format", choices=ARCHIVE_FORMATS, default="default")
+    parser.add_argument("--weights", choices=("copy", "external"), default="copy",
+                        help="copy the weights into the archive, or load them from --model's path")
+    parser.add_argument("--lpips-weights", default=str(DEFAULT_LPIPS),
+                        help="LPIPS backbone safetensors to ship ('' for none)")
+    parser.add_argument("--device-type", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--response-timeout", type=int, help="seconds (default: the template's)")
+    parser.add_argument("--config-properties", default=str(REPO_ROOT / "config.properties"),
+                        help="read max_response_size from here")
+    parser.add_argument("--default", action="append", default=[],
+                        help="override a morph default, e.g. --default num_frames=8")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    if str(HANDLER_DIR) not in sys.path:  # the core package lives in handler/
+        sys.path.insert(0, str(HANDLER_DIR))
+    args = build_parser().parse_args(argv)
+    try:
+        path = build(args)
+    except (ExportError, subprocess.CalledProcessError) as error:
+        logger.error("%s", error)
+        return 1
+    print(f"wrote {path}")
+    return 0

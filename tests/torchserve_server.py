@@ -1,0 +1,184 @@
+"""A real TorchServe on free loopback ports, for end-to-end tests (and load tests).
+
+Its config is the repository's config.properties with only the addresses, ports, model store
+and file paths replaced, so tests exercise the shipped settings (token auth on, model API off,
+size limits). It runs in its own directory (key_file.json and logs land there), with its own
+TMPDIR (TorchServe's pid file) and worker port (the worker's unix socket name), so it never
+collides with a `make serve` on the same box. It is started in the foreground in a new process
+group and stopped by signalling that group only: the Java frontend and its Python workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BASE_CONFIG = REPO_ROOT / "config.properties"
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free TCP ports on 127.0.0.1 (held open together so they differ)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@dataclass
+class TorchServeProcess:
+    workdir: Path
+    model_store: Path
+    model_name: str = "diffmorpher"
+    archive: str = "diffmorpher.mar"
+    ports: dict[str, int] = field(default_factory=dict)
+    process: subprocess.Popen | None = None
+
+    # ------------------------------------------------------------------ config
+    def write_config(self) -> Path:
+        names = ("inference", "management", "metrics", "grpc_inference", "grpc_management", "worker")
+        self.ports = dict(zip(names, free_ports(len(names))))
+        overrides = {
+            "inference_address": f"http://127.0.0.1:{self.ports['inference']}",
+            "management_address": f"http://127.0.0.1:{self.ports['management']}",
+            "metrics_address": f"http://127.0.0.1:{self.ports['metrics']}",
+            "grpc_inference_port": str(self.ports["grpc_inference"]),
+            "grpc_management_port": str(self.ports["grpc_management"]),
+            "initial_worker_port": str(self.ports["worker"]),
+            "model_store": str(self.model_store),
+            "load_models": f"{self.model_name}={self.archive}",
+            "metrics_config": str(REPO_ROOT / "handler" / "metrics.yaml"),
+        }
+        lines = []
+        for line in BASE_CONFIG.read_text().splitlines():
+            key = line.split("=", 1)[0].strip()
+            if not line.lstrip().startswith("#") and key in overrides:
+                line = f"{key}={overrides.pop(key)}"
+            lines.append(line)
+        lines += [f"{key}={value}" for key, value in overrides.items()]
+        path = self.workdir / "config.properties"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, timeout_s: float = 300.0) -> "TorchServeProcess":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        tmp = self.workdir / "tmp"
+        tmp.mkdir(exist_ok=True)
+        config = self.write_config()
+        env = {
+            **os.environ,
+            "TMPDIR": str(tmp),
+            "LOG_LOCATION": str(self.workdir / "logs"),
+            "METRICS_LOCATION": str(self.workdir / "logs"),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+        command = [
+            str(Path(sys.executable).with_name("torchserve")),
+            "--start", "--foreground", "--ncs",
+            "--ts-config", str(config),
+            "--model-store", str(self.model_store),
+        ]  # fmt: skip
+        self.process = subprocess.Popen(
+            command,
+            cwd=self.workdir,
+            env=env,
+            stdout=open(self.workdir / "torchserve.out", "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stop() signals exactly this tree
+        )
+        try:
+            self.wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"TorchServe exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if self.worker_status() == "READY":
+                    return
+            except (OSError, KeyError, ValueError, urllib.error.URLError):
+                pass
+            time.sleep(1.0)
+        raise TimeoutError(f"TorchServe not ready after {timeout_s:.0f}s:\n{self.log_tail()}")
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.process is None:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.process.wait(timeout=timeout_s)
+                # The frontend exits before its workers: make sure the group is gone too.
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        self.process = None
+
+    def __enter__(self) -> "TorchServeProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def key_file(self) -> Path:
+        return self.workdir / "key_file.json"
+
+    def key(self, api: str = "inference") -> str:
+        return json.loads(self.key_file.read_text())[api]["key"]
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.ports['grpc_inference']}"
+
+    def url(self, api: str, path: str) -> str:
+        return f"http://127.0.0.1:{self.ports[api]}{path}"
+
+    def describe(self) -> dict:
+        request = urllib.request.Request(
+            self.url("management", f"/models/{self.model_name}"),
+            headers={"Authorization": f"Bearer {self.key('management')}"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())[0]
+
+    def worker_status(self) -> str:
+        return self.describe()["workers"][0]["status"]
+
+    def worker_pid(self) -> int:
+        return int(self.describe()["workers"][0]["pid"])
+
+    def log_tail(self, chars: int = 6000) -> str:
+        parts = []
+        for name in ("torchserve.out", "logs/model_log.log", "logs/ts_log.log"):
+            path = self.workdir / name
+            if path.exists():
+                parts.append(f"--- {name}\n{path.read_text(errors='replace')[-chars:]}")
+        return "\n".join(parts)
