@@ -6,7 +6,7 @@
 
 `train` runs everything on CPU with a fixed seed: build the tokenizer (downloads the
 open_clip_torch wheel into .cache/ once, for its BPE file), generate the shapes dataset, train
-the VAE, precompute latents, train the UNet + text encoder, save a StableDiffusionPipeline
+the VAE, precompute latents, train the UNet + text encoder, refine the VAE decoder alone, save a StableDiffusionPipeline
 folder, evaluate it (VAE PSNR, held-out prompts with and without guidance) and write the model
 card. Default step counts take about 30-35 minutes on 2 idle cores.
 """
@@ -24,11 +24,11 @@ import torch
 
 from . import dataset
 from .architecture import make_scheduler
-from .export import save_pipeline
+from .export import WEIGHTS_DTYPE, save_pipeline
 from .model_card import write_model_card
 from .tokenizer import build_tokenizer
 from .train_unet import train_unet
-from .train_vae import encode_latents, round_trip_psnr, train_vae
+from .train_vae import encode_latents, refine_decoder, round_trip_psnr, train_vae
 
 PSNR_IMAGES = 256
 EVAL_SEED = 1234
@@ -70,6 +70,7 @@ def train(args: argparse.Namespace) -> None:
         batch_size=args.unet_batch, seed=args.seed, log=log,
     )
     log(f"unet: final eps-mse {unet_result.final_loss:.4f} after {unet_result.steps} steps")
+    decoder_stats = _refine(vae_result.vae, images, args, log)
     save_pipeline(out, unet_result.unet, vae_result.vae, unet_result.text_encoder,
                   make_scheduler())
     train_seconds = time.perf_counter() - started
@@ -93,6 +94,7 @@ def train(args: argparse.Namespace) -> None:
         "unet_seconds": round(unet_result.seconds),
         "unet_final_eps_mse": round(unet_result.final_loss, 5),
         "total_train_seconds": round(train_seconds),
+        **decoder_stats,
     }
     if not args.skip_eval:
         stats.update(evaluate_folder(out, log))
@@ -101,14 +103,51 @@ def train(args: argparse.Namespace) -> None:
     log(f"done in {time.perf_counter() - started:.0f}s")
 
 
+def _refine(vae, images: np.ndarray, args: argparse.Namespace, log) -> dict:
+    """Decoder-only refinement (encoder, hence the UNet's latents, unchanged) and final PSNR."""
+    t = time.perf_counter()
+    mse = refine_decoder(vae, images, args.decoder_steps, seed=args.seed, log=log)
+    test_images, _ = dataset.generate(args.seed + 1, PSNR_IMAGES)
+    psnr = round_trip_psnr(vae, test_images)
+    log(f"decoder refinement: {args.decoder_steps} steps, final mse {mse:.5f}, "
+        f"round-trip PSNR {psnr:.2f} dB")
+    return {
+        "decoder_steps": args.decoder_steps,
+        "decoder_seconds": round(time.perf_counter() - t),
+        "decoder_final_mse": round(mse, 6),
+        "vae_psnr_db": round(psnr, 2),
+    }
+
+
+def refine(args: argparse.Namespace) -> None:
+    """Run the decoder refinement stage on an already trained folder (same data and seed as
+    `train`), then re-evaluate and rewrite the model card."""
+    from diffusers import AutoencoderKL
+
+    torch.set_num_threads(args.threads)
+    out: Path = args.out
+    stats = json.loads((out / "training.json").read_text())
+    vae = AutoencoderKL.from_pretrained(str(out), subfolder="vae", torch_dtype=torch.float32)
+    images, _ = dataset.generate(stats["seed"], stats["images"])
+    args.seed = stats["seed"]
+    stats["vae_psnr_before_refinement_db"] = stats["vae_psnr_db"]
+    stats.update(_refine(vae, images, args, print))
+    stats["total_train_seconds"] += stats["decoder_seconds"]
+    stats["command"] += (f" --decoder-steps 0; python -m embedded_model refine-decoder "
+                         f"--out {out} --decoder-steps {args.decoder_steps}")
+    vae.to(WEIGHTS_DTYPE).save_pretrained(out / "vae", safe_serialization=True)
+    stats.update(evaluate_folder(out, print))
+    (out / "training.json").write_text(json.dumps(stats, indent=2) + "\n")
+    write_model_card(out, stats)
+
+
 def evaluate_folder(out: Path, log) -> dict:
     """Held-out prompt pass rates with guidance 1 (the morph's setting) and 5."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from .evaluate import evaluate_prompts
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(out), torch_dtype=torch.float32,
-                                                   safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None)  # fp32
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     results = {}
@@ -150,8 +189,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--unet-steps", type=int, default=3000)
     p.add_argument("--unet-batch", type=int, default=64)
+    p.add_argument("--decoder-steps", type=int, default=300)
     p.add_argument("--skip-eval", action="store_true")
     p.set_defaults(func=train)
+    p = sub.add_parser("refine-decoder", help="decoder-only refinement of a trained folder")
+    p.add_argument("--out", type=Path, default=Path("models/tiny-shapes-sd"))
+    p.add_argument("--decoder-steps", type=int, default=300)
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=refine)
     p = sub.add_parser("demo-assets", help="write the demo input images")
     p.add_argument("--out", type=Path, default=Path("assets/demo"))
     p.set_defaults(func=demo_assets)

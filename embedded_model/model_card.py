@@ -18,6 +18,8 @@ def write_model_card(out: Path, stats: dict) -> None:
         f"| {key.removeprefix('held_out_pass_guidance_')} | {value} |"
         for key, value in stats.items() if key.startswith("held_out_pass_guidance_")
     ) or "| (not evaluated) | |"
+    before = (f" ({stats['vae_psnr_before_refinement_db']} dB before the decoder refinement)"
+              if "vae_psnr_before_refinement_db" in stats else "")
     text = f"""# tiny-shapes-sd — the project's embedded Stable Diffusion model
 
 A small text-to-image model in the exact diffusers `StableDiffusionPipeline` format, trained
@@ -65,11 +67,15 @@ Seed {stats['seed']}, {stats['threads']} CPU thread(s), torch {stats['torch']}.
 - UNet + text encoder (jointly, 10% empty captions, Min-SNR-5 weighting, EMA 0.998):
   {stats['unet_steps']} steps x batch {stats['unet_batch']}, {stats['unet_seconds']} s. Final
   epsilon MSE {stats['unet_final_eps_mse']}.
+- VAE decoder refinement (encoder frozen, so the UNet's latents are unchanged; whole images):
+  {stats.get('decoder_steps', 0)} steps x batch 16, {stats.get('decoder_seconds', 0)} s. Final MSE
+  {stats.get('decoder_final_mse', '-')}.
 - Total wall time {stats['total_train_seconds']} s ({stats['total_train_seconds'] / 60:.1f} min),
   on a 2-core machine shared with other jobs at the time.
 
 ## Metrics
-- VAE round trip of 256 fresh dataset images: PSNR {stats['vae_psnr_db']} dB.
+- VAE round trip of 256 fresh dataset images (seed {stats['seed'] + 1}): PSNR
+  {stats['vae_psnr_db']} dB{before}.
 - Held-out colour/shape prompts (25 DDIM steps; foreground colour and shape checked by
   `embedded_model/evaluate.py`):
 
