@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     commands.add_parser("ping", help="check the server's health")
+
+    wait = commands.add_parser("wait", help="wait until the server reports Healthy (model ready)")
+    wait.add_argument("--timeout", type=float, default=600.0, help="seconds")
+
+    strip = commands.add_parser("strip", help="lay frame PNGs side by side into one picture")
+    strip.add_argument("frames_dir", type=Path, help="directory of frame_*.png")
+    strip.add_argument("--out", type=Path, required=True)
+    strip.add_argument("--max-frames", type=int, default=8, help="evenly chosen, first and last kept")
 
     morph = commands.add_parser("morph", help="morph two or more images")
     morph.add_argument("images", nargs="+", type=Path, help="input images, in morph order")
@@ -172,9 +181,55 @@ def _run_morph(client: MorphClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _wait(args: argparse.Namespace, tokens: TokenSource) -> int:
+    """Poll Ping until "Healthy" (TorchServe says so once every model has its workers). The key
+    file appears only after TorchServe started, so token errors are retried too."""
+    deadline = time.monotonic() + args.timeout
+    last = "no answer"
+    while True:
+        try:
+            with MorphClient(args.target, args.model, tokens=tokens, retries=0) as client:
+                health = client.ping(timeout_s=5.0)
+            if "Healthy" in health and "Partial" not in health and "Unhealthy" not in health:
+                print(f"TorchServe on {args.target} is ready")
+                return 0
+            last = health
+        except (MorphClientError, TokenError) as error:
+            last = str(error)
+            tokens.refresh_quietly()
+        if time.monotonic() >= deadline:
+            print(f"error: TorchServe on {args.target} not ready after {args.timeout:.0f}s: {last}",
+                  file=sys.stderr)
+            return 1
+        time.sleep(1.0)
+
+
+def _strip(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    paths = sorted(args.frames_dir.glob("frame_*.png"))
+    if not paths:
+        raise SystemExit(f"no frame_*.png in {args.frames_dir}")
+    count = min(args.max_frames, len(paths))
+    chosen = [paths[round(i * (len(paths) - 1) / max(count - 1, 1))] for i in range(count)]
+    frames = [Image.open(p).convert("RGB") for p in chosen]
+    width, height = frames[0].size
+    sheet = Image.new("RGB", (width * len(frames) + 2 * (len(frames) - 1), height), "white")
+    for index, frame in enumerate(frames):
+        sheet.paste(frame, (index * (width + 2), 0))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(args.out)
+    print(f"wrote {args.out} ({len(frames)} of {len(paths)} frames)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "strip":
+        return _strip(args)
     tokens = TokenSource(token=args.token, key_file=args.key_file, enabled=not args.no_auth)
+    if args.command == "wait":
+        return _wait(args, tokens)
     try:
         with MorphClient(args.target, args.model, tokens=tokens,
                          max_message_mb=args.max_message_mb, retries=args.retries) as client:

@@ -84,6 +84,11 @@ class TokenSource:
         self._cached = read_key_file(self._key_file_path())
         return self._cached != previous
 
+    def refresh_quietly(self) -> None:
+        """Forget a cached key so the next call re-reads the file (which may not exist yet)."""
+        if self.refreshable:
+            self._cached = None
+
     def metadata(self) -> list[tuple[str, str]]:
         token = self.get()
         return [("authorization", f"Bearer {token}")] if token else []

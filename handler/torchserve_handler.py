@@ -115,7 +115,7 @@ class DiffMorpherHandler:
         timings = {
             **{stage: round(float(t), 4) for stage, t in result.timings.items()},
             "decode_request": round(decoded - started, 4),
-            "encode": round(finished - generated, 4),
+            "encode_output": round(finished - generated, 4),
             "total": round(finished - started, 4),
         }
         payload = wire.encode_message(wire.TYPE_RESULT, result_metadata(request, result, timings), parts)

@@ -1,0 +1,116 @@
+# The morph service: DiffMorpher behind TorchServe 0.12, gRPC client, Locust capacity tests.
+#   make demo   fresh clone -> venv, archive, server, one streamed morph -> out/morph.gif, stop
+#   make test   every test, including a real TorchServe end to end
+# Every target is idempotent: re-running does only what is out of date.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.stamp
+STUBS := client/_generated/inference_pb2_grpc.py
+LPIPS := .cache/lpips/lpips_alex_backbone.safetensors
+
+MODEL ?= models/tiny-shapes-sd
+MODEL_NAME ?= diffmorpher
+ARCHIVE_FORMAT ?= default
+WEIGHTS ?= copy
+DEVICE_TYPE ?= cpu
+MAR := model_store/$(MODEL_NAME).mar
+GRPC_TARGET ?= 127.0.0.1:7070
+SERVE_TIMEOUT ?= 600
+
+DEMO_A := assets/demo/red_circle.png
+DEMO_B := assets/demo/blue_triangle.png
+DEMO_FRAMES ?= 16
+# Morph options for the demo (any MorphConfig field, key=value), sized for a 2-core CPU.
+DEMO_OPTIONS ?= lora_steps=100 num_inference_steps=25
+PYTEST_ARGS ?=
+
+export PYTHONPATH := $(CURDIR)/handler:$(CURDIR)
+
+.PHONY: help setup stubs export serve stop demo test loadtest train-model clean
+
+help:
+	@echo "make setup     venv with pinned deps (torch 2.14.1 via constraints.txt), gRPC stubs, LPIPS weights"
+	@echo "make export    model_store/$(MODEL_NAME).mar from MODEL=$(MODEL) (ARCHIVE_FORMAT=default|zip-store|no-archive, WEIGHTS=copy|external)"
+	@echo "make serve     start TorchServe in the background (config.properties), wait until the model is ready"
+	@echo "make stop      stop it"
+	@echo "make demo      setup + export + serve + streamed gRPC morph of the demo images -> out/morph.gif, out/morph.mp4 + stop"
+	@echo "make test      all tests (unit, core, end to end on a real TorchServe)"
+	@echo "make loadtest  Locust capacity test against a running server"
+	@echo "make train-model  retrain the embedded model into models/tiny-shapes-sd"
+
+# ---------------------------------------------------------------------------- setup
+setup: $(STAMP) $(STUBS) $(LPIPS)
+
+$(STAMP): requirements.txt constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -c constraints.txt -r requirements.txt
+	@touch $@
+
+stubs: $(STUBS)
+
+$(STUBS): client/proto/inference.proto | $(STAMP)
+	$(PY) -m client.stubs
+
+$(LPIPS): | $(STAMP)
+	$(PY) -m diffmorpher.perceptual prepare
+
+# ---------------------------------------------------------------------------- archive
+# Always rebuilt (seconds for the embedded model): MODEL may point anywhere.
+export: setup
+	$(PY) -m export --model "$(MODEL)" --name $(MODEL_NAME) --archive-format $(ARCHIVE_FORMAT) \
+		--weights $(WEIGHTS) --device-type $(DEVICE_TYPE)
+
+# ---------------------------------------------------------------------------- server
+# TorchServe writes key_file.json (the tokens) and logs/ into the directory it starts from.
+serve: setup
+	@test -e $(MAR) -o -d model_store/$(MODEL_NAME) || $(MAKE) --no-print-directory export
+	@if $(PY) -m client --target $(GRPC_TARGET) --key-file key_file.json wait --timeout 2 >/dev/null 2>&1; then \
+		echo "TorchServe is already serving on $(GRPC_TARGET)"; \
+	else \
+		rm -f key_file.json; \
+		mkdir -p logs; \
+		PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/torchserve --start --ncs --ts-config config.properties >>logs/torchserve.out 2>&1; \
+		echo "TorchServe starting (log: logs/torchserve.out, logs/model_log.log)"; \
+		$(PY) -m client --target $(GRPC_TARGET) --key-file key_file.json wait --timeout $(SERVE_TIMEOUT); \
+	fi
+
+stop:
+	@if test -x $(VENV)/bin/torchserve; then $(VENV)/bin/torchserve --stop || true; fi
+
+# ---------------------------------------------------------------------------- demo
+demo: setup export
+	@mkdir -p out
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory serve; \
+	trap '$(MAKE) --no-print-directory stop >/dev/null' EXIT; \
+	served=$$(date +%s); \
+	prompt_a=$$($(PY) -c 'import json; print(json.load(open("assets/demo/prompts.json"))["red_circle.png"])'); \
+	prompt_b=$$($(PY) -c 'import json; print(json.load(open("assets/demo/prompts.json"))["blue_triangle.png"])'); \
+	$(PY) -m client --target $(GRPC_TARGET) --key-file key_file.json morph $(DEMO_A) $(DEMO_B) \
+		--prompt-a "$$prompt_a" --prompt-b "$$prompt_b" --frames $(DEMO_FRAMES) \
+		$(foreach opt,$(DEMO_OPTIONS),--option $(opt)) \
+		--stream --out out/morph.gif --out out/morph.mp4 --frames-dir out/frames \
+		--metadata-out out/metadata.json; \
+	$(PY) -m client strip out/frames --out out/strip.png; \
+	done_=$$(date +%s); \
+	echo "server start $$((served - start)) s, morph $$((done_ - served)) s (stages: out/metadata.json)"; \
+	echo "Result: $(CURDIR)/out/morph.gif (also out/morph.mp4, out/frames/, out/strip.png)"
+
+# ---------------------------------------------------------------------------- tests
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+loadtest: setup
+	$(PY) -m loadtest $(LOADTEST_ARGS)
+
+train-model: setup
+	$(PY) -m embedded_model train --out models/tiny-shapes-sd
+
+clean:
+	rm -rf out logs client/_generated model_store/*.mar key_file.json
