@@ -1,0 +1,279 @@
+"""The gRPC client: message framing, request building, tokens, retries, stub generation, and
+wire compatibility of our inference.proto with the one inside TorchServe's model-server.jar.
+
+Client behaviours that a real TorchServe cannot be made to show on demand (UNAVAILABLE then
+success, a >4 MiB answer) are checked against a small in-process gRPC server built from the
+same generated stubs; everything else end to end is in test_e2e_torchserve.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pb2
+
+from client import stubs, wire
+from client.__main__ import format_for, main
+from client.auth import TokenError, TokenSource, read_key_file
+from client.morph_client import MorphClient, MorphClientError, build_input
+from tests.conftest import REPO_ROOT
+
+# ---------------------------------------------------------------------------- framing
+
+
+def test_message_round_trip() -> None:
+    parts = [wire.Part("morph.gif", "image/gif", b"GIF89a..."), wire.Part("a.png", "image/png", b"\x89PNG")]
+    payload = wire.encode_message(wire.TYPE_RESULT, {"alphas": [0.0, 1.0], "seed": 3}, parts)
+    message = wire.decode_message(payload)
+    assert message.type == wire.TYPE_RESULT
+    assert message.header["alphas"] == [0.0, 1.0] and message.header["seed"] == 3
+    assert message.parts == parts
+
+
+@pytest.mark.parametrize(
+    ("payload", "match"),
+    [
+        (b"<html>502 Bad Gateway</html>", "not a morph message"),
+        (b"DM", "too short"),
+        (wire.encode_message(wire.TYPE_FRAME, {}, [wire.Part("f.png", "image/png", b"12345")])[:-2], "truncated"),
+        (wire.encode_message(wire.TYPE_PROGRESS, {"stage": "lora"}) + b"x", "trailing"),
+    ],
+)
+def test_bad_payloads_are_reported(payload: bytes, match: str) -> None:
+    with pytest.raises(wire.WireError, match=match):
+        wire.decode_message(payload)
+
+
+def test_unknown_message_type_is_refused() -> None:
+    with pytest.raises(wire.WireError, match="unknown message type"):
+        wire.encode_message("banner", {})
+
+
+# ---------------------------------------------------------------------------- requests
+
+
+def test_build_input_follows_the_schema() -> None:
+    fields = build_input([b"a", b"b", b"c"], ["p0", "p1", "p2"], {"num_frames": 8}, stream=True)
+    assert fields["image_2"] == b"c" and fields["prompt_1"] == b"p1"
+    assert json.loads(fields["options"]) == {"num_frames": 8}
+    assert fields["stream"] == b"true"
+    assert "stream" not in build_input([b"a", b"b"], ["x", "y"], None, stream=False)
+
+
+@pytest.mark.parametrize(
+    ("images", "prompts", "match"),
+    [([b"a"], ["x"], "at least 2"), ([b"a", b"b"], ["x"], "one prompt per image"), ([b"a"] * 9, ["x"] * 9, "at most")],
+)
+def test_build_input_rejects_bad_shapes(images, prompts, match) -> None:
+    with pytest.raises(MorphClientError, match=match):
+        build_input(images, prompts, None, stream=False)
+
+
+def test_format_from_output_suffix() -> None:
+    assert format_for(Path("a.gif"), None) == "gif"
+    assert format_for(Path("a.mp4"), None) == "mp4"
+    assert format_for(Path("frames.zip"), None) == "frames-zip"
+    assert format_for(Path("out/frames"), None) == "png"
+    assert format_for(Path("a.gif"), "mp4") == "mp4"
+
+
+# ---------------------------------------------------------------------------- tokens
+
+
+def write_keys(path: Path, inference: str) -> Path:
+    path.write_text(json.dumps({"management": {"key": "m"}, "inference": {"key": inference}, "API": {"key": "a"}}))
+    return path
+
+
+def test_token_precedence_and_refresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DIFFMORPHER_TOKEN", raising=False)
+    key_file = write_keys(tmp_path / "key_file.json", "first")
+    tokens = TokenSource(key_file=key_file)
+    assert tokens.metadata() == [("authorization", "Bearer first")]
+    write_keys(key_file, "second")
+    assert tokens.get() == "first"  # cached until the server refuses it
+    assert tokens.refresh() is True and tokens.get() == "second"
+    assert tokens.refresh() is False  # unchanged: no point retrying
+    assert TokenSource(token="explicit", key_file=key_file).get() == "explicit"
+    monkeypatch.setenv("DIFFMORPHER_TOKEN", "from-env")
+    assert TokenSource(key_file=key_file).get() == "from-env"
+    assert TokenSource(key_file=key_file).refreshable is False
+    assert TokenSource(enabled=False).metadata() == []
+
+
+def test_key_file_errors_say_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(TokenError, match="not found"):
+        read_key_file(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(TokenError, match="not valid JSON"):
+        read_key_file(tmp_path / "bad.json")
+    (tmp_path / "nokey.json").write_text("{}")
+    with pytest.raises(TokenError, match="no 'inference' key"):
+        read_key_file(tmp_path / "nokey.json")
+
+
+# ---------------------------------------------------------------------------- dependencies and stubs
+
+
+def test_client_imports_no_torch_diffusers_or_core() -> None:
+    code = (
+        "import sys; import client.morph_client, client.__main__, client.wire, client.auth;"
+        "bad = [m for m in ('torch', 'diffusers', 'transformers', 'diffmorpher', 'ts') if m in sys.modules];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO_ROOT)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    requirements = (REPO_ROOT / "client" / "requirements.txt").read_text().lower()
+    assert "torch" not in requirements and "diffusers" not in requirements
+
+
+def test_stubs_regenerate_into_a_package(tmp_path: Path) -> None:
+    generated = stubs.generate(tmp_path)
+    names = {p.name for p in generated}
+    assert {"inference_pb2.py", "inference_pb2_grpc.py", "__init__.py"} <= names
+    grpc_module = (tmp_path / "client" / "_generated" / "inference_pb2_grpc.py").read_text()
+    assert "from client._generated import inference_pb2" in grpc_module
+
+
+def descriptor_set(proto_root: Path, proto: str, extra_includes: list[Path]) -> descriptor_pb2.FileDescriptorSet:
+    from grpc_tools import protoc
+
+    out = proto_root / (Path(proto).stem + ".pb")
+    well_known = Path(protoc.__file__).resolve().parent / "_proto"
+    includes = [f"--proto_path={p}" for p in [proto_root, *extra_includes, well_known]]
+    args = ["protoc", *includes, "--include_imports", f"--descriptor_set_out={out}", str(proto_root / proto)]
+    assert protoc.main(args) == 0
+    return descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
+
+
+def shape(file: descriptor_pb2.FileDescriptorProto) -> dict:
+    """What decides wire compatibility: package, field numbers/types, methods, streaming."""
+    messages = {
+        m.name: {(f.number, f.name, f.type, f.label, f.proto3_optional) for f in m.field}
+        for m in file.message_type
+        if m.name in ("PredictionsRequest", "PredictionResponse", "TorchServeHealthResponse")
+    }
+    services = {
+        s.name: {(m.name, m.input_type, m.output_type, m.client_streaming, m.server_streaming) for m in s.method}
+        for s in file.service
+    }
+    return {"package": file.package, "messages": messages, "services": services}
+
+
+def test_our_proto_is_wire_compatible_with_torchserves(tmp_path: Path) -> None:
+    jar = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / \
+        "site-packages" / "ts" / "frontend" / "model-server.jar"
+    if not jar.is_file():
+        pytest.skip("torchserve is not installed here (client-only box)")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    with zipfile.ZipFile(jar) as archive:
+        (theirs / "inference.proto").write_bytes(archive.read("proto/inference.proto"))
+    # google/rpc/status.proto is imported but not shipped: the fields of google.rpc.Status.
+    rpc = tmp_path / "rpc_include" / "google" / "rpc"
+    rpc.mkdir(parents=True)
+    (rpc / "status.proto").write_text(
+        'syntax = "proto3"; package google.rpc; import "google/protobuf/any.proto";\n'
+        "message Status { int32 code = 1; string message = 2; repeated google.protobuf.Any details = 3; }\n"
+    )
+    their_set = descriptor_set(theirs, "inference.proto", [tmp_path / "rpc_include"])
+    our_set = descriptor_set(REPO_ROOT / "client" / "proto", "inference.proto", [])
+    their_shape, our_shape = shape(their_set.file[-1]), shape(our_set.file[-1])
+    assert our_shape == their_shape
+    # PredictionResponse.status: a different message name, the same fields as google.rpc.Status.
+    ours = {m.name: m for m in our_set.file[-1].message_type}["RpcStatus"]
+    status = [m for f in their_set.file if f.package == "google.rpc" for m in f.message_type][0]
+    assert {(f.number, f.type, f.label) for f in ours.field} == {(f.number, f.type, f.label) for f in status.field}
+
+
+# ---------------------------------------------------------------------------- behaviour against a local gRPC server
+
+
+PB2, PB2_GRPC = stubs.load()
+
+
+class FlakyInference(PB2_GRPC.InferenceAPIsServiceServicer):
+    """Answers UNAVAILABLE `failures` times, then a result of `size` bytes; records metadata."""
+
+    def __init__(self, failures: int, size: int = 16, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
+        self.failures = failures
+        self.size = size
+        self.code = code
+        self.calls = 0
+        self.auth: list[str] = []
+
+    def Predictions(self, request, context):  # noqa: N802 - gRPC method name
+        self.calls += 1
+        self.auth.append(dict(context.invocation_metadata()).get("authorization", ""))
+        if self.calls <= self.failures:
+            context.abort(self.code, f"failure {self.calls}")
+        part = wire.Part("morph.gif", "image/gif", b"G" * self.size)
+        return PB2.PredictionResponse(prediction=wire.encode_message(wire.TYPE_RESULT, {"num_frames": 2}, [part]))
+
+
+@pytest.fixture()
+def local_server():
+    servers = []
+
+    def start(servicer: FlakyInference) -> str:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=[
+            ("grpc.max_send_message_length", 64 * 2**20)])
+        PB2_GRPC.add_InferenceAPIsServiceServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servers.append(server)
+        return f"127.0.0.1:{port}"
+
+    yield start
+    for server in servers:
+        server.stop(grace=None)
+
+
+def test_unavailable_is_retried_then_succeeds(local_server) -> None:
+    servicer = FlakyInference(failures=2)
+    with MorphClient(local_server(servicer), tokens=TokenSource(token="k"), backoff_s=0.01) as client:
+        result = client.morph([b"a", b"b"], ["x", "y"], {})
+    assert servicer.calls == 3 and result.metadata["num_frames"] == 2
+    assert servicer.auth == ["Bearer k"] * 3
+
+
+def test_other_errors_are_not_retried_and_carry_the_message(local_server) -> None:
+    servicer = FlakyInference(failures=5, code=grpc.StatusCode.INVALID_ARGUMENT)
+    with MorphClient(local_server(servicer), tokens=TokenSource(token="k"), backoff_s=0.01) as client:
+        with pytest.raises(MorphClientError) as raised:
+            client.morph([b"a", b"b"], ["x", "y"], {})
+    assert servicer.calls == 1
+    assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT and "failure 1" in str(raised.value)
+
+
+def test_permission_denied_rereads_the_key_file_once(local_server, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("DIFFMORPHER_TOKEN", raising=False)
+    key_file = write_keys(tmp_path / "key_file.json", "old")
+    tokens = TokenSource(key_file=key_file)
+    tokens.get()
+    write_keys(key_file, "new")
+    servicer = FlakyInference(failures=1, code=grpc.StatusCode.PERMISSION_DENIED)
+    with MorphClient(local_server(servicer), tokens=tokens) as client:
+        client.morph([b"a", b"b"], ["x", "y"], {})
+    assert servicer.auth == ["Bearer old", "Bearer new"]
+
+
+def test_answers_over_grpcs_default_4mib_are_received(local_server) -> None:
+    servicer = FlakyInference(failures=0, size=6 * 2**20)
+    with MorphClient(local_server(servicer), tokens=TokenSource(token="k")) as client:
+        result = client.morph([b"a", b"b"], ["x", "y"], {})
+    assert len(result.part_for("gif").data) == 6 * 2**20
+
+
+def test_cli_reports_unreachable_server_clearly(capsys) -> None:
+    code = main(["--target", "127.0.0.1:1", "--token", "k", "--retries", "0", "ping"])
+    assert code == 2
+    assert "UNAVAILABLE" in capsys.readouterr().err
