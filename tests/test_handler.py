@@ -1,0 +1,217 @@
+"""The TorchServe handler and its request/response modules, driven in-process with TorchServe's
+own Context (no server) and a real pipeline on the tiny random SD folder."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from ts.context import Context, RequestProcessor
+from ts.utils.util import PredictionException, list_classes_from_module
+
+import torchserve_handler
+from client import wire
+from diffmorpher.config import ConfigError, MorphConfig
+from diffmorpher.results import ProgressEvent
+from morph_request import parse_request, split_options
+from morph_response import ResponseTooLarge, StreamSender, check_size
+from torchserve_handler import DiffMorpherHandler
+
+TINY = {"num_frames": 3, "lora_steps": 2, "num_inference_steps": 3, "use_reschedule": False}
+
+
+def png(colour: str, size: int = 32) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def good_request(**options) -> dict:
+    return {"image_0": png("red"), "image_1": png("blue"), "prompt_0": b"a red square",
+            "prompt_1": b"a blue square", "options": json.dumps({**TINY, **options}).encode()}
+
+
+def make_context(model_dir: Path, batch: int = 1, **settings) -> Context:
+    config = {"handler": {"model_dir": str(model_dir), "lpips_weights": "", "defaults": {}, **settings}}
+    context = Context("diffmorpher", str(model_dir), {}, batch, None, "0.12.0", model_yaml_config=config)
+    context.request_ids = {i: f"req-{i}" for i in range(batch)}
+    context.request_processor = [RequestProcessor({}) for _ in range(batch)]
+    return context
+
+
+@pytest.fixture(scope="module")
+def handler(tiny_sd_dir: Path) -> DiffMorpherHandler:
+    instance = DiffMorpherHandler()
+    instance.initialize(make_context(tiny_sd_dir))
+    return instance
+
+
+def test_module_has_exactly_one_class_for_torchserve() -> None:
+    """TorchServe's loader refuses a handler module that defines more than one class."""
+    assert list_classes_from_module(torchserve_handler) == [DiffMorpherHandler]
+
+
+def test_handler_has_no_accelerator_literal() -> None:
+    for path in Path(torchserve_handler.__file__).parent.glob("*.py"):
+        assert "cuda" not in path.read_text().lower(), path
+
+
+def test_unary_request_returns_one_result_message(handler: DiffMorpherHandler, tiny_sd_dir: Path) -> None:
+    context = make_context(tiny_sd_dir)
+    (payload,) = handler.handle([good_request(format=["gif", "png"], seed=5)], context)
+    message = wire.decode_message(payload)
+    assert message.type == wire.TYPE_RESULT
+    assert message.header["num_frames"] == 3 and message.header["seed"] == 5
+    assert message.header["alphas"] == [0.0, 0.5, 1.0]
+    assert {"lora", "inversion", "frames", "decode_request", "encode_output", "total"} <= set(message.header["timings"])
+    assert [p.mime for p in message.parts] == ["image/gif"] + ["image/png"] * 3
+    assert Image.open(io.BytesIO(message.parts[0].data)).n_frames == 3
+    assert context.get_response_content_type(0) == wire.CONTENT_TYPE
+    assert "ts_stream_next" not in context.get_response_headers(0)  # nothing was streamed
+
+
+def test_streaming_sends_intermediate_responses(handler: DiffMorpherHandler, tiny_sd_dir: Path) -> None:
+    context = make_context(tiny_sd_dir)
+    ours, theirs = socket.socketpair()
+    context.cl_socket = ours
+    try:
+        (payload,) = handler.handle([{**good_request(), "stream": b"true"}], context)
+        theirs.setblocking(False)
+        streamed = b""
+        while True:
+            try:
+                chunk = theirs.recv(1 << 20)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            streamed += chunk
+    finally:
+        ours.close()
+        theirs.close()
+    assert wire.decode_message(payload).type == wire.TYPE_RESULT
+    # Every intermediate response is marked for streaming and carries one framed message.
+    assert streamed.count(b"ts_stream_next") >= 3 + 1  # 3 frames + at least one progress
+    assert streamed.count(wire.MAGIC) == streamed.count(b"ts_stream_next")
+    assert streamed.count(b'"type":"frame"') == 3
+    assert context.get_response_headers(0)["ts_stream_next"] == "true"  # turned "false" at the end by TorchServe
+
+
+@pytest.mark.parametrize(
+    ("request_change", "message"),
+    [
+        ({"image_0": b"not an image"}, "field 'image_0' is not a readable image"),
+        ({"prompt_1": None}, "missing prompt 'prompt_1'"),
+        ({"options": b'{"num_frames": 0}'}, "num_frames must be between 2"),
+        ({"options": b'{"frames": 4}'}, "unknown option(s) ['frames']"),
+        ({"options": b"{not json"}, "'options' is not valid JSON"),
+        ({"options": b'{"format": "webm"}'}, "format must be one of"),
+        ({"options": b'{"device": "cpu:1"}'}, "option 'device' is set by the server"),
+        ({"stream": b"maybe"}, "'stream' must be true or false"),
+        ({"image_9": b"x"}, "unknown field(s) ['image_9']"),
+    ],
+)
+def test_bad_requests_raise_400_with_a_specific_message(
+    handler: DiffMorpherHandler, tiny_sd_dir: Path, request_change: dict, message: str
+) -> None:
+    request = good_request()
+    for key, value in request_change.items():
+        if value is None:
+            request.pop(key)
+        else:
+            request[key] = value
+    with pytest.raises(PredictionException) as raised:
+        handler.handle([request], make_context(tiny_sd_dir))
+    assert raised.value.error_code == 400
+    assert message in raised.value.message
+
+
+def test_oversize_result_is_413_not_a_dead_worker(tiny_sd_dir: Path, handler: DiffMorpherHandler) -> None:
+    small = DiffMorpherHandler()
+    small.pipeline, small.defaults, small.max_response_bytes = handler.pipeline, handler.defaults, 2000
+    with pytest.raises(PredictionException) as raised:
+        small.handle([good_request(format="png")], make_context(tiny_sd_dir))
+    assert raised.value.error_code == 413
+    assert "over the server's response limit" in raised.value.message
+
+
+def test_failures_inside_the_morph_are_500_and_not_retryable(tiny_sd_dir: Path) -> None:
+    uninitialised = DiffMorpherHandler()
+    with pytest.raises(PredictionException) as raised:
+        uninitialised.handle([good_request()], make_context(tiny_sd_dir))
+    assert raised.value.error_code == 500 and "not initialized" in raised.value.message
+
+
+def test_in_a_batch_only_the_bad_request_fails(handler: DiffMorpherHandler, tiny_sd_dir: Path) -> None:
+    context = make_context(tiny_sd_dir, batch=2)
+    bad = {**good_request(), "image_1": b""}
+    good, error = handler.handle([good_request(), bad], context)
+    assert wire.decode_message(good).type == wire.TYPE_RESULT
+    assert b"field 'image_1' is empty" in error
+    assert context.get_response_status(1)[0] == 400
+
+
+# ---------------------------------------------------------------------------- request parsing
+
+
+def test_rest_style_fields_are_accepted() -> None:
+    """REST multipart text fields arrive as str and JSON parts already parsed."""
+    request = parse_request(
+        {"image_0": bytearray(png("red")), "image_1": png("blue"), "prompt_0": "a", "prompt_1": "b",
+         "options": {"num_frames": 5, "format": ["gif", "mp4"], "frame_duration_ms": 50}, "stream": "false"},
+        MorphConfig(),
+    )
+    assert request.prompts == ["a", "b"] and request.config.num_frames == 5
+    assert request.formats == ["gif", "mp4"] and request.outputs[1].frame_duration_ms == 50
+    assert request.stream is False and request.images[0].mode == "RGB"
+
+
+def test_server_defaults_apply_under_request_options() -> None:
+    defaults = MorphConfig(num_frames=8, lora_steps=10)
+    config, outputs = split_options({"lora_steps": 3}, defaults)
+    assert (config.num_frames, config.lora_steps) == (8, 3)
+    assert [o.format for o in outputs] == ["gif"]
+    with pytest.raises(ConfigError, match="twice"):
+        split_options({"format": ["gif", "gif"]}, defaults)
+
+
+def test_a_rest_body_without_fields_says_how_to_send() -> None:
+    with pytest.raises(ConfigError, match="multipart/form-data"):
+        parse_request({"body": b"..."}, MorphConfig())
+
+
+def test_huge_images_are_refused_before_decoding() -> None:
+    buffer = io.BytesIO()
+    Image.new("1", (5000, 5000)).save(buffer, format="PNG")
+    with pytest.raises(ConfigError, match="at most"):
+        parse_request({"image_0": buffer.getvalue(), "image_1": png("red"), "prompt_0": "a", "prompt_1": "b"},
+                      MorphConfig())
+
+
+# ---------------------------------------------------------------------------- streaming sender
+
+
+def test_stream_sender_throttles_progress_but_sends_every_frame() -> None:
+    sent: list[bytes] = []
+    sender = StreamSender(sent.append, max_bytes=1 << 20, interval_s=3600)
+    for step in range(1, 11):
+        sender(ProgressEvent(stage="lora", step=step, total=10))
+    for index in range(3):
+        sender(ProgressEvent(stage="frames", step=index + 1, total=3, frame=Image.new("RGB", (8, 8)),
+                             frame_index=index, num_frames=3))
+    messages = [wire.decode_message(p) for p in sent]
+    progress = [m.header["step"] for m in messages if m.type == wire.TYPE_PROGRESS]
+    assert progress == [1, 10]  # first and last step always, the rest throttled
+    frames = [m for m in messages if m.type == wire.TYPE_FRAME]
+    assert [m.header["index"] for m in frames] == [0, 1, 2]
+    assert frames[0].part().name == "frame_000.png" and frames[0].part().mime == "image/png"
+
+
+def test_check_size() -> None:
+    check_size(b"x" * 10, 10, "it")
+    with pytest.raises(ResponseTooLarge, match="fewer frames"):
+        check_size(b"x" * 11, 10, "the result")
