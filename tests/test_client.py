@@ -143,10 +143,11 @@ def test_stubs_regenerate_into_a_package(tmp_path: Path) -> None:
     assert "from client._generated import inference_pb2" in grpc_module
 
 
-def descriptor_set(proto_root: Path, proto: str, extra_includes: list[Path]) -> descriptor_pb2.FileDescriptorSet:
+def descriptor_set(
+    proto_root: Path, proto: str, extra_includes: list[Path], out: Path
+) -> descriptor_pb2.FileDescriptorSet:
     from grpc_tools import protoc
 
-    out = proto_root / (Path(proto).stem + ".pb")
     well_known = Path(protoc.__file__).resolve().parent / "_proto"
     includes = [f"--proto_path={p}" for p in [proto_root, *extra_includes, well_known]]
     args = ["protoc", *includes, "--include_imports", f"--descriptor_set_out={out}", str(proto_root / proto)]
@@ -184,8 +185,8 @@ def test_our_proto_is_wire_compatible_with_torchserves(tmp_path: Path) -> None:
         'syntax = "proto3"; package google.rpc; import "google/protobuf/any.proto";\n'
         "message Status { int32 code = 1; string message = 2; repeated google.protobuf.Any details = 3; }\n"
     )
-    their_set = descriptor_set(theirs, "inference.proto", [tmp_path / "rpc_include"])
-    our_set = descriptor_set(REPO_ROOT / "client" / "proto", "inference.proto", [])
+    their_set = descriptor_set(theirs, "inference.proto", [tmp_path / "rpc_include"], tmp_path / "theirs.pb")
+    our_set = descriptor_set(REPO_ROOT / "client" / "proto", "inference.proto", [], tmp_path / "ours.pb")
     their_shape, our_shape = shape(their_set.file[-1]), shape(our_set.file[-1])
     assert our_shape == their_shape
     # PredictionResponse.status: a different message name, the same fields as google.rpc.Status.
