@@ -53,10 +53,10 @@ def demo_inputs() -> tuple[list[bytes], list[str]]:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_sd_dir: Path):
+def server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
     root = tmp_path_factory.mktemp("torchserve")
     store = root / "model_store"
-    model = EMBEDDED_MODEL if HAS_EMBEDDED else tiny_sd_dir
+    model = EMBEDDED_MODEL if HAS_EMBEDDED else request.getfixturevalue("tiny_sd_dir")
     subprocess.run(
         [sys.executable, "-m", "export", "--model", str(model), "--export-path", str(store)],
         cwd=REPO_ROOT, check=True, env={**os.environ, "PYTHONPATH": f"{REPO_ROOT / 'handler'}:{REPO_ROOT}"},
