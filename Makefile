@@ -41,7 +41,7 @@ help:
 	@echo "make stop      stop it"
 	@echo "make demo      setup + export + serve + streamed gRPC morph of the demo images -> out/morph.gif, out/morph.mp4 + stop"
 	@echo "make test      all tests (unit, core, end to end on a real TorchServe)"
-	@echo "make loadtest  Locust capacity test against a running server"
+	@echo "make loadtest  Locust capacity run (own TorchServe, or LOADTEST_ARGS=\"--target 127.0.0.1:7070\")"
 	@echo "make train-model  retrain the embedded model into models/tiny-shapes-sd"
 
 # ---------------------------------------------------------------------------- setup
@@ -107,7 +107,7 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 loadtest: setup
-	$(PY) -m loadtest $(LOADTEST_ARGS)
+	$(PY) -m loadtest.run $(LOADTEST_ARGS)
 
 train-model: setup
 	$(PY) -m embedded_model train --out models/tiny-shapes-sd
