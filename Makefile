@@ -107,7 +107,7 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 loadtest: setup
-	$(PY) -m loadtest.run $(LOADTEST_ARGS)
+	$(PY) -m loadtest.run $(if $(TARGET),--target $(TARGET)) $(LOADTEST_ARGS)
 
 train-model: setup
 	$(PY) -m embedded_model train --out models/tiny-shapes-sd

@@ -1,0 +1,393 @@
+"""Locust users for the morph service: gRPC (unary and streaming) and REST `/predictions`.
+
+    locust -f loadtest/locustfile.py --headless --host http://127.0.0.1:8080 \
+        --grpc-target 127.0.0.1:7070 --key-file key_file.json --request-profile tiny --stages 1,2,4
+
+(`python -m loadtest.run` / `make loadtest` run it with the right options, then write a report.)
+
+gRPC has no Locust client, so the users call the service through the project's own client
+library (client.morph_client.MorphClient: channel, token metadata, request building) and fire
+Locust `request` events themselves: one per morph, plus, for streams, time to first frame and
+the time between streamed frames as their own entries, plus the worker's own morph time (from
+the result's metadata; TorchServe's latency metrics do not cover gRPC). Refusals because the
+queue is full go to "<mode> busy" entries, never into the morph entries (see outcomes.py), and a
+refused user backs off exponentially. Every request is counted in a ledger of sent vs answered.
+"""
+
+from __future__ import annotations
+
+# gRPC's C core must cooperate with gevent, on which Locust runs its users; this has to happen
+# before any channel exists.
+import grpc.experimental.gevent as grpc_gevent
+
+grpc_gevent.init_gevent()
+
+import itertools  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import random  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import IO, Any  # noqa: E402
+from urllib.parse import urlsplit  # noqa: E402
+
+# Locust puts only the locustfile's own directory on sys.path; the client and loadtest packages
+# are imported from the repository root.
+_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+
+import gevent  # noqa: E402
+import requests  # noqa: E402
+from locust import stats as locust_stats  # noqa: E402
+from locust import LoadTestShape, User, events, task  # noqa: E402
+from locust.env import Environment  # noqa: E402
+
+from client import wire  # noqa: E402
+from client.auth import TokenSource  # noqa: E402
+from client.morph_client import MorphClient, MorphClientError, MorphResult, build_input  # noqa: E402
+from loadtest.outcomes import (  # noqa: E402
+    Backoff,
+    Ledger,
+    Outcome,
+    ServerBusy,
+    UnexpectedAnswer,
+    classify_grpc,
+    classify_http,
+)
+from loadtest.profiles import PROFILES_FILE, Profile, load_profile  # noqa: E402
+from loadtest.schedule import StepSchedule  # noqa: E402
+
+logger = logging.getLogger("loadtest")
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+SPAWN_RATE = 100.0  # users per second: a step is (nearly) instantaneous
+GRPC = "gRPC"
+REST = "REST"
+HANDLER = "handler"
+
+
+def series(mode: str, outcome: str) -> str:
+    """Locust entry name: "<mode> morph" for answers, "<mode> busy" for refusals."""
+    return f"{mode} {outcome}"
+
+
+# ---------------------------------------------------------------------------- options
+@events.init_command_line_parser.add_listener
+def add_arguments(parser: Any) -> None:
+    group = parser.add_argument_group("morph service load test")
+    group.add_argument("--request-profile", default="tiny", help="request profile (loadtest/profiles.yaml)")
+    group.add_argument("--profiles-file", default=str(PROFILES_FILE))
+    group.add_argument("--grpc-target", default="127.0.0.1:7070", help="gRPC inference address")
+    group.add_argument("--model-name", default="diffmorpher")
+    group.add_argument("--key-file", default="key_file.json", help="TorchServe's key_file.json")
+    group.add_argument("--no-token", action="store_true", help="server runs without token auth")
+    group.add_argument("--stages", default="1,2,4", help="users per stage, e.g. 1,2,4")
+    group.add_argument("--stage-seconds", type=float, default=60.0)
+    group.add_argument("--max-seconds", type=float, default=600.0, help="hard limit for all stages")
+    group.add_argument("--think-seconds", type=float, default=0.0, help="wait after an answer")
+    group.add_argument("--backoff-seconds", type=float, default=1.0, help="first wait after busy")
+    group.add_argument("--backoff-max-seconds", type=float, default=16.0)
+    group.add_argument("--seed", type=int, default=1234, help="per-user request seeds derive from it")
+    group.add_argument("--samples-file", default="", help="JSON lines, one per Locust request event")
+    group.add_argument("--ledger-file", default="", help="JSON: sent vs answered, stages, profile")
+
+
+def check_loopback(host: str, what: str) -> None:
+    """This test generates load: it may only ever aim at this machine."""
+    if host not in LOOPBACK_HOSTS:
+        raise SystemExit(f"loadtest: {what} must be a loopback address, got {host!r}")
+
+
+# ---------------------------------------------------------------------------- run state
+@dataclass
+class RunState:
+    """Everything one Locust process shares between its users: the profile and its inputs, the
+    schedule, the ledger and the sample log. Attached to the Environment (Locust's per-run
+    object) instead of module globals, so nothing leaks between runs in one interpreter."""
+
+    options: Any
+    profile: Profile
+    images: list[bytes]
+    prompts: list[str]
+    schedule: StepSchedule
+    ledger: Ledger = field(default_factory=Ledger)
+    started_wall: float = field(default_factory=time.time)
+    samples: IO[str] | None = None
+    user_ids: itertools.count = field(default_factory=itertools.count)
+
+    def tokens(self) -> TokenSource:
+        if self.options.no_token:
+            return TokenSource(enabled=False)
+        return TokenSource(key_file=self.options.key_file)
+
+    def record(self, request_type: str, name: str, response_time: float, response_length: int,
+               exception: BaseException | None = None, context: dict | None = None, **_: Any) -> None:
+        """`request` event listener: one JSON line per event, so the report can cut the run into
+        stages exactly (Locust's CSVs only hold whole-run and 10 s rolling percentiles)."""
+        if self.samples is None:
+            return
+        sample = {
+            "ts": round(time.time(), 4),
+            "type": request_type,
+            "name": name,
+            "ms": round(float(response_time), 3),
+            "bytes": int(response_length or 0),
+            "error": None if exception is None else f"{type(exception).__name__}: {exception}",
+            "users": (context or {}).get("users"),
+        }
+        self.samples.write(json.dumps(sample) + "\n")
+
+
+def run_state(environment: Environment) -> RunState:
+    return environment.morph_run  # type: ignore[attr-defined]
+
+
+@events.init.add_listener
+def on_init(environment: Environment, **_: Any) -> None:
+    options = environment.parsed_options
+    if options is None:  # e.g. imported by a tool, not run by Locust
+        return
+    check_loopback(options.grpc_target.rsplit(":", 1)[0].strip("[]"), "--grpc-target")
+    if environment.host:
+        check_loopback(urlsplit(environment.host).hostname or "", "--host")
+    profile = load_profile(options.request_profile, options.profiles_file)
+    images, prompts = profile.inputs()
+    schedule = StepSchedule.parse(options.stages, options.stage_seconds, options.max_seconds)
+    environment.morph_run = RunState(options, profile, images, prompts, schedule)  # type: ignore[attr-defined]
+    environment.events.request.add_listener(environment.morph_run.record)
+
+
+@events.test_start.add_listener
+def on_test_start(environment: Environment, **_: Any) -> None:
+    state = run_state(environment)
+    state.started_wall = time.time()
+    if state.options.samples_file:
+        state.samples = open(state.options.samples_file, "w", buffering=1)  # noqa: SIM115
+
+
+@events.quitting.add_listener
+def on_quitting(environment: Environment, **_: Any) -> None:
+    """Write the ledger and decide the exit code: refusals are an expected answer past
+    capacity; any error, lost or unaccounted request fails the run."""
+    state = run_state(environment)
+    # Locust rewrites its CSVs once per CSV_STATS_INTERVAL_SEC and only closes them at exit, so
+    # requests that ended in the last interval (the drain after the last stage) would be missing
+    # from run_stats.csv: give its writer one more turn before the files are closed.
+    gevent.sleep(locust_stats.CSV_STATS_INTERVAL_SEC + 0.5)
+    if state.samples is not None:
+        state.samples.close()
+        state.samples = None
+    totals = state.ledger.totals()
+    if state.options.ledger_file:
+        state.ledger.write(
+            Path(state.options.ledger_file),
+            started_wall=state.started_wall,
+            stopped_wall=time.time(),
+            profile=state.profile.to_dict(),
+            schedule=state.schedule.to_dict(),
+        )
+    bad = totals["error"] + totals["lost"] + totals["unaccounted"]
+    logger.info("ledger: %s", totals)
+    environment.process_exit_code = 1 if bad else 0
+
+
+# ---------------------------------------------------------------------------- load shape
+class StepLoadShape(LoadTestShape):
+    """Steps the user count along --stages (see loadtest/schedule.py); returning None at the
+    hard limit ends the run, after which in-flight requests get --stop-timeout to finish."""
+
+    def tick(self) -> tuple[int, float] | None:
+        users = run_state(self.runner.environment).schedule.users_at(self.get_run_time())
+        return None if users is None else (users, SPAWN_RATE)
+
+
+# ---------------------------------------------------------------------------- users
+class MorphUser(User):
+    """Closed loop: one request in flight per user; `wait_time` is the think time or backoff."""
+
+    abstract = True
+
+    def on_start(self) -> None:
+        self.run = run_state(self.environment)
+        index = next(self.run.user_ids)
+        self.rng = random.Random(f"{self.run.options.seed}:{type(self).__name__}:{index}")
+        options = self.run.options
+        self.backoff = Backoff(options.think_seconds, options.backoff_seconds, options.backoff_max_seconds, self.rng)
+
+    def wait_time(self) -> float:
+        return self.backoff.next_wait()
+
+    # ------------------------------------------------------------------ event helpers
+    def fire(self, request_type: str, name: str, started: float, length: int = 0,
+             exception: BaseException | None = None, *, ended: float | None = None) -> None:
+        elapsed_ms = ((ended if ended is not None else time.perf_counter()) - started) * 1000.0
+        self.environment.events.request.fire(
+            request_type=request_type, name=name, response_time=elapsed_ms, response_length=length,
+            exception=exception, context={"users": self.environment.runner.user_count},
+        )  # fmt: skip
+
+    def settle(self, request_type: str, mode: str, started: float, outcome: Outcome,
+               message: str = "", length: int = 0) -> None:
+        """Fire the request's Locust event under the series its outcome belongs to, count it
+        in the ledger, and set the backoff."""
+        if outcome is Outcome.OK:
+            self.fire(request_type, series(mode, "morph"), started, length)
+        elif outcome is Outcome.BUSY:
+            self.fire(request_type, series(mode, "busy"), started, length, ServerBusy(message))
+        else:
+            self.fire(request_type, series(mode, "morph"), started, length,
+                      UnexpectedAnswer(f"{outcome.value}: {message}"))
+        self.run.ledger.settle(mode, outcome)
+        self.backoff.answered(outcome)
+
+    def observe_worker_time(self, header: dict[str, Any]) -> None:
+        """The handler's own time for the morph (decode + morph + encode), as reported in the
+        result: service time without queueing, for gRPC as well as REST."""
+        total = (header.get("timings") or {}).get("total")
+        if isinstance(total, (int, float)):
+            now = time.perf_counter()
+            self.fire(HANDLER, "morph time", now - float(total), ended=now)
+
+
+def result_size(result: MorphResult) -> int:
+    return sum(len(part.data) for part in result.parts) + sum(len(f) for f in result.streamed_frames)
+
+
+def short(text: str, limit: int = 160) -> str:
+    """Error text for Locust's failure table: one line, bounded (identical errors group)."""
+    return " ".join(text.split())[:limit]
+
+
+class GrpcMorphUser(MorphUser):
+    """Unary Predictions and StreamPredictions over one channel per user."""
+
+    weight = 2
+
+    def on_start(self) -> None:
+        super().on_start()
+        options = self.run.options
+        # retries=0: UNAVAILABLE is a result to measure here, not something to hide.
+        self.client = MorphClient(options.grpc_target, options.model_name, tokens=self.run.tokens(), retries=0)
+
+    def on_stop(self) -> None:
+        self.client.close()
+
+    @task
+    def morph(self) -> None:
+        if self.rng.random() < self.run.profile.stream_share:
+            self.stream_morph()
+        else:
+            self.unary_morph()
+
+    def unary_morph(self) -> None:
+        profile = self.run.profile
+        options = profile.request_options(self.rng)
+        self.run.ledger.send("unary")
+        started = time.perf_counter()
+        try:
+            result = self.client.morph(self.run.images, self.run.prompts, options, deadline_s=profile.deadline_s)
+        except MorphClientError as error:
+            self.settle_error("unary", started, error)
+            return
+        self.settle(GRPC, "unary", started, Outcome.OK, length=result_size(result))
+        self.observe_worker_time(result.metadata)
+
+    def stream_morph(self) -> None:
+        profile = self.run.profile
+        options = profile.request_options(self.rng)
+        timer = FrameTimer(self)
+        self.run.ledger.send("stream")
+        timer.started = started = time.perf_counter()
+        try:
+            result = self.client.morph_stream(
+                self.run.images, self.run.prompts, options, deadline_s=profile.deadline_s, on_event=timer
+            )
+        except MorphClientError as error:
+            self.settle_error("stream", started, error)
+            return
+        self.settle(GRPC, "stream", started, Outcome.OK, length=result_size(result))
+        self.observe_worker_time(result.metadata)
+
+    def settle_error(self, mode: str, started: float, error: MorphClientError) -> None:
+        code = error.code.name if error.code is not None else None
+        outcome = classify_grpc(code, error.details) if code else Outcome.ERROR
+        self.settle(GRPC, mode, started, outcome, short(f"{code or 'CLIENT'}: {error.details}"))
+
+
+class FrameTimer:
+    """`on_event` callback of a streamed morph: fires time-to-first-frame and the interval
+    between consecutive frames as their own Locust entries."""
+
+    def __init__(self, user: MorphUser) -> None:
+        self.user = user
+        self.started = time.perf_counter()
+        self.last: float | None = None
+
+    def __call__(self, message: wire.Message) -> None:
+        if message.type != wire.TYPE_FRAME:
+            return
+        now = time.perf_counter()
+        size = sum(len(part.data) for part in message.parts)
+        if self.last is None:
+            self.user.fire(GRPC, "stream first frame", self.started, size, ended=now)
+        else:
+            self.user.fire(GRPC, "stream frame interval", self.last, size, ended=now)
+        self.last = now
+
+
+class RestMorphUser(MorphUser):
+    """POST multipart/form-data to /predictions/<model> (the same input map as gRPC)."""
+
+    weight = 1
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.session = requests.Session()
+        self.tokens = self.run.tokens()
+        self.url = f"{self.host.rstrip('/')}/predictions/{self.run.options.model_name}"
+
+    def on_stop(self) -> None:
+        self.session.close()
+
+    @task
+    def predictions(self) -> None:
+        profile = self.run.profile
+        fields = build_input(self.run.images, self.run.prompts, profile.request_options(self.rng), stream=False)
+        files = {
+            key: (f"{key}.png", value, "image/png") if key.startswith("image_")
+            else (None, value, "application/json" if key == wire.INPUT_OPTIONS else "text/plain")
+            for key, value in fields.items()
+        }  # fmt: skip
+        self.run.ledger.send("predictions")
+        started = time.perf_counter()
+        try:
+            response = self.post(files, profile.deadline_s)
+        except requests.RequestException as error:
+            self.settle(REST, "predictions", started, Outcome.LOST, short(f"{type(error).__name__}: {error}"))
+            return
+        outcome = classify_http(response.status_code)
+        if outcome is not Outcome.OK:
+            self.settle(REST, "predictions", started, outcome,
+                        short(f"HTTP {response.status_code}: {response.text}"), len(response.content))
+            return
+        try:
+            message = wire.decode_message(response.content)
+        except wire.WireError as error:
+            self.settle(REST, "predictions", started, Outcome.ERROR, short(f"bad body: {error}"))
+            return
+        self.settle(REST, "predictions", started, Outcome.OK, length=len(response.content))
+        self.observe_worker_time(message.header)
+
+    def post(self, files: dict, deadline_s: float) -> requests.Response:
+        """One POST; a rejected token is re-read from the key file once (keys expire)."""
+        for attempt in range(2):
+            token = self.tokens.get()
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            response = self.session.post(self.url, files=files, headers=headers, timeout=(10.0, deadline_s))
+            if response.status_code in (401, 403) and attempt == 0 and self.tokens.refresh():
+                continue
+            return response
+        return response
