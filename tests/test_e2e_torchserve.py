@@ -263,3 +263,14 @@ def test_prometheus_metrics_include_morph_stages(server: TorchServeProcess, unar
     with urllib.request.urlopen(server.url("metrics", "/metrics"), timeout=10) as response:
         text = response.read().decode()
     assert "MorphRequests" in text and "MorphStageSeconds" in text
+
+
+def test_model_registration_over_the_api_is_off(server: TorchServeProcess) -> None:
+    request = urllib.request.Request(
+        server.url("management", "/models?url=https://example.invalid/evil.mar"),
+        method="POST", headers={"Authorization": f"Bearer {server.key('management')}"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        urllib.request.urlopen(request, timeout=10)
+    assert raised.value.code in (400, 403, 405)
+    assert server.worker_status() == "READY"
