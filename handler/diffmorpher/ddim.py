@@ -74,16 +74,7 @@ def ddim_sample(
     on_step: StepCallback | None = None,
 ) -> torch.Tensor:
     """Denoise from the noisiest timestep to the clean latent."""
-    timesteps = ddim_timesteps(scheduler, num_inference_steps)
-    prediction_type = scheduler.config.prediction_type
-    for index, t in enumerate(timesteps):
-        output = predict(latents, t, index)
-        a_from = alpha_bar(scheduler, int(t))
-        a_to = alpha_bar(scheduler, _previous(scheduler, int(t), num_inference_steps))
-        latents = ddim_step(latents, output, a_from, a_to, prediction_type)
-        if on_step:
-            on_step(index + 1, len(timesteps))
-    return latents
+    return _walk(scheduler, predict, latents, num_inference_steps, on_step, invert=False)
 
 
 def ddim_invert(
@@ -99,13 +90,30 @@ def ddim_invert(
     evaluated there with timestep label t (the label the sampler uses when it leaves t), and the
     step formula moves the latent up to level t.
     """
-    timesteps = ddim_timesteps(scheduler, num_inference_steps).flip(0)
+    return _walk(scheduler, predict, latents, num_inference_steps, on_step, invert=True)
+
+
+def _walk(
+    scheduler: DDIMScheduler,
+    predict: Predictor,
+    latents: torch.Tensor,
+    num_inference_steps: int,
+    on_step: StepCallback | None,
+    *,
+    invert: bool,
+) -> torch.Tensor:
+    """The sampler's steps in order, or in reverse order with each step run backwards. The
+    predictor is told the sampler's step index of each timestep in both directions."""
+    timesteps = ddim_timesteps(scheduler, num_inference_steps)
     prediction_type = scheduler.config.prediction_type
-    for index, t in enumerate(timesteps):
-        output = predict(latents, t, len(timesteps) - 1 - index)
-        a_from = alpha_bar(scheduler, _previous(scheduler, int(t), num_inference_steps))
-        a_to = alpha_bar(scheduler, int(t))
+    order = range(len(timesteps) - 1, -1, -1) if invert else range(len(timesteps))
+    for done, index in enumerate(order, start=1):
+        t = int(timesteps[index])
+        output = predict(latents, timesteps[index], index)
+        a_t = alpha_bar(scheduler, t)
+        a_prev = alpha_bar(scheduler, _previous(scheduler, t, num_inference_steps))
+        a_from, a_to = (a_prev, a_t) if invert else (a_t, a_prev)
         latents = ddim_step(latents, output, a_from, a_to, prediction_type)
         if on_step:
-            on_step(index + 1, len(timesteps))
+            on_step(done, len(timesteps))
     return latents
