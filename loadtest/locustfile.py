@@ -114,6 +114,7 @@ class RunState:
     prompts: list[str]
     schedule: StepSchedule
     ledger: Ledger = field(default_factory=Ledger)
+    loop_lag: LoopLagMonitor = field(default_factory=lambda: LoopLagMonitor())
     started_wall: float = field(default_factory=time.time)
     samples: IO[str] | None = None
     user_ids: itertools.count = field(default_factory=itertools.count)
@@ -141,6 +142,38 @@ class RunState:
         self.samples.write(json.dumps(sample) + "\n")
 
 
+class LoopLagMonitor:
+    """How late this process's gevent loop wakes a sleeping greenlet. Every latency Locust
+    reports includes that delay, so a run whose client stalled says so instead of blaming the
+    server (seen here: gRPC calls parked in gevent's default 10-thread pool delayed answers by
+    tens of seconds)."""
+
+    PERIOD_S = 0.25
+
+    def __init__(self) -> None:
+        self.lags: list[float] = []
+        self._greenlet: gevent.Greenlet | None = None
+
+    def _run(self) -> None:
+        while True:
+            before = time.perf_counter()
+            gevent.sleep(self.PERIOD_S)
+            self.lags.append(max(0.0, time.perf_counter() - before - self.PERIOD_S))
+
+    def start(self) -> None:
+        self._greenlet = gevent.spawn(self._run)
+
+    def stop(self) -> None:
+        if self._greenlet is not None:
+            self._greenlet.kill(block=False)
+
+    def summary(self) -> dict[str, float | None]:
+        ordered = sorted(self.lags)
+        if not ordered:
+            return {"max_s": None, "p99_s": None}
+        return {"max_s": round(ordered[-1], 4), "p99_s": round(ordered[int(0.99 * (len(ordered) - 1))], 4)}
+
+
 def run_state(environment: Environment) -> RunState:
     return environment.morph_run  # type: ignore[attr-defined]
 
@@ -156,6 +189,11 @@ def on_init(environment: Environment, **_: Any) -> None:
     profile = load_profile(options.request_profile, options.profiles_file)
     images, prompts = profile.inputs()
     schedule = StepSchedule.parse(options.stages, options.stage_seconds, options.max_seconds)
+    # grpc's gevent integration and gevent's DNS resolver wait in the hub's thread pool (10
+    # threads by default): with more calls in flight than threads, answers queue up inside this
+    # process. One thread per possible user, plus slack.
+    pool = gevent.get_hub().threadpool
+    pool.maxsize = max(pool.maxsize, 2 * max(schedule.users) + 16)
     environment.morph_run = RunState(options, profile, images, prompts, schedule)  # type: ignore[attr-defined]
     environment.events.request.add_listener(environment.morph_run.record)
 
@@ -164,6 +202,7 @@ def on_init(environment: Environment, **_: Any) -> None:
 def on_test_start(environment: Environment, **_: Any) -> None:
     state = run_state(environment)
     state.started_wall = time.time()
+    state.loop_lag.start()
     if state.options.samples_file:
         state.samples = open(state.options.samples_file, "w", buffering=1)  # noqa: SIM115
 
@@ -177,6 +216,7 @@ def on_quitting(environment: Environment, **_: Any) -> None:
     # requests that ended in the last interval (the drain after the last stage) would be missing
     # from run_stats.csv: give its writer one more turn before the files are closed.
     gevent.sleep(locust_stats.CSV_STATS_INTERVAL_SEC + 0.5)
+    state.loop_lag.stop()
     if state.samples is not None:
         state.samples.close()
         state.samples = None
@@ -188,6 +228,7 @@ def on_quitting(environment: Environment, **_: Any) -> None:
             stopped_wall=time.time(),
             profile=state.profile.to_dict(),
             schedule=state.schedule.to_dict(),
+            client_loop_lag=state.loop_lag.summary(),
         )
     bad = totals["error"] + totals["lost"] + totals["unaccounted"]
     logger.info("ledger: %s", totals)

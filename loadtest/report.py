@@ -340,6 +340,16 @@ def error_rows(data: RunData) -> list[list[str]]:
     return rows
 
 
+def client_health(ledger: dict[str, Any]) -> str:
+    lag = ledger.get("client_loop_lag") or {}
+    if lag.get("max_s") is None:
+        return "Client event-loop lag was not measured."
+    verdict = ("the client kept up" if lag["max_s"] < 1.0 else
+               "**the client itself stalled: latencies include client-side delay**")
+    return (f"Locust's event loop woke up at most {lag['max_s'] * 1000:.0f} ms late "
+            f"(p99 {lag['p99_s'] * 1000:.0f} ms): {verdict}.")
+
+
 def render(data: RunData, stages: list[StageStats], cap: Capacity, png_name: str) -> str:
     run, ledger, totals = data.run, data.ledger, data.ledger["totals"]
     profile = ledger["profile"]
@@ -360,6 +370,7 @@ def render(data: RunData, stages: list[StageStats], cap: Capacity, png_name: str
         f"thread(s) per worker (OMP_NUM_THREADS), job queue size {run.get('job_queue_size', '?')}, "
         f"batch size 1; server {run.get('server', '?')}.",
         f"- Model: {run.get('model', '?')}.",
+        *([f"- Note: {run['note']}"] if run.get("note") else []),
         f"- Profile: {profile.get('description', '')}; options `{json.dumps(profile['options'])}`, "
         f"{len(profile['images'])} images, {profile['stream_share']:.0%} of gRPC requests streamed, "
         f"deadline {profile['deadline_s']:g} s. Users: 2 gRPC (unary + stream) : 1 REST, closed loop "
@@ -372,6 +383,8 @@ def render(data: RunData, stages: list[StageStats], cap: Capacity, png_name: str
         f"{totals['lost']} lost (deadline or connection), {totals['unaccounted']} unaccounted. "
         + ("Every sent request was answered." if totals["sent"] == totals["answered"] else
            "**Not every request was answered.**"),
+        "",
+        client_health(ledger),
         "",
         "## Per stage (concurrency = users)",
         "",
@@ -513,7 +526,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.report", description=__doc__.split("\n")[0])
     parser.add_argument("results", type=Path, help="a loadtest/results/<timestamp> directory")
     parser.add_argument("--p95-target", type=float, help="seconds (default: the profile's)")
+    parser.add_argument("--note", help="replace the run's note (stored in run.json)")
     args = parser.parse_args(argv)
+    if args.note is not None:
+        run_file = args.results / "run.json"
+        run = json.loads(run_file.read_text()) if run_file.is_file() else {}
+        run_file.write_text(json.dumps({**run, "note": args.note}, indent=2) + "\n")
     summary = write_report(args.results, args.p95_target)
     print(f"wrote {args.results / 'report.md'}; capacity: {summary['capacity']['per_worker_per_min']} /min/worker")
     return 0

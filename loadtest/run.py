@@ -216,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--worker-threads", type=int, default=1, help="torch threads per worker (with --target: what the running server uses)")
     parser.add_argument("--startup-timeout", type=float, default=300.0)
     parser.add_argument("--scrape-interval", type=float, default=2.0)
+    parser.add_argument("--note", default="", help="free text for the report (e.g. what else ran on the host)")
     return parser
 
 
@@ -264,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "threads_per_worker": args.worker_threads,  # with --target: as the running server was started
         "think_seconds": args.think_seconds,
+        "note": args.note,
         "scrape_interval_s": args.scrape_interval,
         "server": server,
         "model": str(args.model.relative_to(REPO_ROOT) if args.model.is_relative_to(REPO_ROOT) else args.model),
