@@ -85,7 +85,7 @@ stop:
 
 # ---------------------------------------------------------------------------- demo
 demo: setup export
-	@mkdir -p out
+	@rm -rf out/frames; mkdir -p out
 	@start=$$(date +%s); \
 	$(MAKE) --no-print-directory serve; \
 	trap '$(MAKE) --no-print-directory stop >/dev/null' EXIT; \
