@@ -1,0 +1,76 @@
+"""export/build_mar.py: the archive's model-config comes from MorphConfig and config.properties,
+only servable SD folders are accepted, and only the weights the morph loads are shipped."""
+
+from __future__ import annotations
+
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from diffmorpher.config import ConfigError, MorphConfig
+from export.build_mar import (
+    ExportError,
+    check_sd_folder,
+    copy_weights,
+    main,
+    read_max_response_size,
+    render_model_config,
+)
+from tests.conftest import REPO_ROOT
+
+
+def render(**defaults) -> dict:
+    return render_model_config(model_dir="model", lpips_weights="", max_response_bytes=1234,
+                               device_type="cpu", workers=1, response_timeout=None, defaults=defaults)
+
+
+def test_handler_defaults_are_morphconfigs() -> None:
+    config = render()
+    expected = MorphConfig().to_dict()
+    expected.pop("device")
+    assert config["handler"]["defaults"] == expected
+    assert config["handler"]["max_response_bytes"] == 1234
+    assert config["batchSize"] == 1 and config["deviceType"] == "cpu"
+    assert config["responseTimeout"] >= 600 and config["startupTimeout"] > 0
+    assert render(num_frames=8)["handler"]["defaults"]["num_frames"] == 8
+    with pytest.raises(ConfigError):
+        render(num_frames=0)
+
+
+def test_max_response_size_is_read_from_config_properties(tmp_path: Path) -> None:
+    assert read_max_response_size(REPO_ROOT / "config.properties") == 268435456
+    (tmp_path / "c.properties").write_text("# x\nmax_response_size = 999\n")
+    assert read_max_response_size(tmp_path / "c.properties") == 999
+
+
+def test_only_sd_folders_are_accepted(tmp_path: Path, tiny_sd_dir: Path) -> None:
+    check_sd_folder(tiny_sd_dir)
+    with pytest.raises(ExportError, match="does not exist"):
+        check_sd_folder(tmp_path / "nothing")
+    (tmp_path / "half" / "unet").mkdir(parents=True)
+    with pytest.raises(ExportError, match="missing"):
+        check_sd_folder(tmp_path / "half")
+
+
+def test_legacy_bin_weights_are_left_out(tmp_path: Path, tiny_sd_dir: Path) -> None:
+    source = tmp_path / "sd"
+    shutil.copytree(tiny_sd_dir, source)
+    (source / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"legacy")
+    copy_weights(source, tmp_path / "model")
+    assert not (tmp_path / "model" / "unet" / "diffusion_pytorch_model.bin").exists()
+    assert (tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_archive_holds_handler_core_weights_and_config(tmp_path: Path, tiny_sd_dir: Path) -> None:
+    assert main(["--model", str(tiny_sd_dir), "--export-path", str(tmp_path), "--lpips-weights", "",
+                 "--default", "num_frames=6"]) == 0
+    with zipfile.ZipFile(tmp_path / "diffmorpher.mar") as archive:
+        names = set(archive.namelist())
+        config = yaml.safe_load(archive.read("model-config.yaml"))
+    assert {"torchserve_handler.py", "morph_request.py", "morph_response.py", "client/wire.py",
+            "diffmorpher/pipeline.py", "model/unet/config.json", "MAR-INF/MANIFEST.json"} <= names
+    assert not any("__pycache__" in n for n in names)
+    assert config["handler"]["defaults"]["num_frames"] == 6 and config["handler"]["lpips_weights"] == ""
