@@ -1,7 +1,7 @@
 """End to end: `python -m export` -> .mar -> a real TorchServe (Java frontend + Python worker) on
 loopback ports -> gRPC (unary and streaming) and REST, with token authorization on.
 
-One server for the module (startup takes tens of seconds). Morphs are kept tiny (4 frames, 5
+One server for the module (startup takes tens of seconds). Morphs are kept tiny (4 frames, 3
 LoRA steps, 8 DDIM steps) so the module runs in a few minutes on 2 CPU cores. The archive holds
 the embedded model when it is present (models/tiny-shapes-sd), else the tiny random SD folder,
 on which the "endpoints resemble the inputs" check is skipped (its outputs are noise).
@@ -33,7 +33,7 @@ from tests.torchserve_server import TorchServeProcess
 pytestmark = pytest.mark.slow
 
 FRAMES = 4
-TINY = {"num_frames": FRAMES, "lora_steps": 5, "num_inference_steps": 8, "use_reschedule": False, "seed": 7}
+TINY = {"num_frames": FRAMES, "lora_steps": 3, "num_inference_steps": 8, "use_reschedule": False, "seed": 7}
 HAS_EMBEDDED = (EMBEDDED_MODEL / "unet").is_dir()
 
 
