@@ -44,6 +44,7 @@ import requests  # noqa: E402
 from locust import stats as locust_stats  # noqa: E402
 from locust import LoadTestShape, User, events, task  # noqa: E402
 from locust.env import Environment  # noqa: E402
+from locust.exception import StopUser  # noqa: E402
 
 from client import wire  # noqa: E402
 from client.auth import TokenSource  # noqa: E402
@@ -117,6 +118,7 @@ class RunState:
     loop_lag: LoopLagMonitor = field(default_factory=lambda: LoopLagMonitor())
     started_wall: float = field(default_factory=time.time)
     samples: IO[str] | None = None
+    stopping: bool = False  # set when Locust starts stopping users: no new request may leave
     user_ids: itertools.count = field(default_factory=itertools.count)
 
     def tokens(self) -> TokenSource:
@@ -207,6 +209,14 @@ def on_test_start(environment: Environment, **_: Any) -> None:
         state.samples = open(state.options.samples_file, "w", buffering=1)  # noqa: SIM115
 
 
+@events.test_stopping.add_listener
+def on_test_stopping(environment: Environment, **_: Any) -> None:
+    """Locust kills a user that is "waiting" at once, but with no think time that wait is a
+    zero-length sleep: the kill lands after the user has already sent its next request, which
+    then is neither answered nor lost. From here on users send nothing new (`MorphUser.begin`)."""
+    run_state(environment).stopping = True
+
+
 @events.quitting.add_listener
 def on_quitting(environment: Environment, **_: Any) -> None:
     """Write the ledger and decide the exit code: refusals are an expected answer past
@@ -260,6 +270,13 @@ class MorphUser(User):
 
     def wait_time(self) -> float:
         return self.backoff.next_wait()
+
+    def begin(self, mode: str) -> float:
+        """Count a request as sent (or stop the user if the run is ending); its start time."""
+        if self.run.stopping:
+            raise StopUser()
+        self.run.ledger.send(mode)
+        return time.perf_counter()
 
     # ------------------------------------------------------------------ event helpers
     def fire(self, request_type: str, name: str, started: float, length: int = 0,
@@ -326,8 +343,7 @@ class GrpcMorphUser(MorphUser):
     def unary_morph(self) -> None:
         profile = self.run.profile
         options = profile.request_options(self.rng)
-        self.run.ledger.send("unary")
-        started = time.perf_counter()
+        started = self.begin("unary")
         try:
             result = self.client.morph(self.run.images, self.run.prompts, options, deadline_s=profile.deadline_s)
         except MorphClientError as error:
@@ -340,8 +356,7 @@ class GrpcMorphUser(MorphUser):
         profile = self.run.profile
         options = profile.request_options(self.rng)
         timer = FrameTimer(self)
-        self.run.ledger.send("stream")
-        timer.started = started = time.perf_counter()
+        timer.started = started = self.begin("stream")
         try:
             result = self.client.morph_stream(
                 self.run.images, self.run.prompts, options, deadline_s=profile.deadline_s, on_event=timer
@@ -402,8 +417,7 @@ class RestMorphUser(MorphUser):
             else (None, value, "application/json" if key == wire.INPUT_OPTIONS else "text/plain")
             for key, value in fields.items()
         }  # fmt: skip
-        self.run.ledger.send("predictions")
-        started = time.perf_counter()
+        started = self.begin("predictions")
         try:
             response = self.post(files, profile.deadline_s)
         except requests.RequestException as error:
