@@ -3,7 +3,7 @@ it is built from.
 
 The end-to-end run (`python -m loadtest.run`, what `make loadtest` runs) uses the tiny profile
 with a deliberately small queue (jobQueueSize 2, one worker): 2 users (gRPC + REST) fit, 6 users
-do not, so the same ~40 s of load checks both normal service and what happens past capacity:
+do not, so the same ~30 s of load checks both normal service and what happens past capacity:
 fast "busy" answers, every sent request answered, no unexpected failure.
 """
 
@@ -27,10 +27,10 @@ from loadtest.schedule import StepSchedule
 from tests.conftest import EMBEDDED_MODEL, REPO_ROOT
 
 STAGES = "2,6"
-STAGE_S = 20
+STAGE_S = 15  # 2 x 15 s of load, then in-flight morphs drain (a few seconds each)
 QUEUE = 2
 LOCUST_LIMIT_S = 60  # the acceptance bound for the Locust part
-BUSY_FAST_MS = 2000  # a refusal must come back at once, not after a morph
+BUSY_FAST_MS = 3000  # a refusal must come back faster than any morph (>= 3 s here; measured <= 0.2 s)
 
 
 # ---------------------------------------------------------------------------- units (fast)
