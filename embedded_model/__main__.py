@@ -6,9 +6,11 @@
 
 `train` runs everything on CPU with a fixed seed: build the tokenizer (downloads the
 open_clip_torch wheel into .cache/ once, for its BPE file), generate the shapes dataset, train
-the VAE, precompute latents, train the UNet + text encoder, refine the VAE decoder alone, save a StableDiffusionPipeline
-folder, evaluate it (VAE PSNR, held-out prompts with and without guidance) and write the model
-card. Default step counts take about 30-35 minutes on 2 idle cores.
+the VAE, precompute latents, train the UNet + text encoder, refine the VAE decoder alone, save
+a StableDiffusionPipeline folder, evaluate it (VAE PSNR, held-out prompts with and without guidance) and write the model
+card. The committed weights took about an hour with --threads 1 on 2 cores shared with other
+jobs (more than one thread per process is up to 6x *slower* when the cores are busy, measured
+here); on 2 idle cores the default --threads 2 is faster.
 """
 
 from __future__ import annotations
@@ -136,9 +138,53 @@ def refine(args: argparse.Namespace) -> None:
     stats["command"] += (f" --decoder-steps 0; python -m embedded_model refine-decoder "
                          f"--out {out} --decoder-steps {args.decoder_steps}")
     vae.to(WEIGHTS_DTYPE).save_pretrained(out / "vae", safe_serialization=True)
-    stats.update(evaluate_folder(out, print))
+    if not args.skip_eval:
+        stats.update(evaluate_folder(out, print))
     (out / "training.json").write_text(json.dumps(stats, indent=2) + "\n")
     write_model_card(out, stats)
+
+
+def continue_unet(args: argparse.Namespace) -> None:
+    """Train a saved folder's UNet + text encoder (from their EMA weights) for more steps, on
+    the same data and latents as `train`; the VAE is untouched."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from .export import save_text_encoder
+
+    torch.set_num_threads(args.threads)
+    out: Path = args.out
+    stats = json.loads((out / "training.json").read_text())
+    f32 = {"torch_dtype": torch.float32}
+    vae = AutoencoderKL.from_pretrained(str(out), subfolder="vae", **f32)
+    unet = UNet2DConditionModel.from_pretrained(str(out), subfolder="unet", **f32)
+    text_encoder = CLIPTextModel.from_pretrained(str(out), subfolder="text_encoder", **f32)
+    tokenizer = CLIPTokenizer.from_pretrained(str(out), subfolder="tokenizer")
+    images, captions = dataset.generate(stats["seed"], stats["images"])
+    latents = encode_latents(vae, images)
+    result = train_unet(
+        latents, captions, tokenizer, vae.config.scaling_factor, steps=args.unet_steps,
+        batch_size=stats["unet_batch"], lr=args.lr, text_lr=args.lr, seed=stats["seed"] + 1,
+        init=(unet, text_encoder), warmup=50,
+    )
+    result.unet.to(WEIGHTS_DTYPE).save_pretrained(out / "unet", safe_serialization=True)
+    save_text_encoder(result.text_encoder, out / "text_encoder")
+    stats["unet_continued_steps"] = stats.get("unet_continued_steps", 0) + result.steps
+    stats["unet_seconds"] += round(result.seconds)
+    stats["total_train_seconds"] += round(result.seconds)
+    stats["unet_final_eps_mse"] = round(result.final_loss, 5)
+    stats["command"] += (f"; python -m embedded_model continue-unet --out {out} "
+                         f"--unet-steps {args.unet_steps} --lr {args.lr}")
+    (out / "training.json").write_text(json.dumps(stats, indent=2) + "\n")
+
+
+def evaluate_cmd(args: argparse.Namespace) -> None:
+    """Re-evaluate a folder and rewrite its training.json and model card."""
+    torch.set_num_threads(args.threads)
+    stats = json.loads((args.out / "training.json").read_text())
+    stats.update(evaluate_folder(args.out, print))
+    (args.out / "training.json").write_text(json.dumps(stats, indent=2) + "\n")
+    write_model_card(args.out, stats)
 
 
 def evaluate_folder(out: Path, log) -> dict:
@@ -184,19 +230,30 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("models/tiny-shapes-sd"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--images", type=int, default=12000)
-    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--images", type=int, default=10000)
+    p.add_argument("--vae-steps", type=int, default=700)
     p.add_argument("--vae-batch", type=int, default=32)
-    p.add_argument("--unet-steps", type=int, default=3000)
-    p.add_argument("--unet-batch", type=int, default=64)
-    p.add_argument("--decoder-steps", type=int, default=300)
+    p.add_argument("--unet-steps", type=int, default=1500)
+    p.add_argument("--unet-batch", type=int, default=32)
+    p.add_argument("--decoder-steps", type=int, default=200)
     p.add_argument("--skip-eval", action="store_true")
     p.set_defaults(func=train)
     p = sub.add_parser("refine-decoder", help="decoder-only refinement of a trained folder")
     p.add_argument("--out", type=Path, default=Path("models/tiny-shapes-sd"))
-    p.add_argument("--decoder-steps", type=int, default=300)
+    p.add_argument("--decoder-steps", type=int, default=200)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--skip-eval", action="store_true")
     p.set_defaults(func=refine)
+    p = sub.add_parser("continue-unet", help="train a saved folder's UNet + text encoder more")
+    p.add_argument("--out", type=Path, default=Path("models/tiny-shapes-sd"))
+    p.add_argument("--unet-steps", type=int, default=800)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=continue_unet)
+    p = sub.add_parser("evaluate", help="re-evaluate a folder, rewrite its model card")
+    p.add_argument("--out", type=Path, default=Path("models/tiny-shapes-sd"))
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=evaluate_cmd)
     p = sub.add_parser("demo-assets", help="write the demo input images")
     p.add_argument("--out", type=Path, default=Path("assets/demo"))
     p.set_defaults(func=demo_assets)

@@ -74,6 +74,8 @@ def train_unet(
     seed: int = 0,
     device: str = "cpu",
     log: Callable[[str], None] = print,
+    init: tuple[UNet2DConditionModel, CLIPTextModel] | None = None,
+    warmup: int = 100,
 ) -> UnetResult:
     """Train for `steps` steps, or (if `steps` is None) for as many as fit in `seconds`; the
     learning-rate schedule is then laid out over the step count the first 20 steps predict.
@@ -93,8 +95,14 @@ def train_unet(
     empty_id = len(unique) - 1
     all_tokens = tokenize(tokenizer, unique).to(device)
 
-    unet = make_unet().to(device).train()
-    text_encoder = make_text_encoder().to(device).train()
+    if init is None:
+        unet, text_encoder = make_unet(), make_text_encoder()
+    else:  # continue training saved weights (their EMA), with a fresh optimizer
+        unet, text_encoder = init
+        unet.requires_grad_(True)
+        text_encoder.requires_grad_(True)
+    unet = unet.to(device).train()
+    text_encoder = text_encoder.to(device).train()
     ema_unet = copy.deepcopy(unet).eval().requires_grad_(False)
     ema_text = copy.deepcopy(text_encoder).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(
@@ -115,7 +123,7 @@ def train_unet(
             planned = max(21, int(seconds / per_step))  # type: ignore[operator]
             log(f"unet: {per_step:.3f}s/step -> {planned} steps in {seconds:.0f}s")
         for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * _lr_scale(step, planned)
+            group["lr"] = group["base_lr"] * _lr_scale(step, planned, warmup)
         idx = torch.randint(0, data.shape[0], (batch_size,), generator=generator)
         x0 = data[idx].to(device)
         cap = caption_ids[idx].clone()
