@@ -20,6 +20,15 @@ def write_model_card(out: Path, stats: dict) -> None:
     ) or "| (not evaluated) | |"
     before = (f" ({stats['vae_psnr_before_refinement_db']} dB before the decoder refinement)"
               if "vae_psnr_before_refinement_db" in stats else "")
+    passes = [int(v.split("/")[0]) for k, v in stats.items()
+              if k.startswith("held_out_pass_guidance_")]
+    status = "" if passes and min(passes) >= 16 else (
+        "## Status: undertrained\n"
+        "The time budget of one training run on 2 shared CPU cores was not enough for the UNet:\n"
+        "samples are blotchy and colour/shape follow the prompt only loosely (pass rates above\n"
+        "are below the issue's 16/20 bar; the test marks that check as an expected failure).\n"
+        "More UNet steps (`python -m embedded_model continue-unet`) are the known remedy.\n"
+    )
     text = f"""# tiny-shapes-sd — the project's embedded Stable Diffusion model
 
 A small text-to-image model in the exact diffusers `StableDiffusionPipeline` format, trained
@@ -85,8 +94,13 @@ Seed {stats['seed']}, {stats['threads']} CPU thread(s), torch {stats['torch']}.
 
 Guidance 1 is what the morph uses (no classifier-free guidance).
 
+{status}
 ## Using real Stable Diffusion instead
-Any local SD 1.x/2.x diffusers folder (epsilon or v-prediction) works wherever this folder
-does; see the repository README.
+Any local SD 1.x/2.x diffusers folder (epsilon or v-prediction; SD 1.5, SD 2.1-base, ...) works
+wherever this folder does: fetch one on a machine that reaches a model hub (for example with
+`hf download <repo id> --local-dir <folder>`), copy the folder over, and give its path where
+`models/tiny-shapes-sd` is the default (the export step's model input, the core's
+`load_morph_models(path, ...)`). A hub id also works where a hub is reachable. The resolution
+follows the checkpoint (512 for SD 1.5 / 2.1-base).
 """
     (out / "README.md").write_text(text)
