@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from client import wire
 from diffmorpher.config import ConfigError, MorphConfig
 from diffmorpher.devices import device_for_worker
@@ -38,7 +40,7 @@ class DiffMorpherHandler:
 
     Configured by the `handler:` section of the archive's model-config.yaml:
     `model_dir` (weights folder, relative to the extracted archive or absolute), `lpips_weights`,
-    `defaults` (MorphConfig fields), `max_response_bytes`, `progress_interval_s`.
+    `defaults` (MorphConfig fields), `max_response_bytes`, `progress_interval_s`, `torch_threads`.
     """
 
     def __init__(self) -> None:
@@ -64,6 +66,9 @@ class DiffMorpherHandler:
         if lpips_path is not None and not lpips_path.exists():
             logger.warning("lpips weights %s not found; the core falls back to its default", lpips_path)
             lpips_path = None
+        threads = int(settings.get("torch_threads", 0) or 0)
+        if threads > 0:
+            torch.set_num_threads(threads)
         device = device_for_worker(properties.get("gpu_id"))
         logger.info("loading %s on %s (lpips: %s)", weights, device, lpips_path)
         self.pipeline = DiffMorpherPipeline.from_pretrained(

@@ -84,6 +84,9 @@ class TorchServeProcess:
         env = {
             **os.environ,
             "TMPDIR": str(tmp),
+            # One torch thread per worker: the test process, the worker and Locust share two
+            # cores, and oversubscribed OpenMP threads were measured 10x slower.
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
             "LOG_LOCATION": str(self.workdir / "logs"),
             "METRICS_LOCATION": str(self.workdir / "logs"),
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
