@@ -140,8 +140,9 @@ def test_rest_returns_the_same_result_for_the_same_seed(server: TorchServeProces
     fields = {wire.image_key(i): ("image.png", data, "image/png") for i, data in enumerate(images)}
     fields |= {wire.prompt_key(i): (None, p.encode(), "text/plain") for i, p in enumerate(prompts)}
     fields[wire.INPUT_OPTIONS] = (None, json.dumps({**TINY, "format": ["gif", "png"]}).encode(), "application/json")
-    status, body = rest_predict(server, fields, token=server.key())
+    status, body, content_type = rest_predict(server, fields, token=server.key())
     assert status == 200, body[:500]
+    assert content_type == wire.CONTENT_TYPE
     message = wire.decode_message(body)
     assert message.type == wire.TYPE_RESULT
     rest_frames = [png_array(p.data) for p in message.parts if p.mime == "image/png"]
@@ -152,7 +153,7 @@ def test_rest_returns_the_same_result_for_the_same_seed(server: TorchServeProces
     assert message.header["alphas"] == grpc_result.metadata["alphas"]
 
 
-def rest_predict(server: TorchServeProcess, fields: dict, token: str | None) -> tuple[int, bytes]:
+def rest_predict(server: TorchServeProcess, fields: dict, token: str | None) -> tuple[int, bytes, str]:
     """POST multipart/form-data to /predictions/<model> with the standard library only."""
     boundary = uuid.uuid4().hex
     body = io.BytesIO()
@@ -170,9 +171,9 @@ def rest_predict(server: TorchServeProcess, fields: dict, token: str | None) -> 
     )
     try:
         with urllib.request.urlopen(request, timeout=600) as response:
-            return response.status, response.read()
+            return response.status, response.read(), response.headers.get("Content-Type", "")
     except urllib.error.HTTPError as error:
-        return error.code, error.read()
+        return error.code, error.read(), error.headers.get("Content-Type", "")
 
 
 # ---------------------------------------------------------------------------- streaming
@@ -242,7 +243,7 @@ def test_requests_without_a_valid_token_are_rejected(server: TorchServeProcess) 
                 anonymous.morph(images, prompts, TINY, deadline_s=60)
             assert raised.value.code == grpc.StatusCode.PERMISSION_DENIED
     fields = {wire.image_key(i): ("i.png", d, "image/png") for i, d in enumerate(images)}
-    status, body = rest_predict(server, fields, token=None)
+    status, body, _ = rest_predict(server, fields, token=None)
     assert status in (400, 401, 403) and b"Token Authorization failed" in body
 
 
