@@ -50,13 +50,25 @@ STATUS_HINTS: dict[grpc.StatusCode, str] = {
 }
 
 
+# TorchServe 0.12 refuses a job when the model's queue is full with INTERNAL (REST: 503) and
+# this message, not RESOURCE_EXHAUSTED: the message is what tells "busy" from a real failure.
+BUSY_MESSAGE = "has no worker to serve inference request"
+BUSY_HINT = "server busy: its job queue is full; retry later with backoff"
+
+
+def is_busy(code: grpc.StatusCode | None, details: str) -> bool:
+    return code == grpc.StatusCode.INTERNAL and BUSY_MESSAGE in details
+
+
 class MorphClientError(RuntimeError):
     """A failed call, with the gRPC status and the server's own message."""
 
     def __init__(self, code: grpc.StatusCode | None, details: str, hint: str = "") -> None:
         self.code = code
         self.details = details
-        self.hint = hint or (STATUS_HINTS.get(code, "") if code else "")
+        self.busy = is_busy(code, details)
+        default_hint = BUSY_HINT if self.busy else STATUS_HINTS.get(code, "") if code else ""
+        self.hint = hint or default_hint
         name = code.name if code else "CLIENT"
         super().__init__(f"{name}: {details}" + (f" ({self.hint})" if self.hint else ""))
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-BUSY_MESSAGE = "has no worker to serve inference request"
+from client.morph_client import BUSY_MESSAGE
 BUSY_SUFFIX = "busy"  # Locust series of refusals: "<mode> busy"
 
 

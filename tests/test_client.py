@@ -278,3 +278,14 @@ def test_cli_reports_unreachable_server_clearly(capsys) -> None:
     code = main(["--target", "127.0.0.1:1", "--token", "k", "--retries", "0", "ping"])
     assert code == 2
     assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_a_full_queue_is_reported_as_busy_not_as_a_server_failure():
+    import grpc
+
+    from client.morph_client import BUSY_HINT, BUSY_MESSAGE, MorphClientError
+
+    busy = MorphClientError(grpc.StatusCode.INTERNAL, f'Model "diffmorpher" {BUSY_MESSAGE}.')
+    assert busy.busy and BUSY_HINT in str(busy)
+    failed = MorphClientError(grpc.StatusCode.INTERNAL, "morph failed: RuntimeError: boom")
+    assert not failed.busy and "failed while morphing" in str(failed)
