@@ -182,9 +182,7 @@ class MorphClient:
         deadline_s: float | None = None,
     ) -> MorphResult:
         """Unary Predictions: one response holding the final result."""
-        request = self._request(images, prompts, options, stream=False)
-        response = self._call(lambda md: self._stub.Predictions(request, timeout=deadline_s, metadata=md))
-        message = _decode(response.prediction)
+        message = self._unary(self._request(images, prompts, options, stream=False), deadline_s)
         if message.type != wire.TYPE_RESULT:
             raise MorphClientError(None, f"expected a result message, got {message.type!r}")
         return MorphResult(message.header, message.parts)
@@ -194,9 +192,7 @@ class MorphClient:
         Never put `stream` in it: see the module docstring."""
         if wire.INPUT_STREAM in fields:
             raise MorphClientError(None, "a unary call must not ask for streaming; use morph_stream")
-        request = self._pb2.PredictionsRequest(model_name=self.model, input=fields)
-        response = self._call(lambda md: self._stub.Predictions(request, timeout=deadline_s, metadata=md))
-        return _decode(response.prediction)
+        return self._unary(self._pb2.PredictionsRequest(model_name=self.model, input=fields), deadline_s)
 
     def morph_stream(
         self,
@@ -223,6 +219,11 @@ class MorphClient:
         raise MorphClientError(None, "the stream ended without a result message")
 
     # ------------------------------------------------------------------ plumbing
+    def _unary(self, request, deadline_s: float | None) -> wire.Message:
+        """One Predictions call (token refresh, UNAVAILABLE retries), decoded."""
+        response = self._call(lambda md: self._stub.Predictions(request, timeout=deadline_s, metadata=md))
+        return _decode(response.prediction)
+
     def _request(self, images, prompts, options, *, stream: bool):
         return self._pb2.PredictionsRequest(
             model_name=self.model, input=build_input(images, prompts, options, stream=stream)
