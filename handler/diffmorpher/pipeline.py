@@ -170,7 +170,7 @@ class DiffMorpherPipeline:
                     with _timed(timings, STAGE_RESCHEDULE):
                         metric = self.perceptual_metric(config)
                         metric_name, metric_weights = metric.name, metric.weights
-                        all_alphas = self.reschedule(frames, num_images, config, metric)
+                        all_alphas = self.reschedule(frames, alphas, num_images, metric)
                         emitter = _FrameEmitter(progress, total)
                         frames = self.denoise_frames(
                             _specs_per_segment(all_alphas), noise, text, controller, config,
@@ -382,18 +382,18 @@ class DiffMorpherPipeline:
     def reschedule(
         self,
         frames: torch.Tensor,
+        alphas: list[float],
         num_images: int,
-        config: MorphConfig,
         metric: PerceptualDistance,
     ) -> list[list[float]]:
-        """Per segment, alphas that even out the perceptual distance between frames."""
+        """Per segment, alphas that even out the perceptual distance between the frames that
+        the first pass made at `alphas`."""
         per_segment = []
-        step = config.num_frames - 1
-        uniform = uniform_alphas(config.num_frames)
+        step = len(alphas) - 1
         for segment in range(num_images - 1):
-            segment_frames = frames[segment * step : segment * step + config.num_frames]
+            segment_frames = frames[segment * step : segment * step + len(alphas)]
             distances = consecutive_distances(segment_frames, metric)
-            per_segment.append(reschedule_alphas(uniform, distances.tolist()))
+            per_segment.append(reschedule_alphas(alphas, distances.tolist()))
         return per_segment
 
     # ------------------------------------------------------------------ helpers
