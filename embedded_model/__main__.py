@@ -145,8 +145,11 @@ def refine(args: argparse.Namespace) -> None:
 
 
 def continue_unet(args: argparse.Namespace) -> None:
-    """Train a saved folder's UNet + text encoder (from their EMA weights) for more steps, on
-    the same data and latents as `train`; the VAE is untouched."""
+    """Train a saved folder's UNet + text encoder (from their EMA weights) for more steps, or
+    with --from-scratch train new ones exactly as `train` does, on the folder's VAE latents
+    (the same data and seed as `train`); the VAE is untouched. Why --from-scratch: after a UNet
+    architecture change it reproduces `train`'s result without re-running the VAE stages,
+    whose output does not depend on the UNet."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -157,25 +160,40 @@ def continue_unet(args: argparse.Namespace) -> None:
     stats = json.loads((out / "training.json").read_text())
     f32 = {"torch_dtype": torch.float32}
     vae = AutoencoderKL.from_pretrained(str(out), subfolder="vae", **f32)
-    unet = UNet2DConditionModel.from_pretrained(str(out), subfolder="unet", **f32)
-    text_encoder = CLIPTextModel.from_pretrained(str(out), subfolder="text_encoder", **f32)
     tokenizer = CLIPTokenizer.from_pretrained(str(out), subfolder="tokenizer")
     images, captions = dataset.generate(stats["seed"], stats["images"])
     latents = encode_latents(vae, images)
+    if args.from_scratch:
+        training = dict(seed=stats["seed"], lr=args.lr, text_lr=args.lr / 2, init=None)
+    else:
+        unet = UNet2DConditionModel.from_pretrained(str(out), subfolder="unet", **f32)
+        text_encoder = CLIPTextModel.from_pretrained(str(out), subfolder="text_encoder", **f32)
+        training = dict(seed=stats["seed"] + 1, lr=args.lr, text_lr=args.lr,
+                        init=(unet, text_encoder), warmup=50)
     result = train_unet(
         latents, captions, tokenizer, vae.config.scaling_factor, steps=args.unet_steps,
-        batch_size=stats["unet_batch"], lr=args.lr, text_lr=args.lr, seed=stats["seed"] + 1,
-        init=(unet, text_encoder), warmup=50,
+        batch_size=stats["unet_batch"], **training,
     )
     result.unet.to(WEIGHTS_DTYPE).save_pretrained(out / "unet", safe_serialization=True)
     save_text_encoder(result.text_encoder, out / "text_encoder")
-    stats["unet_continued_steps"] = stats.get("unet_continued_steps", 0) + result.steps
-    stats["unet_seconds"] += round(result.seconds)
-    stats["total_train_seconds"] += round(result.seconds)
+    if args.from_scratch:
+        previous = stats["unet_seconds"] + stats.pop("unet_continued_seconds", 0)
+        stats.pop("unet_continued_steps", None)
+        stats["unet_steps"] = result.steps
+        stats["unet_seconds"] = round(result.seconds)
+        stats["total_train_seconds"] += round(result.seconds) - previous
+    else:
+        stats["unet_continued_steps"] = stats.get("unet_continued_steps", 0) + result.steps
+        stats["unet_continued_seconds"] = (stats.get("unet_continued_seconds", 0)
+                                           + round(result.seconds))
+        stats["total_train_seconds"] += round(result.seconds)
+        stats["command"] += (f"; python -m embedded_model continue-unet --out {out} "
+                             f"--unet-steps {args.unet_steps} --lr {args.lr}")
     stats["unet_final_eps_mse"] = round(result.final_loss, 5)
-    stats["command"] += (f"; python -m embedded_model continue-unet --out {out} "
-                         f"--unet-steps {args.unet_steps} --lr {args.lr}")
+    if not args.skip_eval:
+        stats.update(evaluate_folder(out, print))
     (out / "training.json").write_text(json.dumps(stats, indent=2) + "\n")
+    write_model_card(out, stats)
 
 
 def evaluate_cmd(args: argparse.Namespace) -> None:
@@ -233,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images", type=int, default=10000)
     p.add_argument("--vae-steps", type=int, default=700)
     p.add_argument("--vae-batch", type=int, default=32)
-    p.add_argument("--unet-steps", type=int, default=1500)
+    p.add_argument("--unet-steps", type=int, default=3000)
     p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--decoder-steps", type=int, default=200)
     p.add_argument("--skip-eval", action="store_true")
@@ -248,7 +266,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("models/tiny-shapes-sd"))
     p.add_argument("--unet-steps", type=int, default=800)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--from-scratch", action="store_true",
+                   help="train a new UNet + text encoder as `train` does, keeping the VAE")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--skip-eval", action="store_true")
     p.set_defaults(func=continue_unet)
     p = sub.add_parser("evaluate", help="re-evaluate a folder, rewrite its model card")
     p.add_argument("--out", type=Path, default=Path("models/tiny-shapes-sd"))

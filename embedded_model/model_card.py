@@ -41,7 +41,7 @@ reachable. It is not a general image model: it draws one coloured shape on a pla
     image = pipe("a red circle on a white background", num_inference_steps=25,
                  guidance_scale=5.0).images[0]
 
-## Architecture (standard classes, SD 1.x layout, small sizes)
+## Architecture (standard classes, SD 1.x layout, small sizes, one documented addition)
 - Resolution {RESOLUTION}x{RESOLUTION}. `AutoencoderKL` with block_out_channels {VAE_CHANNELS}
   (scale factor {2 ** (len(VAE_CHANNELS) - 1)}): latents {LATENT_SIZE}x{LATENT_SIZE}x4,
   scaling_factor {stats['scaling_factor']:.5f} (1 / std of the training latents, as SD's 0.18215).
@@ -50,7 +50,12 @@ reachable. It is not a general image model: it draws one coloured shape on a pla
 - `UNet2DConditionModel`: block_out_channels {UNET_CHANNELS}, CrossAttnDownBlock2D x2 + DownBlock2D,
   UpBlock2D + CrossAttnUpBlock2D x2, one layer per block, cross_attention_dim {TEXT_HIDDEN}. The
   up blocks have SD's `attn1` (self) / `attn2` (cross) attention with to_q/to_k/to_v/to_out.0,
-  which the morph's attention processors and LoRA use.
+  which the morph's attention processors and LoRA use. One addition to SD 1.x: diffusers'
+  `addition_embed_type="text"` (as in DeepFloyd IF's UNet), an attention-pooled prompt summary
+  added to the time embedding (keys `add_embedding.*`). It needs no extra pipeline input, so
+  `StableDiffusionPipeline` runs it unchanged; it exists because global attributes (shape
+  colour, background) did not follow the prompt within the CPU budget through cross-attention
+  alone. A converter to the original single-file SD 1.x format would have to drop it.
 - `CLIPTextModel`: 2 layers, hidden size {TEXT_HIDDEN}, the full 49,408-token CLIP vocabulary;
   weights keyed `text_model.*` as in SD checkpoints. `CLIPTokenizer`: the real CLIP BPE
   (vocab.json + merges.txt, from the MIT-licensed open_clip_torch wheel), max length 77.
@@ -73,14 +78,15 @@ Seed {stats['seed']}, {stats['threads']} CPU thread(s), torch {stats['torch']}.
   32x32 crops, the last 10% on full images), {stats['vae_seconds']} s. Final MSE (in [-1, 1]
   units) {stats['vae_final_mse']}.
 - Latents precomputed: {stats['latent_seconds']} s.
-- UNet + text encoder (jointly, 10% empty captions, Min-SNR-5 weighting, EMA 0.998):
+- UNet + text encoder (jointly, 10% empty captions, Min-SNR-5 weighting, offset noise 0.1,
+  EMA 0.998):
   {stats['unet_steps']} steps x batch {stats['unet_batch']}, {stats['unet_seconds']} s. Final
   epsilon MSE {stats['unet_final_eps_mse']}.
 - VAE decoder refinement (encoder frozen, so the UNet's latents are unchanged; whole images):
   {stats.get('decoder_steps', 0)} steps x batch 16, {stats.get('decoder_seconds', 0)} s. Final MSE
   {stats.get('decoder_final_mse', '-')}.
 - Total wall time {stats['total_train_seconds']} s ({stats['total_train_seconds'] / 60:.1f} min),
-  on a 2-core machine shared with other jobs at the time.
+  on a 2-core CPU machine.
 
 ## Metrics
 - VAE round trip of 256 fresh dataset images (seed {stats['seed'] + 1}): PSNR
