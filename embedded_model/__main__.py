@@ -7,10 +7,10 @@
 `train` runs everything on CPU with a fixed seed: build the tokenizer (downloads the
 open_clip_torch wheel into .cache/ once, for its BPE file), generate the shapes dataset, train
 the VAE, precompute latents, train the UNet + text encoder, refine the VAE decoder alone, save
-a StableDiffusionPipeline folder, evaluate it (VAE PSNR, held-out prompts with and without guidance) and write the model
-card. The committed weights took about an hour with --threads 1 on 2 cores shared with other
-jobs (more than one thread per process is up to 6x *slower* when the cores are busy, measured
-here); on 2 idle cores the default --threads 2 is faster.
+a StableDiffusionPipeline folder, evaluate it (VAE PSNR, held-out prompts with and without
+guidance) and write the model card. The committed weights took 55 min with the default
+--threads 2 on 2 idle cores; use --threads 1 when other jobs share the cores (more than one
+thread per process is up to 6x *slower* then, measured here).
 """
 
 from __future__ import annotations
