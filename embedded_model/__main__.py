@@ -237,6 +237,17 @@ def demo_assets(args: argparse.Namespace) -> None:
     (args.out / "prompts.json").write_text(json.dumps(prompts, indent=2) + "\n")
 
 
+def _folder_command(sub, name: str, help: str, func, skip_eval: bool = True):
+    """A subcommand that works on a model folder: --out, --threads and (optionally) --skip-eval."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--out", type=Path, default=Path("models/tiny-shapes-sd"))
+    p.add_argument("--threads", type=int, default=2)
+    if skip_eval:
+        p.add_argument("--skip-eval", action="store_true")
+    p.set_defaults(func=func)
+    return p
+
+
 def main(argv: list[str] | None = None) -> None:
     import sys
 
@@ -244,37 +255,25 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m embedded_model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train the embedded model into --out")
-    p.add_argument("--out", type=Path, default=Path("models/tiny-shapes-sd"))
+    p = _folder_command(sub, "train", "train the embedded model into --out", train)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--images", type=int, default=10000)
     p.add_argument("--vae-steps", type=int, default=700)
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--unet-steps", type=int, default=3000)
     p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--decoder-steps", type=int, default=200)
-    p.add_argument("--skip-eval", action="store_true")
-    p.set_defaults(func=train)
-    p = sub.add_parser("refine-decoder", help="decoder-only refinement of a trained folder")
-    p.add_argument("--out", type=Path, default=Path("models/tiny-shapes-sd"))
+    p = _folder_command(sub, "refine-decoder", "decoder-only refinement of a trained folder",
+                        refine)
     p.add_argument("--decoder-steps", type=int, default=200)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--skip-eval", action="store_true")
-    p.set_defaults(func=refine)
-    p = sub.add_parser("continue-unet", help="train a saved folder's UNet + text encoder more")
-    p.add_argument("--out", type=Path, default=Path("models/tiny-shapes-sd"))
+    p = _folder_command(sub, "continue-unet", "train a saved folder's UNet + text encoder more",
+                        continue_unet)
     p.add_argument("--unet-steps", type=int, default=800)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--from-scratch", action="store_true",
                    help="train a new UNet + text encoder as `train` does, keeping the VAE")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--skip-eval", action="store_true")
-    p.set_defaults(func=continue_unet)
-    p = sub.add_parser("evaluate", help="re-evaluate a folder, rewrite its model card")
-    p.add_argument("--out", type=Path, default=Path("models/tiny-shapes-sd"))
-    p.add_argument("--threads", type=int, default=2)
-    p.set_defaults(func=evaluate_cmd)
+    _folder_command(sub, "evaluate", "re-evaluate a folder, rewrite its model card", evaluate_cmd,
+                    skip_eval=False)
     p = sub.add_parser("demo-assets", help="write the demo input images")
     p.add_argument("--out", type=Path, default=Path("assets/demo"))
     p.set_defaults(func=demo_assets)
