@@ -98,10 +98,7 @@ def train(args: argparse.Namespace) -> None:
         "total_train_seconds": round(train_seconds),
         **decoder_stats,
     }
-    if not args.skip_eval:
-        stats.update(evaluate_folder(out, log))
-    (out / "training.json").write_text(json.dumps(stats, indent=2) + "\n")
-    write_model_card(out, stats)
+    _record(out, stats, evaluate=not args.skip_eval, log=log)
     log(f"done in {time.perf_counter() - started:.0f}s")
 
 
@@ -138,10 +135,7 @@ def refine(args: argparse.Namespace) -> None:
     stats["command"] += (f" --decoder-steps 0; python -m embedded_model refine-decoder "
                          f"--out {out} --decoder-steps {args.decoder_steps}")
     vae.to(WEIGHTS_DTYPE).save_pretrained(out / "vae", safe_serialization=True)
-    if not args.skip_eval:
-        stats.update(evaluate_folder(out, print))
-    (out / "training.json").write_text(json.dumps(stats, indent=2) + "\n")
-    write_model_card(out, stats)
+    _record(out, stats, evaluate=not args.skip_eval)
 
 
 def continue_unet(args: argparse.Namespace) -> None:
@@ -164,7 +158,7 @@ def continue_unet(args: argparse.Namespace) -> None:
     images, captions = dataset.generate(stats["seed"], stats["images"])
     latents = encode_latents(vae, images)
     if args.from_scratch:
-        training = dict(seed=stats["seed"], lr=args.lr, text_lr=args.lr / 2, init=None)
+        training = dict(seed=stats["seed"])  # train_unet's defaults, as `train` uses them
     else:
         unet = UNet2DConditionModel.from_pretrained(str(out), subfolder="unet", **f32)
         text_encoder = CLIPTextModel.from_pretrained(str(out), subfolder="text_encoder", **f32)
@@ -190,19 +184,22 @@ def continue_unet(args: argparse.Namespace) -> None:
         stats["command"] += (f"; python -m embedded_model continue-unet --out {out} "
                              f"--unet-steps {args.unet_steps} --lr {args.lr}")
     stats["unet_final_eps_mse"] = round(result.final_loss, 5)
-    if not args.skip_eval:
-        stats.update(evaluate_folder(out, print))
-    (out / "training.json").write_text(json.dumps(stats, indent=2) + "\n")
-    write_model_card(out, stats)
+    _record(out, stats, evaluate=not args.skip_eval)
 
 
 def evaluate_cmd(args: argparse.Namespace) -> None:
     """Re-evaluate a folder and rewrite its training.json and model card."""
     torch.set_num_threads(args.threads)
-    stats = json.loads((args.out / "training.json").read_text())
-    stats.update(evaluate_folder(args.out, print))
-    (args.out / "training.json").write_text(json.dumps(stats, indent=2) + "\n")
-    write_model_card(args.out, stats)
+    _record(args.out, json.loads((args.out / "training.json").read_text()), evaluate=True)
+
+
+def _record(out: Path, stats: dict, evaluate: bool, log=print) -> None:
+    """Optionally re-evaluate the folder, then write its training.json and model card: every
+    command that changes a folder leaves the two in step with its weights."""
+    if evaluate:
+        stats.update(evaluate_folder(out, log))
+    (out / "training.json").write_text(json.dumps(stats, indent=2) + "\n")
+    write_model_card(out, stats)
 
 
 def evaluate_folder(out: Path, log) -> dict:
@@ -271,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--unet-steps", type=int, default=800)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--from-scratch", action="store_true",
-                   help="train a new UNet + text encoder as `train` does, keeping the VAE")
+                   help="train a new UNet + text encoder as `train` does (its seed and learning "
+                   "rates; --lr is for continuing), keeping the VAE")
     _folder_command(sub, "evaluate", "re-evaluate a folder, rewrite its model card", evaluate_cmd,
                     skip_eval=False)
     p = sub.add_parser("demo-assets", help="write the demo input images")
