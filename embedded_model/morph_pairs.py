@@ -1,0 +1,31 @@
+"""The fixed morph pairs on which the embedded model's morph quality is measured.
+
+Shared by tests/test_morph_quality.py and benchmarks/ablation.py so both measure the same inputs.
+Every (colour, shape, background) end is a training combination of the embedded model.
+"""
+
+from __future__ import annotations
+
+from PIL import Image
+
+from .dataset import caption_for, centred_scene, render
+
+# (colour, shape, background) of the two ends of each pair.
+PAIRS: list[tuple[tuple[str, str, str], tuple[str, str, str]]] = [
+    (("red", "circle", "white"), ("blue", "triangle", "white")),
+    (("green", "square", "black"), ("yellow", "star", "black")),
+    (("purple", "cross", "gray"), ("orange", "circle", "gray")),
+    (("blue", "square", "white"), ("red", "star", "white")),
+    (("yellow", "circle", "brown"), ("green", "triangle", "brown")),
+]
+
+
+def scene_image(colour: str, shape: str, background: str) -> tuple[Image.Image, str]:
+    """The centred scene and its caption."""
+    return render(centred_scene(colour, shape, background)), caption_for(colour, shape, background)
+
+
+def morph_pair(index: int) -> tuple[list[Image.Image], list[str]]:
+    """Images and prompts of fixed pair `index`."""
+    (image_a, prompt_a), (image_b, prompt_b) = (scene_image(*end) for end in PAIRS[index])
+    return [image_a, image_b], [prompt_a, prompt_b]
