@@ -4,6 +4,10 @@ For each pair the LoRAs are fitted once and shared by every variant, so the vari
 in the part being ablated. Prints PPL / PDV (raw LPIPS-alex sums / variances) per pair and
 variant, and how many pairs each variant beats the plain baseline on; writes frame strips.
 
+With --text-path it also writes text_path.png: per pair, images sampled from one fixed noise
+along the lerped text embedding alone (no inversion, LoRA or attention), which shows the path
+the model's own text space takes between the two prompts.
+
     PYTHONPATH=handler:. .venv/bin/python benchmarks/ablation.py [--frames 17] [--out out/ablation]
 """
 
@@ -17,6 +21,8 @@ import torch
 from PIL import Image
 
 from diffmorpher import MorphConfig
+from diffmorpher.ddim import ddim_sample
+from diffmorpher.interpolation import lerp
 from diffmorpher.metrics import sequence_quality
 from diffmorpher.perceptual import consecutive_distances
 from diffmorpher.pipeline import DiffMorpherPipeline
@@ -36,10 +42,30 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def strip(frames: torch.Tensor) -> Image.Image:
-    row = torch.cat(list(frames), dim=2)  # (3, H, N*W)
-    array = (row.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
-    return Image.fromarray(array)
+def to_image(picture: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [0, 1] -> PIL."""
+    return Image.fromarray((picture.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy())
+
+
+def strip(frames: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) frames side by side: (3, H, N*W)."""
+    return torch.cat(list(frames), dim=2)
+
+
+def text_path(pipe: DiffMorpherPipeline, prompts: list[str], frames: int, steps: int) -> torch.Tensor:
+    """Frames sampled from one seed-0 noise along the lerped text embedding of the two prompts."""
+    models = pipe.models
+    text = pipe.encode_prompts(prompts)
+    embeddings = lerp(text[:1], text[1:], torch.linspace(0, 1, frames))
+    side = models.native_resolution // models.vae_scale_factor
+    shape = (1, models.unet.config.in_channels, side, side)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(models.device, models.dtype)
+
+    def predict(latents: torch.Tensor, timestep: torch.Tensor, step_index: int) -> torch.Tensor:
+        return models.unet(latents, timestep, encoder_hidden_states=embeddings).sample
+
+    with torch.no_grad():
+        return pipe.decode(ddim_sample(models.scheduler, predict, noise.repeat(frames, 1, 1, 1), steps))
 
 
 def main() -> None:
@@ -53,6 +79,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="extra MorphConfig key=value for every variant")
     parser.add_argument("--out", default="out/ablation")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--text-path", action="store_true", help="also write text_path.png (see above)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -64,8 +91,11 @@ def main() -> None:
     base = dict(num_frames=args.frames, num_inference_steps=args.steps, lora_steps=args.lora_steps, **extra)
     names = args.variants.split(",")
     rows = []
+    paths = []
     for index in (int(i) for i in args.pairs.split(",")):
         images, prompts = morph_pair(index)
+        if args.text_path:
+            paths.append(strip(text_path(pipe, prompts, args.frames, args.steps)))
         loras = pipe(images, prompts, MorphConfig(**base).replace(num_frames=2, use_reschedule=False)).loras
         for name in names:
             config = MorphConfig(**{**base, **VARIANTS[name]})
@@ -75,7 +105,7 @@ def main() -> None:
             direct = float(metric(result.frame_tensors[:1], result.frame_tensors[-1:]).item())
             rows.append(dict(pair=index, variant=name, ppl=quality.ppl, pdv=quality.pdv, direct=direct,
                              steps=[round(s, 4) for s in steps], alphas=[round(a, 3) for a in result.alphas]))
-            strip(result.frame_tensors).save(out / f"pair{index}_{name}.png")
+            to_image(strip(result.frame_tensors)).save(out / f"pair{index}_{name}.png")
             print(f"pair {index} {name:11s} PPL {quality.ppl:.4f} PDV {quality.pdv:.5f} "
                   f"ends {direct:.4f} steps {[round(s, 3) for s in steps]}", flush=True)
     print(f"\n{args.frames} frames, {args.steps} DDIM steps, {args.lora_steps} LoRA steps, extra {extra}")
@@ -88,6 +118,8 @@ def main() -> None:
         mean_pdv = sum(r["pdv"] for r in mine) / len(mine)
         print(f"{name:11s} mean PPL {mean_ppl:.4f} mean PDV {mean_pdv:.5f} "
               f"beats plain: PPL {ppl_wins}/{len(mine)} PDV {pdv_wins}/{len(mine)}")
+    if paths:
+        to_image(torch.cat(paths, dim=1)).save(out / "text_path.png")
     (out / "ablation.json").write_text(json.dumps(dict(base=base, rows=rows), indent=2))
 
 
