@@ -21,14 +21,15 @@ import torch
 from PIL import Image
 
 from diffmorpher import MorphConfig
+from diffmorpher.config import PLAIN_BASELINE_OPTIONS
 from diffmorpher.ddim import ddim_sample
 from diffmorpher.interpolation import lerp
 from diffmorpher.metrics import sequence_quality
 from diffmorpher.perceptual import consecutive_distances
 from diffmorpher.pipeline import DiffMorpherPipeline
-from embedded_model.morph_pairs import PAIRS, morph_pair
+from embedded_model.morph_pairs import PAIRS, QUALITY_OPTIONS, morph_pair
 
-PLAIN = dict(use_lora=False, attn_lambda=0.0, use_adain=False, use_reschedule=False)
+PLAIN = PLAIN_BASELINE_OPTIONS
 # Cumulative, as in the paper's ablation, then the full method without one part at a time.
 VARIANTS: dict[str, dict] = {
     "plain": PLAIN,
@@ -71,9 +72,9 @@ def text_path(pipe: DiffMorpherPipeline, prompts: list[str], frames: int, steps:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="models/tiny-shapes-sd")
-    parser.add_argument("--frames", type=int, default=17)
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--lora-steps", type=int, default=100)
+    parser.add_argument("--frames", type=int, default=QUALITY_OPTIONS["num_frames"])
+    parser.add_argument("--steps", type=int, default=QUALITY_OPTIONS["num_inference_steps"])
+    parser.add_argument("--lora-steps", type=int, default=QUALITY_OPTIONS["lora_steps"])
     parser.add_argument("--pairs", default=",".join(str(i) for i in range(len(PAIRS))))
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--set", action="append", default=[], help="extra MorphConfig key=value for every variant")
@@ -109,9 +110,9 @@ def main() -> None:
             print(f"pair {index} {name:11s} PPL {quality.ppl:.4f} PDV {quality.pdv:.5f} "
                   f"ends {direct:.4f} steps {[round(s, 3) for s in steps]}", flush=True)
     print(f"\n{args.frames} frames, {args.steps} DDIM steps, {args.lora_steps} LoRA steps, extra {extra}")
+    plain = {r["pair"]: r for r in rows if r["variant"] == "plain"}
     for name in names:
         mine = [r for r in rows if r["variant"] == name]
-        plain = {r["pair"]: r for r in rows if r["variant"] == "plain"}
         ppl_wins = sum(r["ppl"] < plain[r["pair"]]["ppl"] for r in mine if r["pair"] in plain)
         pdv_wins = sum(r["pdv"] < plain[r["pair"]]["pdv"] for r in mine if r["pair"] in plain)
         mean_ppl = sum(r["ppl"] for r in mine) / len(mine)

@@ -10,6 +10,10 @@ from PIL import Image
 
 from .dataset import caption_for, centred_scene, render
 
+# MorphConfig options of the measurements: 17-frame sequences as in the paper's PPL/PDV; LoRA and
+# DDIM steps halved from the defaults so that five pairs fit the CI budget.
+QUALITY_OPTIONS = {"num_frames": 17, "lora_steps": 100, "num_inference_steps": 25}
+
 # (colour, shape, background) of the two ends of each pair.
 PAIRS: list[tuple[tuple[str, str, str], tuple[str, str, str]]] = [
     (("red", "circle", "white"), ("blue", "triangle", "white")),

@@ -13,12 +13,13 @@ import torch
 
 from diffmorpher import MorphConfig
 from diffmorpher.attention import AttentionStore, MorphController, morph_attention
+from diffmorpher.config import PLAIN_BASELINE_OPTIONS
 from diffmorpher.lora import denoising_loss, fit_lora
 from diffmorpher.lora_mix import build_lora_stacks
 from diffmorpher.metrics import psnr, sequence_quality
 from diffmorpher.pipeline import DiffMorpherPipeline
 from diffmorpher.preprocess import image_to_tensor
-from embedded_model.morph_pairs import PAIRS, morph_pair
+from embedded_model.morph_pairs import PAIRS, QUALITY_OPTIONS, morph_pair
 from tests.conftest import EMBEDDED_MODEL, REPO_ROOT
 
 pytestmark = [
@@ -26,11 +27,9 @@ pytestmark = [
     pytest.mark.skipif(not (EMBEDDED_MODEL / "unet").is_dir(), reason="embedded model not built"),
 ]
 
-# The paper measures PPL/PDV on 17-frame sequences; LoRA and DDIM steps are halved from the
-# defaults so five pairs fit the CI budget (benchmarks/ablation.py --steps 50 --lora-steps 200
-# runs the defaults: same picture).
-METHOD = dict(num_frames=17, lora_steps=100, num_inference_steps=25)
-BASELINE = dict(METHOD, use_lora=False, attn_lambda=0.0, use_adain=False, use_reschedule=False)
+# benchmarks/ablation.py --steps 50 --lora-steps 200 runs the full defaults: same picture.
+METHOD = QUALITY_OPTIONS
+BASELINE = {**QUALITY_OPTIONS, **PLAIN_BASELINE_OPTIONS}
 REPORT = REPO_ROOT / "out" / "quality" / "morph_quality.json"
 
 

@@ -22,6 +22,11 @@ LORA_TARGET_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 PERCEPTUAL_METRICS: tuple[str, ...] = ("lpips", "pixel")
 
+# The paper's baseline, "DDIM inversion + slerp": every part of the method switched off.
+PLAIN_BASELINE_OPTIONS: dict[str, Any] = {
+    "use_lora": False, "attn_lambda": 0.0, "use_adain": False, "use_reschedule": False,
+}
+
 # Upper bounds protect a shared server from requests that would run for hours or exhaust memory.
 MAX_FRAMES = 256
 MAX_LORA_STEPS = 2000
