@@ -25,11 +25,10 @@ from diffmorpher.config import PLAIN_BASELINE_OPTIONS
 from diffmorpher.ddim import ddim_sample
 from diffmorpher.interpolation import lerp
 from diffmorpher.metrics import sequence_quality
-from diffmorpher.perceptual import consecutive_distances
 from diffmorpher.pipeline import DiffMorpherPipeline
 from embedded_model.morph_pairs import PAIRS, QUALITY_OPTIONS, morph_pair
 
-PLAIN = PLAIN_BASELINE_OPTIONS
+PLAIN = PLAIN_BASELINE_OPTIONS  # short name for the table below
 # Cumulative, as in the paper's ablation, then the full method without one part at a time.
 VARIANTS: dict[str, dict] = {
     "plain": PLAIN,
@@ -102,7 +101,7 @@ def main() -> None:
             config = MorphConfig(**{**base, **VARIANTS[name]})
             result = pipe(images, prompts, config, loras=loras if config.use_lora else None)
             quality = sequence_quality(result.frame_tensors, metric)
-            steps = consecutive_distances(result.frame_tensors, metric).tolist()
+            steps = quality.distances
             direct = float(metric(result.frame_tensors[:1], result.frame_tensors[-1:]).item())
             rows.append(dict(pair=index, variant=name, ppl=quality.ppl, pdv=quality.pdv, direct=direct,
                              steps=[round(s, 4) for s in steps], alphas=[round(a, 3) for a in result.alphas]))

@@ -28,7 +28,6 @@ pytestmark = [
 ]
 
 # benchmarks/ablation.py --steps 50 --lora-steps 200 runs the full defaults: same picture.
-METHOD = QUALITY_OPTIONS
 BASELINE = {**QUALITY_OPTIONS, **PLAIN_BASELINE_OPTIONS}
 REPORT = REPO_ROOT / "out" / "quality" / "morph_quality.json"
 
@@ -76,11 +75,11 @@ def test_lora_fitting_lowers_the_denoising_loss_on_its_image(pipe):
 def comparison(pipe) -> list[dict]:
     """PPL/PDV of the full method and of the plain baseline on the five fixed pairs."""
     rows = []
+    metric = pipe.perceptual_metric(MorphConfig())
     for index in range(len(PAIRS)):
         images, prompts = morph_pair(index)
-        ours = pipe(images, prompts, MorphConfig(**METHOD))
+        ours = pipe(images, prompts, MorphConfig(**QUALITY_OPTIONS))
         plain = pipe(images, prompts, MorphConfig(**BASELINE))
-        metric = pipe.perceptual_metric(MorphConfig())
         q_ours = sequence_quality(ours.frame_tensors, metric)
         q_plain = sequence_quality(plain.frame_tensors, metric)
         rows.append({
@@ -88,7 +87,7 @@ def comparison(pipe) -> list[dict]:
             "ppl_diffmorpher": q_ours.ppl, "ppl_baseline": q_plain.ppl,
             "pdv_diffmorpher": q_ours.pdv, "pdv_baseline": q_plain.pdv,
         })
-    _record("ppl_pdv", {"config": METHOD, "baseline": BASELINE, "rows": rows})
+    _record("ppl_pdv", {"config": QUALITY_OPTIONS, "baseline": BASELINE, "rows": rows})
     return rows
 
 

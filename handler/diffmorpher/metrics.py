@@ -19,6 +19,7 @@ class SequenceQuality:
     ppl: float
     pdv: float
     metric: str
+    distances: tuple[float, ...] = ()  # the consecutive distances PPL and PDV summarise
 
     def as_dict(self) -> dict[str, float | str]:
         return {"ppl": self.ppl, "pdv": self.pdv, "metric": self.metric}
@@ -31,6 +32,7 @@ def sequence_quality(frames: torch.Tensor, metric: PerceptualDistance) -> Sequen
         ppl=float(distances.sum()),
         pdv=float(distances.var(unbiased=False)),
         metric=metric.name,
+        distances=tuple(distances.tolist()),
     )
 
 
