@@ -106,3 +106,44 @@ def test_a_failed_morph_leaves_the_unet_clean(pipe):
         pipe(_images(), _prompts(), MorphConfig(**FAST), loras=[bad_lora, bad_lora])
     assert pipe.models.unet.attn_processors == originals
     assert not any("lora" in name for name, _ in pipe.models.unet.named_parameters())
+
+
+class _StopAfter:
+    """A StopCheck that says stop on its `limit`-th call, counting every call."""
+
+    def __init__(self, limit: int, kind: str = "deadline") -> None:
+        self.limit = limit
+        self.kind = kind
+        self.calls = 0
+
+    def __call__(self):
+        from diffmorpher import StopReason
+
+        self.calls += 1
+        return StopReason(self.kind, f"stopped at check {self.calls}") if self.calls >= self.limit else None
+
+
+@pytest.mark.parametrize(("limit", "stage"), [(1, "lora"), (5, "inversion"), (12, "frames")])
+def test_stop_check_ends_the_morph_in_the_stage_it_fires(pipe, limit, stage):
+    """Checks run once per LoRA step (2 x 2 here), then once per UNet call (4 inversion steps
+    per image, endpoints, frames): the morph stops at the first check that says stop and the
+    UNet is left without LoRA layers, so the next morph is unaffected."""
+    from diffmorpher import MorphStopped
+
+    config = MorphConfig(**FAST, use_reschedule=False, frame_batch_size=4)
+    reference = pipe(_images(), _prompts(), config)
+    stop = _StopAfter(limit)
+    with pytest.raises(MorphStopped) as raised:
+        pipe(_images(), _prompts(), config, stop=stop)
+    assert stop.calls == limit
+    assert raised.value.stage == stage and raised.value.reason.kind == "deadline"
+    again = pipe(_images(), _prompts(), config)
+    assert (again.frame_tensors - reference.frame_tensors).abs().max() < 1e-5
+
+
+def test_stop_check_is_asked_at_every_lora_and_denoising_step(pipe):
+    config = MorphConfig(**FAST, use_reschedule=False, frame_batch_size=4)
+    counter = _StopAfter(10**9)
+    pipe(_images(), _prompts(), config, stop=counter)
+    # 2 LoRAs x 2 steps + inversion (4 steps) + endpoints (4) + one frame batch (4)
+    assert counter.calls == 2 * 2 + 4 + 4 + 4

@@ -4,12 +4,16 @@ Importable and testable without TorchServe; the TorchServe handler is a thin ada
 """
 
 from .config import ConfigError, MorphConfig, OutputOptions
+from .interrupt import MorphStopped, StopCheck, StopReason
 from .results import MorphResult, ProgressCallback, ProgressEvent
 
 __all__ = [
     "ConfigError",
     "MorphConfig",
     "OutputOptions",
+    "MorphStopped",
+    "StopCheck",
+    "StopReason",
     "MorphResult",
     "ProgressCallback",
     "ProgressEvent",

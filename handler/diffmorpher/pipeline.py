@@ -35,6 +35,7 @@ from .config import ConfigError, MorphConfig
 from .ddim import ddim_invert, ddim_sample
 from .devices import resolve_dtype, select_device
 from .interpolation import interpolate_latents
+from .interrupt import StopCheck, never_stop, raise_if_stopped
 from .lora import fit_lora
 from .lora_mix import build_lora_stacks
 from .models import MorphModels, load_morph_models
@@ -129,7 +130,10 @@ class DiffMorpherPipeline:
         *,
         loras: Sequence[dict[str, torch.Tensor] | None] | None = None,
         progress: ProgressCallback | None = None,
+        stop: StopCheck = never_stop,
     ) -> MorphResult:
+        """`stop` is asked between steps whether to go on (deadline, cancelled client); when it
+        says stop, MorphStopped is raised and the UNet is left as it was."""
         config = config or MorphConfig()
         self.check_inputs(images, prompts, config, loras)
         timings: dict[str, float] = {}
@@ -143,7 +147,7 @@ class DiffMorpherPipeline:
                 latent_mean, latent_std = self.encode_images(images, resolution)
             # 2. fit LoRAs
             with _timed(timings, STAGE_LORA):
-                fitted = self.fit_loras(latent_mean, latent_std, text, config, loras, progress)
+                fitted = self.fit_loras(latent_mean, latent_std, text, config, loras, progress, stop)
             stacks = None
             if config.lora_mode != "none":
                 stacks = build_lora_stacks(fitted, self.models.device, self.models.dtype)  # type: ignore[arg-type]
@@ -152,16 +156,16 @@ class DiffMorpherPipeline:
             with morph_attention(self.models.unet, controller, stacks):
                 # 3. invert every image with its own LoRA mix
                 with _timed(timings, STAGE_INVERSION):
-                    noise = self.invert(latent_mean, text, controller, config, progress)
+                    noise = self.invert(latent_mean, text, controller, config, progress, stop)
                 # 4-5. endpoints (storing attention), then intermediate frames at uniform alphas
                 alphas = uniform_alphas(config.num_frames)
                 total = (num_images - 1) * (config.num_frames - 1) + 1
                 emitter = _FrameEmitter(None if config.use_reschedule else progress, total)
                 with _timed(timings, STAGE_FRAMES):
-                    endpoints = self.denoise_endpoints(noise, text, controller, config)
+                    endpoints = self.denoise_endpoints(noise, text, controller, config, stop)
                     frames = self.denoise_frames(
                         _specs(num_images, alphas), noise, text, controller, config,
-                        STAGE_FRAMES, progress, emitter, endpoints,
+                        STAGE_FRAMES, progress, emitter, endpoints, stop,
                     )
                 all_alphas = [alphas] * (num_images - 1)
                 metric_name, metric_weights = "none", ""
@@ -174,7 +178,7 @@ class DiffMorpherPipeline:
                         emitter = _FrameEmitter(progress, total)
                         frames = self.denoise_frames(
                             _specs_per_segment(all_alphas), noise, text, controller, config,
-                            STAGE_RESCHEDULE, progress, emitter, endpoints,
+                            STAGE_RESCHEDULE, progress, emitter, endpoints, stop,
                         )
         timings["total"] = time.perf_counter() - started
         frame_alphas, frame_segments = _flatten(all_alphas)
@@ -251,6 +255,7 @@ class DiffMorpherPipeline:
         config: MorphConfig,
         given: Sequence[dict[str, torch.Tensor] | None] | None,
         progress: ProgressCallback | None,
+        stop: StopCheck = never_stop,
     ) -> list[dict[str, torch.Tensor] | None]:
         """One LoRA per image: reuse a given one, else fit it. None in no-LoRA mode."""
         if config.lora_mode == "none":
@@ -262,6 +267,7 @@ class DiffMorpherPipeline:
                 continue
 
             def on_step(step: int, total: int, loss: float, item: int = index) -> None:
+                raise_if_stopped(stop, STAGE_LORA)
                 if progress:
                     progress(ProgressEvent(stage=STAGE_LORA, step=step, total=total, item=item))
 
@@ -282,6 +288,7 @@ class DiffMorpherPipeline:
         controller: MorphController,
         config: MorphConfig,
         progress: ProgressCallback | None,
+        stop: StopCheck = never_stop,
     ) -> torch.Tensor:
         """z_T of each image (K, C, h, w), from its posterior mean, with its endpoint LoRA mix."""
         num_images = len(latent_mean)
@@ -296,7 +303,7 @@ class DiffMorpherPipeline:
 
             results.append(
                 ddim_invert(
-                    self.models.scheduler, self._predictor(controller, text[chunk]),
+                    self.models.scheduler, self._predictor(controller, text[chunk], stop, STAGE_INVERSION),
                     latent_mean[chunk], config.num_inference_steps, on_step,
                 )
             )
@@ -304,7 +311,12 @@ class DiffMorpherPipeline:
 
     # ------------------------------------------------------------------ stage 4: endpoints
     def denoise_endpoints(
-        self, noise: torch.Tensor, text: torch.Tensor, controller: MorphController, config: MorphConfig
+        self,
+        noise: torch.Tensor,
+        text: torch.Tensor,
+        controller: MorphController,
+        config: MorphConfig,
+        stop: StopCheck = never_stop,
     ) -> torch.Tensor:
         """Reconstruct every input image from its z_T, storing self-attention inputs."""
         num_images = len(noise)
@@ -314,7 +326,7 @@ class DiffMorpherPipeline:
             lora_weights = self._endpoint_lora_weights(chunk, num_images, config)
             self._set_batch(controller, MODE_STORE, weights, lora_weights, image_indices=chunk)
             latents = ddim_sample(
-                self.models.scheduler, self._predictor(controller, text[chunk]),
+                self.models.scheduler, self._predictor(controller, text[chunk], stop, STAGE_FRAMES),
                 noise[chunk], config.num_inference_steps,
             )
             frames.append(self.decode(latents))
@@ -332,6 +344,7 @@ class DiffMorpherPipeline:
         progress: ProgressCallback | None,
         emitter: _FrameEmitter,
         endpoints: torch.Tensor,
+        stop: StopCheck = never_stop,
     ) -> torch.Tensor:
         """All frames of the sequence, (N, 3, H, W) in [0, 1]; intermediate ones denoised in
         batches, each sample with its own alpha."""
@@ -358,7 +371,7 @@ class DiffMorpherPipeline:
             ])
             batch_text = torch.einsum("bk,kld->bld", weights.to(text), text)
             latents = ddim_sample(
-                self.models.scheduler, self._predictor(controller, batch_text), start,
+                self.models.scheduler, self._predictor(controller, batch_text, stop, stage), start,
                 config.num_inference_steps,
             )
             for spec, frame in zip(chunk, self.decode(latents)):
@@ -398,11 +411,14 @@ class DiffMorpherPipeline:
 
     # ------------------------------------------------------------------ helpers
     def _predictor(
-        self, controller: MorphController, text: torch.Tensor
+        self, controller: MorphController, text: torch.Tensor, stop: StopCheck, stage: str
     ) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
+        """The UNet call of one denoising step; asks `stop` first, so a morph stops within one
+        UNet call of a deadline or cancellation."""
         unet = self.models.unet
 
         def predict(latents: torch.Tensor, timestep: torch.Tensor, step_index: int) -> torch.Tensor:
+            raise_if_stopped(stop, stage)
             controller.step = step_index
             return unet(latents, timestep, encoder_hidden_states=text).sample
 
