@@ -104,8 +104,17 @@ def decode_message(payload: bytes) -> Message:
 # REST multipart/form-data body): `image_0`, `image_1`, ... (encoded image bytes), `prompt_0`,
 # `prompt_1`, ... (UTF-8, one per image), `options` (UTF-8 JSON object: MorphConfig fields plus
 # `format`, `frame_duration_ms`, `loop`) and `stream` ("true" only on StreamPredictions).
+# `deadline` (optional): when the caller stops waiting, as Unix time in seconds (a decimal
+# string); the server stops the morph then, and does not start it if it is already past. The
+# gateway in front of TorchServe sets it from the gRPC deadline. `call_id` is the gateway's own
+# (32 hex digits): it names the call's cancellation marker on the server.
 INPUT_OPTIONS = "options"
 INPUT_STREAM = "stream"
+INPUT_DEADLINE = "deadline"
+INPUT_CALL_ID = "call_id"
+# Error messages of a morph that ran out of memory start with this (HTTP 507; the gateway answers
+# gRPC RESOURCE_EXHAUSTED where TorchServe would say INTERNAL).
+OUT_OF_MEMORY_PREFIX = "out of memory:"
 MAX_IMAGES = 8
 
 

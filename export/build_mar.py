@@ -28,9 +28,10 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HANDLER_DIR = REPO_ROOT / "handler"
 HANDLER_FILE = HANDLER_DIR / "torchserve_handler.py"
-HANDLER_MODULES = ("morph_request.py", "morph_response.py")
+HANDLER_MODULES = ("morph_request.py", "morph_response.py", "request_stop.py")
 CORE_PACKAGE = HANDLER_DIR / "diffmorpher"
 WIRE_FILES = ("__init__.py", "wire.py")  # the client's stdlib-only message format
+CONTROL_FILES = ("__init__.py", "control.py")  # guard/: the control directory's layout (stdlib only)
 TEMPLATE = Path(__file__).resolve().parent / "model-config.yaml"
 DEFAULT_LPIPS = REPO_ROOT / ".cache" / "lpips" / "lpips_alex_backbone.safetensors"
 DEFAULT_MAX_RESPONSE = 268435456
@@ -120,9 +121,10 @@ def stage(
     shutil.copytree(CORE_PACKAGE, staging / "diffmorpher", ignore=ignore)
     for name in HANDLER_MODULES:
         shutil.copy2(HANDLER_DIR / name, staging / name)
-    (staging / "client").mkdir()
-    for name in WIRE_FILES:
-        shutil.copy2(REPO_ROOT / "client" / name, staging / "client" / name)
+    for package, names in (("client", WIRE_FILES), ("guard", CONTROL_FILES)):
+        (staging / package).mkdir(exist_ok=True)
+        for name in names:
+            shutil.copy2(REPO_ROOT / package / name, staging / package / name)
     if weights == "copy":
         copy_weights(model, staging / "model")
     if lpips is not None:

@@ -165,12 +165,12 @@ def parse_request(data: Mapping[str, Any], defaults: MorphConfig) -> MorphReques
             raise ConfigError(f"prompt {key!r} is {len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
         prompts.append(prompt)
     expected = {wire.image_key(i) for i in range(count)} | {wire.prompt_key(i) for i in range(count)}
-    expected |= {wire.INPUT_OPTIONS, wire.INPUT_STREAM}
+    expected |= {wire.INPUT_OPTIONS, wire.INPUT_STREAM, wire.INPUT_DEADLINE, wire.INPUT_CALL_ID}
     unknown = sorted(set(fields) - expected)
     if unknown:
         raise ConfigError(
             f"unknown field(s) {unknown}; expected image_0..image_{count - 1}, "
-            f"prompt_0..prompt_{count - 1}, options, stream"
+            f"prompt_0..prompt_{count - 1}, options, stream, deadline"
         )
     config, outputs = split_options(parse_options(fields.get(wire.INPUT_OPTIONS)), defaults)
     stream = parse_stream(fields.get(wire.INPUT_STREAM))

@@ -23,11 +23,14 @@ import torch
 
 from client import wire
 from diffmorpher.config import ConfigError, MorphConfig
-from diffmorpher.devices import device_for_worker
+from diffmorpher.devices import device_for_worker, is_out_of_memory, release_cached_memory
 from diffmorpher.encoding import encode_parts
+from diffmorpher.interrupt import CANCELLED, MorphStopped
 from diffmorpher.pipeline import DiffMorpherPipeline
+from guard.control import ControlDir
 from morph_request import parse_request
 from morph_response import ResponseTooLarge, StreamSender, check_size, result_metadata
+from request_stop import CallStop, WorkerHeartbeat, parse_call_control
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,8 @@ class DiffMorpherHandler:
         self.max_response_bytes = DEFAULT_MAX_RESPONSE_BYTES
         self.progress_interval_s = DEFAULT_PROGRESS_INTERVAL_S
         self.model_name = "diffmorpher"
+        self.control = ControlDir.from_env()
+        self.heartbeat = WorkerHeartbeat(self.control)
 
     # ------------------------------------------------------------------ lifecycle
     def initialize(self, context: Any) -> None:
@@ -74,6 +79,9 @@ class DiffMorpherHandler:
         self.pipeline = DiffMorpherPipeline.from_pretrained(
             weights, device=device, dtype=self.defaults.dtype, lpips_weights=lpips_path
         )
+        if self.control is not None:
+            self.control.prune_cancel_markers(older_than_s=24 * 3600)
+        self.heartbeat.idle()
         self.initialized = True
 
     def handle(self, data: list[Any], context: Any) -> list[bytes]:
@@ -88,6 +96,8 @@ class DiffMorpherHandler:
                 responses.append(self._serve_one(index, request_data, context))
             except Exception as error:  # noqa: BLE001 - the worker must survive any request
                 code, message = self._classify(error)
+                if code == 507 and self.pipeline is not None:
+                    release_cached_memory(self.pipeline.models.device)
                 self._count("MorphRejected", context, reason=_reason(code))
                 if len(data) == 1:
                     raise PredictionException(message, code) from error
@@ -97,8 +107,23 @@ class DiffMorpherHandler:
 
     # ------------------------------------------------------------------ one request
     def _serve_one(self, index: int, request_data: Any, context: Any) -> bytes:
+        """One request, stopped at its deadline or when the gateway marks it cancelled; the
+        heartbeat says busy for its duration."""
+        call = parse_call_control(request_data)
+        self.heartbeat.busy(call.call_id)
+        try:
+            return self._morph_one(index, request_data, context, CallStop(call, self.control, self.heartbeat))
+        finally:
+            self.heartbeat.idle()
+            if call.call_id and self.control is not None:
+                self.control.forget(call.call_id)
+
+    def _morph_one(self, index: int, request_data: Any, context: Any, stop: CallStop) -> bytes:
         started = time.perf_counter()
         context.set_response_content_type(index, wire.CONTENT_TYPE)
+        not_started = stop.check_before_start()
+        if not_started is not None:
+            raise MorphStopped(not_started, "queue")
         request = parse_request(request_data, self.defaults)
         decoded = time.perf_counter()
         self._count("MorphRequests", context, mode="stream" if request.stream else "unary")
@@ -109,7 +134,7 @@ class DiffMorpherHandler:
             progress = StreamSender(
                 self._intermediate_sender(index, context), self.max_response_bytes, self.progress_interval_s
             )
-        result = self.pipeline(request.images, request.prompts, request.config, progress=progress)
+        result = self.pipeline(request.images, request.prompts, request.config, progress=progress, stop=stop)
         generated = time.perf_counter()
         parts = [
             wire.Part(part.name, part.mime, part.data)
@@ -144,14 +169,24 @@ class DiffMorpherHandler:
 
     @staticmethod
     def _classify(error: Exception) -> tuple[int, str]:
-        """HTTP status (TorchServe maps it to gRPC: 400 INVALID_ARGUMENT, 413
-        RESOURCE_EXHAUSTED, 500 INTERNAL, 507 RESOURCE_EXHAUSTED) and a readable message."""
+        """HTTP status and a readable message. TorchServe maps the status to gRPC: 400
+        INVALID_ARGUMENT, 413 RESOURCE_EXHAUSTED, 499 CANCELLED, 504 DEADLINE_EXCEEDED, other 5xx
+        INTERNAL; the gateway turns 507's INTERNAL into RESOURCE_EXHAUSTED by its message prefix
+        (OUT_OF_MEMORY_PREFIX)."""
         if isinstance(error, ConfigError):
             return 400, f"invalid request: {error}"
         if isinstance(error, ResponseTooLarge):
             return 413, str(error)
-        if isinstance(error, MemoryError):
-            return 507, "the server ran out of memory for this morph; ask for fewer frames or a lower resolution"
+        if isinstance(error, MorphStopped):
+            logger.info("morph stopped: %s", error)
+            return (499 if error.reason.kind == CANCELLED else 504), str(error)
+        if is_out_of_memory(error):
+            logger.warning("morph ran out of memory: %s", error)
+            return 507, (
+                f"{wire.OUT_OF_MEMORY_PREFIX} the server ran out of memory for this morph "
+                f"({type(error).__name__}); ask for a smaller frame_batch_size, fewer frames, "
+                f"fewer images or a lower resolution"
+            )
         logger.exception("morph failed")
         # 500, not TorchServe's default 503: a deterministic failure must not be retried.
         return 500, f"morph failed: {type(error).__name__}: {error}"
@@ -189,4 +224,5 @@ def _resolve(base: Path, path: str | Path) -> Path:
 
 
 def _reason(code: int) -> str:
-    return {400: "invalid_request", 413: "too_large", 507: "out_of_memory"}.get(code, "internal")
+    reasons = {400: "invalid_request", 413: "too_large", 499: "cancelled", 504: "deadline", 507: "out_of_memory"}
+    return reasons.get(code, "internal")

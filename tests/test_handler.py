@@ -9,6 +9,7 @@ import socket
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from ts.context import Context, RequestProcessor
 from ts.utils.util import PredictionException, list_classes_from_module
@@ -215,3 +216,104 @@ def test_check_size() -> None:
     check_size(b"x" * 10, 10, "it")
     with pytest.raises(ResponseTooLarge, match="fewer frames"):
         check_size(b"x" * 11, 10, "the result")
+
+
+# ---------------------------------------------------------------------------- stopping, memory
+def test_an_expired_request_is_not_started(handler: DiffMorpherHandler, tiny_sd_dir: Path) -> None:
+    import time
+
+    request = {**good_request(), "deadline": str(time.time() - 2.0).encode()}
+    started = time.perf_counter()
+    with pytest.raises(PredictionException) as raised:
+        handler.handle([request], make_context(tiny_sd_dir))
+    assert raised.value.error_code == 504  # TorchServe: gRPC DEADLINE_EXCEEDED
+    assert "was not started" in raised.value.message
+    assert time.perf_counter() - started < 0.5  # not even the images were decoded
+
+
+def test_a_deadline_stops_a_running_morph_and_the_worker_serves_on(
+    handler: DiffMorpherHandler, tiny_sd_dir: Path
+) -> None:
+    import time
+
+    long = good_request(lora_steps=2000, num_frames=8)
+    deadline = time.time() + 1.0
+    with pytest.raises(PredictionException) as raised:
+        handler.handle([{**long, "deadline": str(deadline).encode()}], make_context(tiny_sd_dir))
+    late = time.time() - deadline
+    assert raised.value.error_code == 504 and "during lora" in raised.value.message
+    assert late < 1.0, late  # stopped within a step or two of the deadline
+    (payload,) = handler.handle([good_request()], make_context(tiny_sd_dir))
+    assert wire.decode_message(payload).type == wire.TYPE_RESULT
+
+
+def test_a_cancel_marker_stops_the_morph_and_heartbeats_record_it(tiny_sd_dir: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import threading
+    import time
+
+    from guard.control import BUSY, IDLE, ControlDir
+
+    monkeypatch.setenv("DIFFMORPHER_CONTROL_DIR", str(tmp_path))
+    worker = DiffMorpherHandler()
+    worker.initialize(make_context(tiny_sd_dir))
+    control = ControlDir(tmp_path)
+    assert control.read_heartbeat(os.getpid()).state == IDLE
+    call_id = "0123456789abcdef0123456789abcdef"
+    seen: list[str] = []
+
+    def cancel_when_busy() -> None:
+        for _ in range(200):
+            beat = control.read_heartbeat(os.getpid())
+            if beat is not None and beat.state == BUSY:
+                seen.append(beat.call_id)
+                time.sleep(0.5)
+                control.cancel(call_id, "cancelled by the client")
+                return
+            time.sleep(0.05)
+
+    canceller = threading.Thread(target=cancel_when_busy)
+    canceller.start()
+    with pytest.raises(PredictionException) as raised:
+        worker.handle([{**good_request(lora_steps=2000), "call_id": call_id.encode()}], make_context(tiny_sd_dir))
+    canceller.join()
+    assert seen == [call_id]
+    assert raised.value.error_code == 499 and "cancelled by the client" in raised.value.message
+    assert control.read_heartbeat(os.getpid()).state == IDLE
+    assert control.cancel_reason(call_id) is None  # the marker is removed with the call
+
+
+@pytest.mark.parametrize("call_id", [b"../../etc/passwd", b"ABC", b"0" * 33])
+def test_a_client_cannot_name_a_marker_path(handler: DiffMorpherHandler, tiny_sd_dir: Path, call_id: bytes) -> None:
+    with pytest.raises(PredictionException) as raised:
+        handler.handle([{**good_request(), "call_id": call_id}], make_context(tiny_sd_dir))
+    assert raised.value.error_code == 400 and "call_id" in raised.value.message
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
+        MemoryError(),
+    ],
+    ids=["torch-oom", "cpu-allocator", "memory-error"],
+)
+def test_out_of_memory_is_507_naming_what_to_reduce_and_the_worker_serves_on(
+    handler: DiffMorpherHandler, tiny_sd_dir: Path, monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    real_call = type(handler.pipeline).__call__
+
+    def exhausted(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(type(handler.pipeline), "__call__", exhausted)
+    with pytest.raises(PredictionException) as raised:
+        handler.handle([good_request()], make_context(tiny_sd_dir))
+    assert raised.value.error_code == 507
+    assert raised.value.message.startswith(wire.OUT_OF_MEMORY_PREFIX)
+    assert "frame_batch_size" in raised.value.message and "resolution" in raised.value.message
+    monkeypatch.setattr(type(handler.pipeline), "__call__", real_call)
+    (payload,) = handler.handle([good_request()], make_context(tiny_sd_dir))
+    assert wire.decode_message(payload).type == wire.TYPE_RESULT

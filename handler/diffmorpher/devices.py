@@ -41,3 +41,26 @@ def device_for_worker(gpu_id: int | None) -> torch.device:
         return torch.device("cuda", gpu_id)
     return select_device(None)
 
+
+
+_OUT_OF_MEMORY_TEXT = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Allocation failures of any backend: MemoryError, torch.OutOfMemoryError (CUDA, MPS; a
+    RuntimeError subclass) and the CPU allocator's RuntimeError ("can't allocate memory")."""
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and any(t in str(error).lower() for t in _OUT_OF_MEMORY_TEXT)
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """After an out-of-memory failure: drop garbage and the accelerator's cached blocks, so the
+    next request starts from a clean pool."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
