@@ -48,10 +48,15 @@ class TorchServeProcess:
     archive: str = "diffmorpher.mar"
     ports: dict[str, int] = field(default_factory=dict)
     process: subprocess.Popen | None = None
+    guard: bool = True  # run the guard (gateway, watchdog, tokens, health) beside TorchServe
+    guard_args: tuple[str, ...] = ("--interval", "1")
+    overrides: dict[str, str] = field(default_factory=dict)  # more config.properties settings
+    guard_process: subprocess.Popen | None = None
 
     # ------------------------------------------------------------------ config
     def write_config(self) -> Path:
-        names = ("inference", "management", "metrics", "grpc_inference", "grpc_management", "worker")
+        names = ("inference", "management", "metrics", "grpc_inference", "grpc_management", "worker",
+                 "gateway", "health")
         self.ports = dict(zip(names, free_ports(len(names))))
         overrides = {
             "inference_address": f"http://127.0.0.1:{self.ports['inference']}",
@@ -63,6 +68,9 @@ class TorchServeProcess:
             "model_store": str(self.model_store),
             "load_models": f"{self.model_name}={self.archive}",
             "metrics_config": str(REPO_ROOT / "handler" / "metrics.yaml"),
+            "diffmorpher.gateway_address": f"127.0.0.1:{self.ports['gateway']}",
+            "diffmorpher.health_address": f"127.0.0.1:{self.ports['health']}",
+            **self.overrides,
         }
         lines = []
         for line in BASE_CONFIG.read_text().splitlines():
@@ -90,6 +98,8 @@ class TorchServeProcess:
             "LOG_LOCATION": str(self.workdir / "logs"),
             "METRICS_LOCATION": str(self.workdir / "logs"),
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "DIFFMORPHER_CONTROL_DIR": str(self.control_dir),
+            "PYTHONPATH": f"{REPO_ROOT / 'handler'}{os.pathsep}{REPO_ROOT}",
         }
         command = [
             str(Path(sys.executable).with_name("torchserve")),
@@ -107,10 +117,33 @@ class TorchServeProcess:
         )
         try:
             self.wait_ready(timeout_s)
+            if self.guard:
+                self.start_guard(config, env)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def start_guard(self, config: Path, env: dict[str, str]) -> None:
+        command = [
+            sys.executable, "-m", "guard", "--ts-config", str(config), "--key-file", str(self.key_file),
+            "--model", self.model_name, *self.guard_args,
+        ]  # fmt: skip
+        self.guard_process = subprocess.Popen(
+            command, cwd=REPO_ROOT, env=env, stdout=open(self.workdir / "guard.out", "wb"),
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.guard_process.poll() is not None:
+                raise RuntimeError(f"the guard exited:\n{(self.workdir / 'guard.out').read_text()}")
+            try:
+                if self.health()[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"the guard did not report healthy:\n{(self.workdir / 'guard.out').read_text()}")
 
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -126,6 +159,13 @@ class TorchServeProcess:
         raise TimeoutError(f"TorchServe not ready after {timeout_s:.0f}s:\n{self.log_tail()}")
 
     def stop(self, timeout_s: float = 30.0) -> None:
+        if self.guard_process is not None:
+            self.guard_process.terminate()
+            try:
+                self.guard_process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.guard_process.kill()
+            self.guard_process = None
         if self.process is None:
             return
         for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -158,8 +198,26 @@ class TorchServeProcess:
         return json.loads(self.key_file.read_text())[api]["key"]
 
     @property
+    def control_dir(self) -> Path:
+        return self.workdir / "control"
+
+    @property
     def grpc_target(self) -> str:
+        """Where clients go: the guard's gateway, or TorchServe itself without a guard."""
+        return f"127.0.0.1:{self.ports['gateway' if self.guard else 'grpc_inference']}"
+
+    @property
+    def direct_grpc_target(self) -> str:
+        """TorchServe's own gRPC port, bypassing the gateway (what a misconfigured or hostile
+        client on the host could reach)."""
         return f"127.0.0.1:{self.ports['grpc_inference']}"
+
+    def health(self, path: str = "/healthz") -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(self.url("health", path), timeout=10) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"{}")
 
     def url(self, api: str, path: str) -> str:
         return f"http://127.0.0.1:{self.ports[api]}{path}"
@@ -178,9 +236,12 @@ class TorchServeProcess:
     def worker_pid(self) -> int:
         return int(self.describe()["workers"][0]["pid"])
 
+    def worker_pids(self) -> list[int]:
+        return sorted(int(w["pid"]) for w in self.describe()["workers"])
+
     def log_tail(self, chars: int = 6000) -> str:
         parts = []
-        for name in ("torchserve.out", "logs/model_log.log", "logs/ts_log.log"):
+        for name in ("torchserve.out", "guard.out", "logs/model_log.log", "logs/ts_log.log"):
             path = self.workdir / name
             if path.exists():
                 parts.append(f"--- {name}\n{path.read_text(errors='replace')[-chars:]}")

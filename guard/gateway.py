@@ -1,0 +1,233 @@
+"""The public gRPC endpoint: TorchServe's InferenceAPIsService, proxied, with what 0.12 lacks.
+
+TorchServe 0.12's frontend cannot tell its Python worker which RPC a request came on, cannot
+tell it that the client went away, and appends its Java exception class to every error message.
+The gateway sits in front of TorchServe's (loopback-only) gRPC port and, per call:
+
+- refuses `stream` on a unary Predictions call (INVALID_ARGUMENT) and sets it on
+  StreamPredictions: a worker streaming into a unary call dies while TorchServe still reports
+  it READY (the "unary/stream trap"), so no client can cause that through the gateway;
+- turns the gRPC deadline into the request's `deadline` field (on this server's clock) and gives
+  the call a `call_id`; when the call ends without an answer (cancelled, deadline passed) it
+  writes the call's cancellation marker (guard.control), which stops the morph within a step;
+- returns errors without the Java class, the queue-full refusal as UNAVAILABLE "server busy",
+  and out-of-memory as RESOURCE_EXHAUSTED.
+Only the `authorization` metadata is forwarded; TorchServe checks the token.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+import uuid
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import grpc
+from google.protobuf import empty_pb2
+
+from client import stubs, wire
+from client.morph_client import BUSY_MESSAGE
+
+from .control import ControlDir
+
+logger = logging.getLogger(__name__)
+
+JAVA_SUFFIX = re.compile(r"\s*\n?org\.pytorch\.serve\.[A-Za-z0-9_.]+\s*$")
+BUSY_DETAILS = (
+    "server busy: every worker is busy and the job queue is full (TorchServe: model has no worker "
+    "to serve inference request); retry with backoff"
+)
+NO_DEADLINE_S = 10**8  # grpcio reports "no deadline" as a huge time_remaining()
+TRUE_TEXTS = ("true", "1", "yes")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    listen: str  # host:port of the public gRPC endpoint
+    upstream: str  # TorchServe's gRPC inference address (loopback)
+    max_message_bytes: int = 256 * 1024 * 1024 + 1024 * 1024
+    max_concurrent_calls: int = 256
+
+
+def clean_details(details: str) -> str:
+    """TorchServe's error text without the Java exception class it appends."""
+    return JAVA_SUFFIX.sub("", details or "").strip()
+
+
+def translate_error(code: grpc.StatusCode, details: str) -> tuple[grpc.StatusCode, str]:
+    """The status and message a client should see for an upstream error."""
+    details = clean_details(details)
+    if code == grpc.StatusCode.INTERNAL and BUSY_MESSAGE in details:
+        return grpc.StatusCode.UNAVAILABLE, BUSY_DETAILS
+    if code == grpc.StatusCode.INTERNAL and details.startswith(wire.OUT_OF_MEMORY_PREFIX):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, details
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return code, f"the model server is not reachable (starting or restarting); retry: {details}"
+    return code, details
+
+
+class Gateway:
+    """The servicer; `server()` builds the grpc.Server around it."""
+
+    def __init__(self, config: GatewayConfig, control: ControlDir | None) -> None:
+        self.config = config
+        self.control = control
+        self.pb2, self.pb2_grpc = stubs.load()
+        self.channel = grpc.insecure_channel(
+            config.upstream,
+            options=[
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_send_message_length", config.max_message_bytes),
+            ],
+        )
+        self.stub = self.pb2_grpc.InferenceAPIsServiceStub(self.channel)
+        self.calls_cancelled = 0
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ server
+    def server(self) -> grpc.Server:
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="gateway"),
+            maximum_concurrent_rpcs=self.config.max_concurrent_calls,
+            options=[
+                ("grpc.max_receive_message_length", self.config.max_message_bytes),
+                ("grpc.max_send_message_length", self.config.max_message_bytes),
+            ],
+        )
+        handlers = {
+            "Ping": grpc.unary_unary_rpc_method_handler(
+                self.ping, empty_pb2.Empty.FromString, self.pb2.TorchServeHealthResponse.SerializeToString,
+            ),
+            "Predictions": grpc.unary_unary_rpc_method_handler(
+                self.predictions, self.pb2.PredictionsRequest.FromString,
+                self.pb2.PredictionResponse.SerializeToString,
+            ),
+            "StreamPredictions": grpc.unary_stream_rpc_method_handler(
+                self.stream_predictions, self.pb2.PredictionsRequest.FromString,
+                self.pb2.PredictionResponse.SerializeToString,
+            ),
+            "StreamPredictions2": grpc.stream_stream_rpc_method_handler(
+                self.stream_predictions2, self.pb2.PredictionsRequest.FromString,
+                self.pb2.PredictionResponse.SerializeToString,
+            ),
+        }
+        service = self.pb2.DESCRIPTOR.services_by_name["InferenceAPIsService"].full_name
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+        server.add_insecure_port(self.config.listen)
+        return server
+
+    # ------------------------------------------------------------------ RPCs
+    def ping(self, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return self.stub.Ping(request, timeout=10, metadata=_forwarded(context))
+        except grpc.RpcError as error:
+            _abort(context, error)
+
+    def predictions(self, request: Any, context: grpc.ServicerContext) -> Any:
+        if _is_true(request.input.get(wire.INPUT_STREAM)):
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "invalid request: field 'stream' asks for streaming on a unary Predictions call; "
+                "call StreamPredictions for progress and frames, or drop the field",
+            )
+        request.input.pop(wire.INPUT_STREAM, None)
+        call = _Call(self, request, context)
+        future = self.stub.Predictions.future(request, timeout=call.timeout_s, metadata=_forwarded(context))
+        call.watch(future)
+        try:
+            response = future.result()
+        except grpc.RpcError as error:
+            call.upstream_done = True
+            _abort(context, error)
+        call.upstream_done = True
+        return response
+
+    def stream_predictions(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        request.input[wire.INPUT_STREAM] = b"true"
+        call = _Call(self, request, context)
+        upstream = self.stub.StreamPredictions(request, timeout=call.timeout_s, metadata=_forwarded(context))
+        call.watch(upstream)
+        try:
+            for response in upstream:
+                yield response
+        except grpc.RpcError as error:
+            call.upstream_done = True
+            _abort(context, error)
+        call.upstream_done = True
+
+    def stream_predictions2(self, request_iterator: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "StreamPredictions2 (sequence batching) is not offered; use StreamPredictions",
+        )
+
+    # ------------------------------------------------------------------ cancellation
+    def cancel(self, call_id: str, reason: str) -> None:
+        with self._lock:
+            self.calls_cancelled += 1
+        if self.control is not None:
+            try:
+                self.control.cancel(call_id, reason)
+            except OSError:
+                logger.exception("could not write the cancel marker of %s", call_id)
+
+
+class _Call:
+    """One proxied morph call: its deadline and call_id in the request, and what happens when
+    the client's side of the call ends before TorchServe answered."""
+
+    def __init__(self, gateway: Gateway, request: Any, context: grpc.ServicerContext) -> None:
+        self.gateway = gateway
+        self.context = context
+        self.call_id = uuid.uuid4().hex
+        self.upstream_done = False
+        remaining = context.time_remaining()
+        self.timeout_s = None if remaining is None or remaining > NO_DEADLINE_S else max(remaining, 0.0)
+        deadlines = [] if self.timeout_s is None else [time.time() + self.timeout_s]
+        if wire.INPUT_DEADLINE in request.input:
+            sent = _float(request.input[wire.INPUT_DEADLINE])
+            if sent is None:
+                deadlines = []  # not a number: left as sent, for the handler to refuse (400)
+            else:
+                deadlines.append(sent)  # the client's own deadline field, if earlier
+        if deadlines:
+            request.input[wire.INPUT_DEADLINE] = f"{min(deadlines):.3f}".encode()
+        request.input[wire.INPUT_CALL_ID] = self.call_id.encode()
+
+    def watch(self, upstream: Any) -> None:
+        def on_end() -> None:
+            if self.upstream_done:
+                return
+            expired = self.timeout_s is not None and (self.context.time_remaining() or 0) <= 0
+            reason = "past its deadline" if expired else "cancelled by the client"
+            self.gateway.cancel(self.call_id, reason)
+            upstream.cancel()
+
+        self.context.add_callback(on_end)
+
+
+def _abort(context: grpc.ServicerContext, error: grpc.RpcError) -> None:
+    code, details = translate_error(error.code(), error.details() or "")
+    context.abort(code, details)
+
+
+def _forwarded(context: grpc.ServicerContext) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in context.invocation_metadata() if k == "authorization"]
+
+
+def _is_true(value: bytes | None) -> bool:
+    return value is not None and value.decode("utf-8", "replace").strip().lower() in TRUE_TEXTS
+
+
+def _float(value: bytes) -> float | None:
+    """A client-sent deadline, if it is a finite number."""
+    try:
+        number = float(value.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return number if number == number and abs(number) != float("inf") else None
+
