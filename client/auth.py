@@ -1,9 +1,10 @@
 """Where the client's bearer token comes from: an explicit token, an env var, or TorchServe's key file.
 
 TorchServe 0.12 (token authorization on) writes `key_file.json` into the directory it was started
-from, with an inference key that expires (60 minutes by default) and is then replaced in the
-file. So a token read from the key file is re-read once when the server answers
-PERMISSION_DENIED; an explicit or env token is used as given.
+from, with an inference key that expires (token_expiration_min). TorchServe itself never renews
+it; the guard (guard/tokens.py) asks for a new key at half its lifetime and TorchServe rewrites
+the file. So a token read from the key file is re-read whenever the file changes, and once more
+when the server answers PERMISSION_DENIED; an explicit or env token is used as given.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class TokenSource:
     key_file: str | Path | None = None
     enabled: bool = True
     _cached: str | None = None
+    _cached_stamp: tuple[int, int] | None = None  # the key file's (mtime_ns, size) when read
 
     def _key_file_path(self) -> Path:
         return Path(self.key_file or os.environ.get(KEY_FILE_ENV) or DEFAULT_KEY_FILE)
@@ -72,16 +74,28 @@ class TokenSource:
             return self.token
         if os.environ.get(TOKEN_ENV):
             return os.environ[TOKEN_ENV]
-        if self._cached is None:
-            self._cached = read_key_file(self._key_file_path())
+        if self._cached is None or self._stamp() != self._cached_stamp:
+            self._read()
         return self._cached
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            stat = self._key_file_path().stat()
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size
+
+    def _read(self) -> None:
+        stamp = self._stamp()
+        self._cached = read_key_file(self._key_file_path())
+        self._cached_stamp = stamp
 
     def refresh(self) -> bool:
         """Re-read the key file; True when it now holds a different key."""
         if not self.refreshable:
             return False
         previous = self._cached
-        self._cached = read_key_file(self._key_file_path())
+        self._read()
         return self._cached != previous
 
     def refresh_quietly(self) -> None:

@@ -14,6 +14,7 @@ other status is reported with a message saying what to do.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,12 +53,20 @@ STATUS_HINTS: dict[grpc.StatusCode, str] = {
 
 # TorchServe 0.12 refuses a job when the model's queue is full with INTERNAL (REST: 503) and
 # this message, not RESOURCE_EXHAUSTED: the message is what tells "busy" from a real failure.
+# The guard's gateway answers the same refusal as UNAVAILABLE, keeping this text in its message.
 BUSY_MESSAGE = "has no worker to serve inference request"
 BUSY_HINT = "server busy: its job queue is full; retry later with backoff"
+# TorchServe appends its Java exception class to every gRPC error message (the gateway removes it).
+_JAVA_SUFFIX = re.compile(r"\s*\n?org\.pytorch\.serve\.[A-Za-z0-9_.]+\s*$")
 
 
 def is_busy(code: grpc.StatusCode | None, details: str) -> bool:
-    return code == grpc.StatusCode.INTERNAL and BUSY_MESSAGE in details
+    return code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE) and BUSY_MESSAGE in details
+
+
+def clean_details(details: str) -> str:
+    """A server's error message without TorchServe's Java exception class."""
+    return _JAVA_SUFFIX.sub("", details or "").strip()
 
 
 class MorphClientError(RuntimeError):
@@ -65,7 +74,7 @@ class MorphClientError(RuntimeError):
 
     def __init__(self, code: grpc.StatusCode | None, details: str, hint: str = "") -> None:
         self.code = code
-        self.details = details
+        self.details = details = clean_details(details)
         self.busy = is_busy(code, details)
         default_hint = BUSY_HINT if self.busy else STATUS_HINTS.get(code, "") if code else ""
         self.hint = hint or default_hint
@@ -109,9 +118,16 @@ EventCallback = Callable[[wire.Message], None]
 
 
 def build_input(
-    images: Sequence[bytes], prompts: Sequence[str], options: dict[str, Any] | None, *, stream: bool
+    images: Sequence[bytes],
+    prompts: Sequence[str],
+    options: dict[str, Any] | None,
+    *,
+    stream: bool,
+    deadline_s: float | None = None,
 ) -> dict[str, bytes]:
-    """The TorchServe input map for one morph (see client/wire.py for the schema)."""
+    """The TorchServe input map for one morph (see client/wire.py for the schema). With
+    `deadline_s` the request carries its deadline, so the server stops working on it when this
+    client stops waiting (the gateway also derives it from the gRPC deadline)."""
     if len(images) < 2:
         raise MorphClientError(None, f"a morph needs at least 2 images, got {len(images)}")
     if len(images) > wire.MAX_IMAGES:
@@ -125,6 +141,8 @@ def build_input(
     data[wire.INPUT_OPTIONS] = json.dumps(options or {}).encode("utf-8")
     if stream:
         data[wire.INPUT_STREAM] = b"true"
+    if deadline_s is not None:
+        data[wire.INPUT_DEADLINE] = f"{time.time() + deadline_s:.3f}".encode()
     return data
 
 
@@ -182,7 +200,7 @@ class MorphClient:
         deadline_s: float | None = None,
     ) -> MorphResult:
         """Unary Predictions: one response holding the final result."""
-        message = self._unary(self._request(images, prompts, options, stream=False), deadline_s)
+        message = self._unary(self._request(images, prompts, options, stream=False, deadline_s=deadline_s), deadline_s)
         if message.type != wire.TYPE_RESULT:
             raise MorphClientError(None, f"expected a result message, got {message.type!r}")
         return MorphResult(message.header, message.parts)
@@ -204,7 +222,7 @@ class MorphClient:
         on_event: EventCallback | None = None,
     ) -> MorphResult:
         """StreamPredictions: progress and frame messages (passed to `on_event`), then the result."""
-        request = self._request(images, prompts, options, stream=True)
+        request = self._request(images, prompts, options, stream=True, deadline_s=deadline_s)
         streamed: list[bytes] = []
         progress: list[dict[str, Any]] = []
         for message in self._stream(request, deadline_s):
@@ -224,10 +242,9 @@ class MorphClient:
         response = self._call(lambda md: self._stub.Predictions(request, timeout=deadline_s, metadata=md))
         return _decode(response.prediction)
 
-    def _request(self, images, prompts, options, *, stream: bool):
-        return self._pb2.PredictionsRequest(
-            model_name=self.model, input=build_input(images, prompts, options, stream=stream)
-        )
+    def _request(self, images, prompts, options, *, stream: bool, deadline_s: float | None):
+        fields = build_input(images, prompts, options, stream=stream, deadline_s=deadline_s)
+        return self._pb2.PredictionsRequest(model_name=self.model, input=fields)
 
     def _call(self, invoke: Callable[[list[tuple[str, str]]], Any]) -> Any:
         """Run a unary call with token refresh (once) and UNAVAILABLE retries."""

@@ -49,7 +49,7 @@ GRPC_LOST_CODES = frozenset({"DEADLINE_EXCEEDED", "UNAVAILABLE", "CANCELLED"})
 
 def classify_grpc(code_name: str | None, details: str) -> Outcome:
     """Outcome of a failed gRPC call, from its status code name and message."""
-    if code_name == "INTERNAL" and BUSY_MESSAGE in details:
+    if code_name in ("INTERNAL", "UNAVAILABLE") and BUSY_MESSAGE in details:  # TorchServe / gateway
         return Outcome.BUSY
     if code_name in GRPC_LOST_CODES:
         return Outcome.LOST

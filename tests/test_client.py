@@ -98,8 +98,9 @@ def test_token_precedence_and_refresh(tmp_path: Path, monkeypatch: pytest.Monkey
     tokens = TokenSource(key_file=key_file)
     assert tokens.metadata() == [("authorization", "Bearer first")]
     write_keys(key_file, "second")
-    assert tokens.get() == "first"  # cached until the server refuses it
-    assert tokens.refresh() is True and tokens.get() == "second"
+    assert tokens.get() == "second"  # the file changed (the guard rotated the key): re-read
+    write_keys(key_file, "third!")
+    assert tokens.refresh() is True and tokens.get() == "third!"
     assert tokens.refresh() is False  # unchanged: no point retrying
     assert TokenSource(token="explicit", key_file=key_file).get() == "explicit"
     monkeypatch.setenv("DIFFMORPHER_TOKEN", "from-env")
@@ -204,10 +205,12 @@ PB2, PB2_GRPC = stubs.load()
 class FlakyInference(PB2_GRPC.InferenceAPIsServiceServicer):
     """Answers UNAVAILABLE `failures` times, then a result of `size` bytes; records metadata."""
 
-    def __init__(self, failures: int, size: int = 16, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
+    def __init__(self, failures: int, size: int = 16, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
+                 on_failure=None) -> None:
         self.failures = failures
         self.size = size
         self.code = code
+        self.on_failure = on_failure
         self.calls = 0
         self.auth: list[str] = []
 
@@ -215,6 +218,8 @@ class FlakyInference(PB2_GRPC.InferenceAPIsServiceServicer):
         self.calls += 1
         self.auth.append(dict(context.invocation_metadata()).get("authorization", ""))
         if self.calls <= self.failures:
+            if self.on_failure is not None:
+                self.on_failure()
             context.abort(self.code, f"failure {self.calls}")
         part = wire.Part("morph.gif", "image/gif", b"G" * self.size)
         return PB2.PredictionResponse(prediction=wire.encode_message(wire.TYPE_RESULT, {"num_frames": 2}, [part]))
@@ -260,8 +265,9 @@ def test_permission_denied_rereads_the_key_file_once(local_server, tmp_path: Pat
     key_file = write_keys(tmp_path / "key_file.json", "old")
     tokens = TokenSource(key_file=key_file)
     tokens.get()
-    write_keys(key_file, "new")
-    servicer = FlakyInference(failures=1, code=grpc.StatusCode.PERMISSION_DENIED)
+    # The key is rotated while the first call is in flight: that call is denied.
+    servicer = FlakyInference(failures=1, code=grpc.StatusCode.PERMISSION_DENIED,
+                              on_failure=lambda: write_keys(key_file, "new"))
     with MorphClient(local_server(servicer), tokens=tokens) as client:
         client.morph([b"a", b"b"], ["x", "y"], {})
     assert servicer.auth == ["Bearer old", "Bearer new"]
@@ -289,3 +295,22 @@ def test_a_full_queue_is_reported_as_busy_not_as_a_server_failure():
     assert busy.busy and BUSY_HINT in str(busy)
     failed = MorphClientError(grpc.StatusCode.INTERNAL, "morph failed: RuntimeError: boom")
     assert not failed.busy and "failed while morphing" in str(failed)
+
+
+def test_java_exception_class_is_removed_from_messages() -> None:
+    error = MorphClientError(grpc.StatusCode.INVALID_ARGUMENT,
+                             "invalid request: bad\norg.pytorch.serve.http.InternalServerException")
+    assert error.details == "invalid request: bad"
+    busy = MorphClientError(grpc.StatusCode.UNAVAILABLE, "server busy: ... has no worker to serve inference request ...")
+    assert busy.busy
+
+
+def test_requests_carry_their_deadline() -> None:
+    import time
+
+    from client.morph_client import build_input
+
+    fields = build_input([b"a", b"b"], ["x", "y"], {}, stream=False, deadline_s=30)
+    assert abs(float(fields["deadline"]) - (time.time() + 30)) < 1
+    assert "deadline" not in build_input([b"a", b"b"], ["x", "y"], {}, stream=False)
+
