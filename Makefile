@@ -67,20 +67,32 @@ export: setup
 		--weights $(WEIGHTS) --device-type $(DEVICE_TYPE)
 
 # ---------------------------------------------------------------------------- server
-# TorchServe writes key_file.json (the tokens) and logs/ into the directory it starts from.
+# TorchServe writes key_file.json (the tokens) and logs/ into the directory it starts from. The
+# guard (gateway on 7070, watchdog, token rotation, health on 8090) runs beside it; both share
+# the control directory (cancellation markers, worker heartbeats).
+CONTROL_DIR := $(CURDIR)/logs/control
+GUARD_PID := logs/guard.pid
+export DIFFMORPHER_CONTROL_DIR := $(CONTROL_DIR)
+
 serve: setup
 	@test -e $(MAR) -o -d model_store/$(MODEL_NAME) || $(MAKE) --no-print-directory export
 	@if $(PY) -m client --target $(GRPC_TARGET) --key-file key_file.json wait --timeout 2 >/dev/null 2>&1; then \
 		echo "TorchServe is already serving on $(GRPC_TARGET)"; \
 	else \
 		rm -f key_file.json; \
-		mkdir -p logs; \
+		mkdir -p logs $(CONTROL_DIR); \
 		PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/torchserve --start --ncs --ts-config config.properties >>logs/torchserve.out 2>&1; \
 		echo "TorchServe starting (log: logs/torchserve.out, logs/model_log.log)"; \
+		if ! { test -f $(GUARD_PID) && kill -0 $$(cat $(GUARD_PID)) 2>/dev/null; }; then \
+			nohup $(PY) -m guard --ts-config config.properties --key-file key_file.json >>logs/guard.out 2>&1 & \
+			echo $$! > $(GUARD_PID); \
+			echo "guard started (gateway $(GRPC_TARGET), health http://127.0.0.1:8090/healthz, log: logs/guard.out)"; \
+		fi; \
 		$(PY) -m client --target $(GRPC_TARGET) --key-file key_file.json wait --timeout $(SERVE_TIMEOUT); \
 	fi
 
 stop:
+	@if test -f $(GUARD_PID); then kill $$(cat $(GUARD_PID)) 2>/dev/null || true; rm -f $(GUARD_PID); fi
 	@if test -x $(VENV)/bin/torchserve; then $(VENV)/bin/torchserve --stop || true; fi
 
 # ---------------------------------------------------------------------------- demo

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.auth import read_key_file
+from client.auth import TokenError, read_key_file
 
 
 class ManagementError(RuntimeError):
@@ -39,8 +39,14 @@ class ManagementApi:
         except json.JSONDecodeError:
             return {"text": body.decode("utf-8", "replace")}
 
+    def _key(self, api: str) -> str:
+        try:
+            return read_key_file(self.key_file, api)
+        except TokenError as error:  # e.g. TorchServe has not written the file yet
+            raise ManagementError(str(error)) from error
+
     def _management(self, method: str, path: str, timeout_s: float | None = None) -> Any:
-        return self._request(method, path, read_key_file(self.key_file, "management"), timeout_s)
+        return self._request(method, path, self._key("management"), timeout_s)
 
     def describe(self, model: str) -> dict[str, Any]:
         answer = self._management("GET", f"/models/{urllib.parse.quote(model)}")
@@ -56,4 +62,4 @@ class ManagementApi:
     def rotate_token(self, kind: str) -> None:
         """Ask TorchServe for a new `kind` ("management" or "inference") key; it rewrites the key
         file. Authorised by the API key, which does not expire."""
-        self._request("POST", f"/token?type={kind}", read_key_file(self.key_file, "API"))
+        self._request("POST", f"/token?type={kind}", self._key("API"))
