@@ -49,10 +49,12 @@ def build_guard(args: argparse.Namespace) -> Guard:
     api = ManagementApi(management_url, Path(args.key_file))
     token_auth = props.get("disable_token_authorization", "false").lower() != "true"
     lifetime_s = float(props.get("token_expiration_min", "60")) * 60
-    limit = int(props.get("max_response_size", str(256 * 1024 * 1024)))
-    request_limit = int(props.get("max_request_size", str(100 * 1024 * 1024)))
     gateway = Gateway(
-        GatewayConfig(gateway_address, upstream, max_message_bytes=max(limit, request_limit) + (1 << 20)),
+        GatewayConfig(
+            gateway_address, upstream,
+            max_request_bytes=int(props.get("max_request_size", str(100 * 1024 * 1024))),
+            max_response_bytes=int(props.get("max_response_size", str(256 * 1024 * 1024))) + (1 << 20),
+        ),
         control,
     )
     watchdog = Watchdog(

@@ -49,7 +49,8 @@ TRUE_TEXTS = ("true", "1", "yes")
 class GatewayConfig:
     listen: str  # host:port of the public gRPC endpoint
     upstream: str  # TorchServe's gRPC inference address (loopback)
-    max_message_bytes: int = 256 * 1024 * 1024 + 1024 * 1024
+    max_request_bytes: int = 100 * 1024 * 1024  # config.properties max_request_size
+    max_response_bytes: int = 256 * 1024 * 1024 + 1024 * 1024  # max_response_size + framing
     max_concurrent_calls: int = 256
 
 
@@ -80,8 +81,8 @@ class Gateway:
         self.channel = grpc.insecure_channel(
             config.upstream,
             options=[
-                ("grpc.max_receive_message_length", config.max_message_bytes),
-                ("grpc.max_send_message_length", config.max_message_bytes),
+                ("grpc.max_receive_message_length", config.max_response_bytes),
+                ("grpc.max_send_message_length", config.max_request_bytes),
             ],
         )
         self.stub = self.pb2_grpc.InferenceAPIsServiceStub(self.channel)
@@ -93,9 +94,9 @@ class Gateway:
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="gateway"),
             maximum_concurrent_rpcs=self.config.max_concurrent_calls,
-            options=[
-                ("grpc.max_receive_message_length", self.config.max_message_bytes),
-                ("grpc.max_send_message_length", self.config.max_message_bytes),
+            options=[  # an oversized request is refused here (RESOURCE_EXHAUSTED), before any work
+                ("grpc.max_receive_message_length", self.config.max_request_bytes),
+                ("grpc.max_send_message_length", self.config.max_response_bytes),
             ],
         )
         handlers = {
