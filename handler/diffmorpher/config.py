@@ -90,7 +90,7 @@ class MorphConfig:
         _check_int("frame_batch_size", self.frame_batch_size, 1, MAX_FRAME_BATCH)
         _check_choice("dtype", self.dtype, DTYPES)
         if self.device is not None and not isinstance(self.device, str):
-            raise ConfigError(f"device must be a string such as 'cpu', got {self.device!r}")
+            raise ConfigError(f"device must be a string such as 'cpu', got {show(self.device)}")
 
     # ------------------------------------------------------------------ (de)serialisation
     @classmethod
@@ -100,7 +100,9 @@ class MorphConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(merged) - known)
         if unknown:
-            raise ConfigError(f"unknown option(s) {unknown}; valid options are {sorted(known)}")
+            raise ConfigError(
+                f"unknown option(s) {name_list(unknown)}; valid options are {sorted(known)}"
+            )
         return cls(**merged)
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,18 +124,37 @@ class MorphConfig:
         return int(round(self.attn_lambda * self.num_inference_steps))
 
 
+def name_list(names: Any, limit: int = 8, width: int = 40) -> str:
+    """A list of names for an error message, short however many or long they are:
+    "['a', 'b']", or "['a', ..., 'h', ... (10000 in all)]"."""
+    names = [str(name) for name in names]
+    shown = [name if len(name) <= width else name[:width] + "..." for name in names[:limit]]
+    if len(names) <= limit:
+        return repr(shown)
+    return repr(shown)[:-1] + f", ... ({len(names)} in all)]"
+
+
+def show(value: Any, width: int = 60) -> str:
+    """repr(value) cut to `width` characters, so a hostile value cannot flood an error message."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print (sys.get_int_max_str_digits)
+        text = f"<{type(value).__name__} too long to print>"
+    return text if len(text) <= width else text[:width] + "..."
+
+
 def _check_int(name: str, value: Any, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
+        raise ConfigError(f"{name} must be an integer, got {show(value)}")
     if not low <= value <= high:
-        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+        raise ConfigError(f"{name} must be between {low} and {high}, got {show(value)}")
 
 
 def _check_float(
     name: str, value: Any, low: float, high: float, *, low_inclusive: bool = True
 ) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        raise ConfigError(f"{name} must be a finite number, got {show(value)}")
     too_low = value < low if low_inclusive else value <= low
     if too_low or value > high:
         bracket = "[" if low_inclusive else "("
@@ -142,12 +163,12 @@ def _check_float(
 
 def _check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
+        raise ConfigError(f"{name} must be true or false, got {show(value)}")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
+        raise ConfigError(f"{name} must be one of {list(choices)}, got {show(value)}")
 
 
 @dataclass
