@@ -10,20 +10,32 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import re
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from client import wire
-from diffmorpher.config import ConfigError, MorphConfig, OutputOptions
+from diffmorpher.config import ConfigError, MorphConfig, OutputOptions, name_list, show
 
 OUTPUT_KEYS = ("format", "frame_duration_ms", "loop")
 # Chosen by the server (they follow from how the pipeline was loaded), never by a request.
 SERVER_KEYS = ("device", "dtype")
 MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_PROMPT_CHARS = 2000
+MAX_PROMPT_BYTES = 4 * MAX_PROMPT_CHARS  # UTF-8: at most 4 bytes a character
+MAX_OPTIONS_BYTES = 64 * 1024  # a flat JSON object of ~20 options needs well under 1 KiB
+# Raster formats only: Pillow would open PostScript (EPS) by running Ghostscript.
+# (JPEG covers MPO, the multi-picture JPEG of phone cameras; AVIF where Pillow was built with it.)
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
+# Tabs and newlines are prompt text; NUL, escapes and other C0/C1 controls are refused.
+PROMPT_CONTROLS_ALLOWED = "\t\n\r"
+_IMAGE_KEY = re.compile(r"image_(0|[1-9][0-9]{0,5})")
 
 
 @dataclass
@@ -57,46 +69,153 @@ def _as_text(name: str, value: Any) -> str:
 
 
 def decode_image(name: str, value: Any) -> Image.Image:
-    """An RGB image from encoded bytes (PNG, JPEG, WebP, ...), size-checked before decoding."""
+    """An upright RGB image from encoded bytes (PNG, JPEG, WebP, GIF, BMP, TIFF, AVIF),
+    size-checked from its header before any pixel is decoded. Animated images give their first
+    frame; EXIF orientation is applied; transparent areas are put on white; 16-bit images are
+    scaled to 8 bits."""
     data = _as_bytes(name, value)
     if not data:
         raise ConfigError(f"field {name!r} is empty; expected an encoded image (PNG, JPEG, WebP)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=_image_formats())
             if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise ConfigError(
-                    f"field {name!r} is {image.width}x{image.height}; at most {MAX_IMAGE_PIXELS} pixels"
-                )
+                raise _too_many_pixels(name, f"{image.width}x{image.height}")
             image.load()
+            return _to_rgb(_upright(image))
     except ConfigError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise _too_many_pixels(name, str(error)) from error
+    except UnidentifiedImageError as error:
         raise ConfigError(
             f"field {name!r} is not a readable image ({len(data)} bytes starting {data[:8]!r}); "
-            f"send PNG, JPEG, WebP or another format Pillow reads"
+            f"send PNG, JPEG, WebP, GIF, BMP, TIFF or AVIF"
         ) from error
-    except (OSError, ValueError, SyntaxError) as error:
+    except MemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a decoder tripping over client bytes is a 400
         raise ConfigError(f"field {name!r} is a damaged or truncated image: {error}") from error
-    return image.convert("RGB")
+
+
+def _image_formats() -> tuple[str, ...]:
+    """IMAGE_FORMATS that this Pillow can open (Image.open fails on a name it does not know)."""
+    Image.init()
+    return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
+
+
+def _too_many_pixels(name: str, size: str) -> ConfigError:
+    return ConfigError(
+        f"field {name!r} exceeds the image size limit of {MAX_IMAGE_PIXELS} pixels ({size}); "
+        f"send at most 4096x4096"
+    )
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen (EXIF/XMP orientation applied); unreadable orientation
+    metadata is dropped rather than failing the request, so later stages cannot trip on it."""
+    try:
+        upright = ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - metadata, not pixels
+        upright = image.copy()
+    upright.info.pop("exif", None)
+    upright.info.pop("xmp", None)
+    return upright
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode.startswith("I") or image.mode == "F":
+        # 16/32-bit integer or float grey levels: convert("RGB") would clip them to white.
+        array = np.asarray(image, dtype=np.float64)
+        if image.mode != "F" and array.size and array.max() > 255:
+            array = array / 257.0
+        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    rgb = image.convert("RGB")
+    rgb.info.clear()
+    return rgb
 
 
 def parse_options(value: Any) -> dict[str, Any]:
+    """The `options` field as a dict: a JSON object of at most MAX_OPTIONS_BYTES with finite
+    numbers and no key twice (or the dict a REST `application/json` part was parsed into)."""
     if value is None:
         return {}
     if isinstance(value, Mapping):
-        return dict(value)
-    text = _as_text(wire.INPUT_OPTIONS, value).strip()
-    if not text:
-        return {}
-    try:
-        options = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"field 'options' is not valid JSON: {error}") from error
+        options = dict(value)
+    else:
+        data = _as_bytes(wire.INPUT_OPTIONS, value)
+        if len(data) > MAX_OPTIONS_BYTES:
+            raise ConfigError(f"field 'options' is {len(data)} bytes; at most {MAX_OPTIONS_BYTES}")
+        text = _as_text(wire.INPUT_OPTIONS, data).strip()
+        if not text:
+            return {}
+        try:
+            options = json.loads(text, object_pairs_hook=_unique_keys)
+        except ConfigError:
+            raise
+        except RecursionError as error:
+            raise ConfigError(
+                "field 'options' is nested too deeply; send a flat JSON object"
+            ) from error
+        except ValueError as error:  # JSONDecodeError, or an integer of more than 4300 digits
+            raise ConfigError(f"field 'options' is not valid JSON: {str(error)[:200]}") from error
     if not isinstance(options, dict):
         raise ConfigError(f"field 'options' must be a JSON object, got {type(options).__name__}")
+    for key, option in options.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"field 'options' has a key that is not a string: {show(key)}")
+        if not _finite(option):
+            raise ConfigError(
+                f"option {key!r} must be a finite number; NaN and Infinity are not allowed"
+            )
     return options
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object hook: two parsers may keep different copies of a repeated key, so refuse it."""
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ConfigError(f"field 'options' has key {show(key)} twice")
+        result[key] = value
+    return result
+
+
+def _finite(value: Any) -> bool:
+    """No NaN or infinite float anywhere in a parsed JSON value (walked without recursion)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return False
+        if isinstance(item, (list, tuple)):
+            pending.extend(item)
+        elif isinstance(item, Mapping):
+            pending.extend(item.values())
+    return True
+
+
+def _check_prompt(key: str, value: Any) -> str:
+    """A prompt's text: at most MAX_PROMPT_CHARS (a huge field is refused by its byte length,
+    before decoding), with no control characters but tabs and newlines."""
+    limit = f"at most {MAX_PROMPT_CHARS} characters"
+    if isinstance(value, (bytes, bytearray, memoryview)) and len(value) > MAX_PROMPT_BYTES:
+        raise ConfigError(f"prompt {key!r} is {len(value)} bytes; {limit}")
+    prompt = _as_text(key, value)
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ConfigError(f"prompt {key!r} is {len(prompt)} characters; {limit}")
+    for position, char in enumerate(prompt):
+        if unicodedata.category(char) == "Cc" and char not in PROMPT_CONTROLS_ALLOWED:
+            raise ConfigError(
+                f"prompt {key!r} contains control character U+{ord(char):04X} at position "
+                f"{position}; send plain text (tabs and newlines are fine)"
+            )
+    return prompt
 
 
 def parse_stream(value: Any) -> bool:
@@ -128,10 +247,13 @@ def split_options(
     if isinstance(formats, str):
         formats = [formats]
     if not isinstance(formats, list) or not formats or not all(isinstance(f, str) for f in formats):
-        raise ConfigError(f"format must be a name or a non-empty list of names, got {formats!r}")
+        raise ConfigError(
+            f"format must be a name or a non-empty list of names, got {show(formats)}"
+        )
     if len(set(formats)) != len(formats):
-        raise ConfigError(f"format lists a format twice: {formats}")
-    config = MorphConfig.from_dict(defaults.to_dict(), **options)
+        raise ConfigError(f"format lists a format twice: {show(formats)}")
+    # One dict, not **options: an option named like a parameter ("options") must be "unknown".
+    config = MorphConfig.from_dict({**defaults.to_dict(), **options})
     outputs = [OutputOptions(format=f, **output) for f in formats]
     return config, outputs
 
@@ -144,6 +266,17 @@ def parse_request(data: Mapping[str, Any], defaults: MorphConfig) -> MorphReques
     count = 0
     while wire.image_key(count) in fields:
         count += 1
+    # image_0, image_2 without image_1: name the gap, not "only 1 image" or "unknown field".
+    beyond = sorted(
+        (key for key in fields
+         if isinstance(key, str) and _IMAGE_KEY.fullmatch(key) and int(key[6:]) > count),
+        key=lambda key: int(key[6:]),
+    )
+    if beyond:
+        raise ConfigError(
+            f"unknown field(s) {name_list(beyond)}: images are numbered image_0, image_1, ... "
+            f"without gaps, and {wire.image_key(count)!r} is missing"
+        )
     if count < 2:
         body_hint = (
             " (REST requests must be multipart/form-data, e.g. curl -F image_0=@a.png ...)"
@@ -151,7 +284,7 @@ def parse_request(data: Mapping[str, Any], defaults: MorphConfig) -> MorphReques
         )
         raise ConfigError(
             f"a morph needs at least 2 images in fields image_0, image_1, ...; got {count}"
-            f"{body_hint}. Fields received: {sorted(fields)[:20]}"
+            f"{body_hint}. Fields received: {name_list(sorted(map(str, fields)), 20)}"
         )
     if count > wire.MAX_IMAGES:
         raise ConfigError(f"at most {wire.MAX_IMAGES} images per morph, got {count}")
@@ -160,16 +293,13 @@ def parse_request(data: Mapping[str, Any], defaults: MorphConfig) -> MorphReques
         key = wire.prompt_key(index)
         if key not in fields:
             raise ConfigError(f"missing prompt {key!r} for image {index}: send one prompt per image")
-        prompt = _as_text(key, fields[key])
-        if len(prompt) > MAX_PROMPT_CHARS:
-            raise ConfigError(f"prompt {key!r} is {len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
-        prompts.append(prompt)
+        prompts.append(_check_prompt(key, fields[key]))
     expected = {wire.image_key(i) for i in range(count)} | {wire.prompt_key(i) for i in range(count)}
     expected |= {wire.INPUT_OPTIONS, wire.INPUT_STREAM, wire.INPUT_DEADLINE, wire.INPUT_CALL_ID}
     unknown = sorted(set(fields) - expected)
     if unknown:
         raise ConfigError(
-            f"unknown field(s) {unknown}; expected image_0..image_{count - 1}, "
+            f"unknown field(s) {name_list(unknown)}; expected image_0..image_{count - 1}, "
             f"prompt_0..prompt_{count - 1}, options, stream, deadline"
         )
     config, outputs = split_options(parse_options(fields.get(wire.INPUT_OPTIONS)), defaults)
