@@ -1,0 +1,1 @@
+"""Reliability tooling for the morph service: a generated corpus of hostile and edge-case requests."""
