@@ -4,14 +4,16 @@ TorchServe 0.12's frontend cannot tell its Python worker which RPC a request cam
 tell it that the client went away, and appends its Java exception class to every error message.
 The gateway sits in front of TorchServe's (loopback-only) gRPC port and, per call:
 
-- refuses `stream` on a unary Predictions call (INVALID_ARGUMENT) and sets it on
-  StreamPredictions: a worker streaming into a unary call dies while TorchServe still reports
-  it READY (the "unary/stream trap"), so no client can cause that through the gateway;
+- refuses `stream` on a unary Predictions call (INVALID_ARGUMENT) and sets it on every
+  StreamPredictions call: a worker streaming into a unary call dies while TorchServe still
+  reports it READY (the "unary/stream trap"), and a StreamPredictions call answered without any
+  intermediate message kills the worker too; no client can cause either through the gateway;
 - turns the gRPC deadline into the request's `deadline` field (on this server's clock) and gives
   the call a `call_id`; when the call ends without an answer (cancelled, deadline passed) it
   writes the call's cancellation marker (guard.control), which stops the morph within a step;
 - returns errors without the Java class, the queue-full refusal as UNAVAILABLE "server busy",
-  and out-of-memory as RESOURCE_EXHAUSTED.
+  out-of-memory as RESOURCE_EXHAUSTED, and a worker that died mid-morph as ABORTED with a
+  message saying what happened (TorchServe: "Worker died.", as INTERNAL or RESOURCE_EXHAUSTED).
 Only the `authorization` metadata is forwarded; TorchServe checks the token.
 """
 
@@ -41,8 +43,17 @@ BUSY_DETAILS = (
     "server busy: every worker is busy and the job queue is full (TorchServe: model has no worker "
     "to serve inference request); retry with backoff"
 )
+# TorchServe's answer when the worker process running the job died (exit 137, i.e. SIGKILL, is
+# reported as 413 RESOURCE_EXHAUSTED, anything else as INTERNAL).
+WORKER_DIED = "Worker died."
+WORKER_DIED_DETAILS = (
+    "the worker running this morph died (killed, e.g. by the kernel's out-of-memory killer or the "
+    "guard's watchdog, or crashed); a new worker is starting. Retry; if it happens again, ask for "
+    "fewer frames, a smaller frame_batch_size or a lower resolution"
+)
 NO_DEADLINE_S = 10**8  # grpcio reports "no deadline" as a huge time_remaining()
-TRUE_TEXTS = ("true", "1", "yes")
+TRUE_TEXTS = ("true", "1", "yes")  # as handler/morph_request.parse_stream reads it
+FALSE_TEXTS = ("false", "0", "no", "")
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,8 @@ def clean_details(details: str) -> str:
 def translate_error(code: grpc.StatusCode, details: str) -> tuple[grpc.StatusCode, str]:
     """The status and message a client should see for an upstream error."""
     details = clean_details(details)
+    if details == WORKER_DIED:
+        return grpc.StatusCode.ABORTED, WORKER_DIED_DETAILS
     if code == grpc.StatusCode.INTERNAL and BUSY_MESSAGE in details:
         return grpc.StatusCode.UNAVAILABLE, BUSY_DETAILS
     if code == grpc.StatusCode.INTERNAL and details.startswith(wire.OUT_OF_MEMORY_PREFIX):
@@ -129,13 +142,12 @@ class Gateway:
             _abort(context, error)
 
     def predictions(self, request: Any, context: grpc.ServicerContext) -> Any:
-        if _is_true(request.input.get(wire.INPUT_STREAM)):
+        if _boolean(request.input.get(wire.INPUT_STREAM, b"false")):
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "invalid request: field 'stream' asks for streaming on a unary Predictions call; "
                 "call StreamPredictions for progress and frames, or drop the field",
             )
-        request.input.pop(wire.INPUT_STREAM, None)
         call = _Call(self, request, context)
         future = self.stub.Predictions.future(request, timeout=call.timeout_s, metadata=_forwarded(context))
         call.watch(future)
@@ -148,7 +160,10 @@ class Gateway:
         return response
 
     def stream_predictions(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        request.input[wire.INPUT_STREAM] = b"true"
+        # Always "true" (TorchServe 0.12 kills the worker when a StreamPredictions call gets no
+        # intermediate response); a value that is no boolean is left for the handler to refuse.
+        if _boolean(request.input.get(wire.INPUT_STREAM, b"true")) is not None:
+            request.input[wire.INPUT_STREAM] = b"true"
         call = _Call(self, request, context)
         upstream = self.stub.StreamPredictions(request, timeout=call.timeout_s, metadata=_forwarded(context))
         call.watch(upstream)
@@ -220,8 +235,10 @@ def _forwarded(context: grpc.ServicerContext) -> list[tuple[str, str]]:
     return [(k, v) for k, v in context.invocation_metadata() if k == "authorization"]
 
 
-def _is_true(value: bytes | None) -> bool:
-    return value is not None and value.decode("utf-8", "replace").strip().lower() in TRUE_TEXTS
+def _boolean(value: bytes) -> bool | None:
+    """The `stream` field as the handler reads it; None when it is no boolean."""
+    text = value.decode("utf-8", "replace").strip().lower()
+    return True if text in TRUE_TEXTS else False if text in FALSE_TEXTS else None
 
 
 def _float(value: bytes) -> float | None:

@@ -15,6 +15,7 @@ which RPC was used (gRPC metadata does not reach the worker), hence the explicit
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,11 @@ class DiffMorpherHandler:
 
     # ------------------------------------------------------------------ lifecycle
     def initialize(self, context: Any) -> None:
+        # TorchServe's worker pre-decodes REST parts by content type (json.loads for
+        # application/json: NaN, duplicate keys and megabytes of whitespace pass; text/* as
+        # UTF-8) before the handler sees them, differently from gRPC. It reads this variable per
+        # request: with it off, every transport reaches morph_request's one strict parser as bytes.
+        os.environ["TS_DECODE_INPUT_REQUEST"] = "false"
         properties = context.system_properties
         archive_dir = Path(properties.get("model_dir", "."))
         settings = dict((context.model_yaml_config or {}).get("handler", {}) or {})

@@ -23,3 +23,19 @@ DEMO_DIR = REPO_ROOT / "assets" / "demo"
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+    """`python -m export` of the embedded model (the tiny random SD folder when it is absent)
+    into a model store shared by every end-to-end server of the session."""
+    import subprocess
+    import sys
+
+    store = tmp_path_factory.mktemp("model_store")
+    model = EMBEDDED_MODEL if (EMBEDDED_MODEL / "unet").is_dir() else request.getfixturevalue("tiny_sd_dir")
+    subprocess.run(
+        [sys.executable, "-m", "export", "--model", str(model), "--export-path", str(store)],
+        cwd=REPO_ROOT, check=True, env={**os.environ, "PYTHONPATH": f"{REPO_ROOT / 'handler'}:{REPO_ROOT}"},
+    )
+    return store

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 import uuid
@@ -27,7 +24,7 @@ from PIL import Image
 from client import wire
 from client.auth import TokenSource
 from client.morph_client import MorphClient, MorphClientError
-from tests.conftest import DEMO_DIR, EMBEDDED_MODEL, REPO_ROOT
+from tests.conftest import DEMO_DIR, EMBEDDED_MODEL
 from tests.torchserve_server import TorchServeProcess
 
 pytestmark = pytest.mark.slow
@@ -52,16 +49,9 @@ def demo_inputs() -> tuple[list[bytes], list[str]]:
     return pngs, ["a red square", "a blue square"]
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
-    root = tmp_path_factory.mktemp("torchserve")
-    store = root / "model_store"
-    model = EMBEDDED_MODEL if HAS_EMBEDDED else request.getfixturevalue("tiny_sd_dir")
-    subprocess.run(
-        [sys.executable, "-m", "export", "--model", str(model), "--export-path", str(store)],
-        cwd=REPO_ROOT, check=True, env={**os.environ, "PYTHONPATH": f"{REPO_ROOT / 'handler'}:{REPO_ROOT}"},
-    )
-    with TorchServeProcess(root / "server", store) as process:
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, model_store: Path):
+    with TorchServeProcess(tmp_path_factory.mktemp("torchserve") / "server", model_store) as process:
         yield process
 
 
@@ -85,7 +75,7 @@ def png_array(data: bytes) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- unary gRPC
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def unary_result(server: TorchServeProcess):
     """One unary morph (GIF + PNG frames) shared by the checks below; records the worker pid."""
     images, prompts = demo_inputs()
@@ -108,12 +98,14 @@ def test_unary_returns_gif_with_requested_frames(unary_result) -> None:
     assert [p.name for p in result.parts if p.mime == "image/png"] == [f"frame_{i:03d}.png" for i in range(FRAMES)]
 
 
-def test_unary_call_leaves_the_worker_healthy(server: TorchServeProcess, unary_result) -> None:
+def test_unary_call_leaves_the_worker_serving(server: TorchServeProcess, client: MorphClient, unary_result) -> None:
     """The TorchServe 0.12 trap: streaming into a unary call kills the worker while the
-    management API still says READY. The handler streams only when asked, so after a unary
-    call the same worker process is READY and serves the next call (checked by the error test)."""
+    management API still says READY (and keeps its pid). So liveness is proven by a following
+    request that completes on the same worker process."""
     _, pid_before = unary_result
-    assert server.worker_status() == "READY"
+    images, prompts = demo_inputs()
+    quick = {"num_frames": 2, "lora_steps": 1, "num_inference_steps": 2, "use_reschedule": False}
+    assert client.morph(images, prompts, quick, deadline_s=120).metadata["num_frames"] == 2
     assert server.worker_pid() == pid_before
 
 
@@ -260,10 +252,35 @@ def test_client_rereads_an_expired_key_once(server: TorchServeProcess, tmp_path:
     assert tokens.get() == server.key()
 
 
-def test_prometheus_metrics_include_morph_stages(server: TorchServeProcess, unary_result) -> None:
+def metric_values(server: TorchServeProcess, name: str) -> dict[str, float]:
+    """Prometheus samples of `name`: label text -> value (TorchServe declares every metric at
+    start, so only recorded values prove anything)."""
     with urllib.request.urlopen(server.url("metrics", "/metrics"), timeout=10) as response:
         text = response.read().decode()
-    assert "MorphRequests" in text and "MorphStageSeconds" in text
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            labels, value = line.rsplit(" ", 1)
+            samples[labels[len(name):]] = float(value)
+    return samples
+
+
+def test_prometheus_metrics_record_requests_and_stage_times(server: TorchServeProcess, client: MorphClient,
+                                                            unary_result) -> None:
+    images, prompts = demo_inputs()
+    before = sum(metric_values(server, "MorphRequests").values())
+    for _ in range(2):
+        client.morph(images, prompts, {**TINY, "num_frames": 2}, deadline_s=120)
+    with pytest.raises(MorphClientError):
+        client.morph([b"garbage", images[1]], prompts, TINY, deadline_s=60)
+    requests = sum(metric_values(server, "MorphRequests").values())
+    assert requests - before == 2  # counted once per decoded request
+    rejected = metric_values(server, "MorphRejected")
+    assert any('invalid_request' in labels and value >= 1 for labels, value in rejected.items()), rejected
+    stages = metric_values(server, "MorphStageSeconds")
+    lora = [value for labels, value in stages.items() if 'lora' in labels]
+    assert lora and all(value > 0 for value in lora), stages
+    assert all(value > 0 for value in metric_values(server, "MorphLatencySeconds").values())
 
 
 def test_model_registration_over_the_api_is_off(server: TorchServeProcess) -> None:

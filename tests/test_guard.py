@@ -1,0 +1,126 @@
+"""The guard's parts without a server: error translation, the watchdog's decisions, token
+rotation timing, the control directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from client import wire
+from guard.control import BUSY, ControlDir, Heartbeat
+from guard.gateway import BUSY_DETAILS, translate_error
+from guard.management import ManagementError
+from guard.tokens import TokenRotator, expirations
+from guard.watchdog import Watchdog, WatchdogConfig, pid_alive
+
+
+def test_errors_lose_the_java_class_and_get_the_right_code() -> None:
+    java = "\norg.pytorch.serve.http.InternalServerException"
+    assert translate_error(grpc.StatusCode.INVALID_ARGUMENT, "invalid request: x" + java) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "invalid request: x")
+    busy = 'Model "diffmorpher" has no worker to serve inference request. Please use scale workers API'
+    assert translate_error(grpc.StatusCode.INTERNAL, busy + java) == (grpc.StatusCode.UNAVAILABLE, BUSY_DETAILS)
+    code, details = translate_error(grpc.StatusCode.INTERNAL, f"{wire.OUT_OF_MEMORY_PREFIX} reduce" + java)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(wire.OUT_OF_MEMORY_PREFIX)
+    for died_code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED):
+        code, details = translate_error(died_code, "Worker died." + java)
+        assert code == grpc.StatusCode.ABORTED and "died" in details
+
+
+class FakeManagement:
+    """The management API's answers, scripted (the real one is exercised end to end)."""
+
+    def __init__(self, workers: list[dict]) -> None:
+        self.workers = workers
+        self.scaled: list[int] = []
+        self.key_file = Path("/nonexistent")
+
+    def describe(self, model: str) -> dict:
+        return {"minWorkers": 1, "workers": self.workers}
+
+    def scale(self, model: str, min_workers: int, timeout_s: float = 120.0) -> None:
+        self.scaled.append(min_workers)
+
+
+def dead_pid() -> int:
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_ready_worker_without_a_process_is_restarted_after_the_grace_period() -> None:
+    pid = dead_pid()
+    assert not pid_alive(pid)
+    api = FakeManagement([{"pid": pid, "status": "READY"}])
+    dog = Watchdog(api, None, WatchdogConfig("m", grace_s=3))
+    report = dog.check(now=100.0)
+    assert not report.healthy and "process is gone" in report.reasons[0]
+    assert api.scaled == []  # seen once: TorchServe may be restarting it itself
+    dog.check(now=104.0)
+    assert api.scaled == [0, 1] and dog.events[0].kind == "dead"
+    api.workers = [{"pid": os.getpid(), "status": "READY"}]
+    assert dog.check(now=110.0).healthy
+    assert dog.events[0].seconds == 10.0
+
+
+def test_a_busy_worker_whose_heartbeat_stopped_is_killed(tmp_path: Path, monkeypatch) -> None:
+    control = ControlDir(tmp_path)
+    control.write_heartbeat(Heartbeat(pid=4242, state=BUSY, call_id="", started=0.0, beat=1000.0))
+    api = FakeManagement([{"pid": 4242, "status": "READY"}])
+    killed = []
+    monkeypatch.setattr("guard.watchdog.pid_alive", lambda pid: True)
+    monkeypatch.setattr("guard.watchdog.os.kill", lambda pid, sig: killed.append((pid, sig)))
+    dog = Watchdog(api, control, WatchdogConfig("m", grace_s=2, wedge_after_s=60))
+    assert dog.check(now=1050.0).healthy  # 50 s without a step: still fine
+    assert not dog.check(now=1070.0).healthy and killed == []
+    dog.check(now=1073.0)
+    assert [pid for pid, _ in killed] == [4242] and dog.events[0].kind == "wedged"
+
+
+def test_keys_are_rotated_at_half_their_lifetime(tmp_path: Path) -> None:
+    key_file = tmp_path / "key_file.json"
+    now = time.time()
+
+    def iso(t: float) -> str:
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".123456789Z"
+
+    key_file.write_text(json.dumps({
+        "management": {"key": "m", "expiration time": iso(now + 50)},
+        "inference": {"key": "i", "expiration time": iso(now + 20)},
+        "API": {"key": "a"},
+    }))
+    assert set(expirations(key_file)) == {"management", "inference"}
+
+    class Api:
+        def __init__(self) -> None:
+            self.key_file = key_file
+            self.rotated: list[str] = []
+
+        def rotate_token(self, kind: str) -> None:
+            if kind == "management":
+                raise ManagementError("refused")
+            self.rotated.append(kind)
+
+    api = Api()
+    rotator = TokenRotator(api, lifetime_s=60)  # type: ignore[arg-type]
+    assert rotator.rotate_due(now) == ["inference"]  # 20 s left of 60: due; 50 s left: not yet
+    assert rotator.rotate_due(now + 25) == ["inference"] and "refused" in rotator.last_error
+
+
+def test_cancel_markers_only_take_call_ids(tmp_path: Path) -> None:
+    control = ControlDir(tmp_path)
+    with pytest.raises(ValueError):
+        control.cancel("../escape", "x")
+    control.cancel("a" * 32, "cancelled by the client")
+    assert control.cancel_reason("a" * 32) == "cancelled by the client"
+    old = time.time() - 7200
+    os.utime(control.cancel_marker("a" * 32), (old, old))
+    assert control.prune_cancel_markers(older_than_s=3600) == 1
