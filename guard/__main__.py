@@ -17,20 +17,10 @@ from pathlib import Path
 
 from .control import CONTROL_DIR_ENV, ControlDir
 from .gateway import Gateway, GatewayConfig
-from .management import ManagementApi
+from .management import ManagementApi, read_properties
 from .service import Guard
 from .tokens import TokenRotator
 from .watchdog import Watchdog, WatchdogConfig
-
-
-def read_properties(path: Path) -> dict[str, str]:
-    properties = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, value = line.split("=", 1)
-            properties[key.strip()] = value.strip()
-    return properties
 
 
 def _host_port(text: str) -> tuple[str, int]:

@@ -1,4 +1,5 @@
-"""TorchServe's management API as the guard uses it: describe, scale, rotate tokens (stdlib only)."""
+"""TorchServe's management API as the guard uses it: describe, scale, rotate tokens; and its
+config.properties (stdlib only)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from client.auth import TokenError, read_key_file
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    """A TorchServe config.properties as a dict (comments and blank lines skipped)."""
+    values = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#") and "=" in line:
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip()
+    return values
 
 
 class ManagementError(RuntimeError):

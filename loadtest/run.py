@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from client.auth import TokenError, read_key_file
+from guard.management import read_properties
 from loadtest.profiles import ProfileError, check_options, load_profile
 from loadtest.report import CSV_PREFIX, write_report
 from loadtest.scrape import Scraper, read_samples
@@ -63,15 +64,6 @@ class Endpoints:
         for host in hosts:
             if host not in LOOPBACK:
                 raise SystemExit(f"loadtest: refusing non-loopback address {host!r}")
-
-
-def read_properties(path: Path) -> dict[str, str]:
-    values = {}
-    for line in path.read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#") and "=" in line:
-            key, _, value = line.partition("=")
-            values[key.strip()] = value.strip()
-    return values
 
 
 def endpoints_of_running(target: str, ts_config: Path, key_file: Path) -> Endpoints:
