@@ -187,7 +187,7 @@ def server_pids(server) -> Callable[[], dict[str, list[int]]]:
     """Process kind -> pids of a tests.torchserve_server.TorchServeProcess."""
 
     def pids() -> dict[str, list[int]]:
-        result = {"frontend": [server.process.pid] if server.process else []}
+        result = {"frontend": _java_children(server.process.pid) if server.process else []}
         result["guard"] = [server.guard_process.pid] if server.guard_process else []
         try:
             result["worker"] = server.worker_pids()
@@ -196,6 +196,17 @@ def server_pids(server) -> Callable[[], dict[str, list[int]]]:
         return result
 
     return pids
+
+
+def _java_children(pid: int) -> list[int]:
+    """The Java frontend under the `torchserve` launcher process (the launcher itself is idle)."""
+    import psutil
+
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    return [child.pid for child in children if "java" in child.name()]
 
 
 def main(argv: list[str] | None = None) -> int:
