@@ -49,7 +49,8 @@ def build_guard(args: argparse.Namespace) -> Guard:
     )
     watchdog = Watchdog(
         api, control,
-        WatchdogConfig(args.model, interval_s=args.interval, grace_s=2 * args.interval, wedge_after_s=args.wedge_after),
+        WatchdogConfig(args.model, interval_s=args.interval, grace_s=2 * args.interval,
+                       wedge_after_s=args.wedge_after, stall_after_s=args.stall_after),
     )
     return Guard(gateway, watchdog, TokenRotator(api, lifetime_s) if token_auth else None, health_address)
 
@@ -65,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between watchdog rounds")
     parser.add_argument("--wedge-after", type=float, default=600.0,
                         help="seconds without a morph step after which a busy worker is killed")
+    parser.add_argument("--stall-after", type=float, default=60.0,
+                        help="seconds every worker may sit idle while requests wait before they are restarted")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s guard %(levelname)s %(message)s")
     stop = threading.Event()

@@ -1,12 +1,14 @@
 """Finding workers that cannot serve and replacing them, with no operator.
 
-Two failures TorchServe 0.12 does not repair by itself:
+Three failures TorchServe 0.12 does not repair by itself:
 - dead: the management API reports a worker READY whose process is gone (the unary/stream trap,
   or any other path where the frontend lost track of its worker). Requests queue behind it
   forever. Repair: scale the model to 0 workers and back (TorchServe starts fresh ones).
 - wedged: the worker process lives but its heartbeat (guard.control, written at every morph
   step) says busy and has not moved for `wedge_after_s`. Repair: SIGKILL it; TorchServe notices
   the dead process, fails its request ("Worker died.") and starts a new worker.
+- stalled: requests wait in the queue while every worker's heartbeat has said idle for
+  `stall_after_s` (the frontend lost its workers without noticing). Repair: as for dead.
 A condition must hold on two consecutive checks `grace_s` apart, so TorchServe's own restarts
 are never fought. The last report is what the health endpoint serves.
 """
@@ -20,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .control import BUSY, ControlDir
+from .control import BUSY, IDLE, ControlDir
 from .management import ManagementApi, ManagementError
 
 logger = logging.getLogger(__name__)
@@ -34,11 +36,12 @@ class WatchdogConfig:
     interval_s: float = 2.0
     grace_s: float = 4.0
     wedge_after_s: float = 600.0
+    stall_after_s: float = 60.0
 
 
 @dataclass
 class HealEvent:
-    kind: str  # "dead" or "wedged"
+    kind: str  # "dead", "wedged" or "stalled"
     pid: int
     detected: float  # Unix time the condition was first seen
     healed: float = 0.0  # Unix time a working worker was back (0: not yet)
@@ -102,6 +105,7 @@ class Watchdog:
             if beat is not None and beat.state == BUSY and now - beat.beat > self.config.wedge_after_s:
                 found.add(("wedged", pid))
                 reasons.append(f"worker {pid} has made no progress for {now - beat.beat:.0f} s")
+        found |= self._stalled(description, workers, now, reasons)
         ready = [w for w in workers if w.get("status") in LIVE_STATES and pid_alive(int(w.get("pid") or -1))]
         if len(ready) < min_workers:
             reasons.append(f"{len(ready)} of {min_workers} workers ready")
@@ -109,6 +113,18 @@ class Watchdog:
         self._close_events(ready, found, now)
         self.report = HealthReport(not reasons, reasons, workers, now)
         return self.report
+
+    def _stalled(self, description: dict[str, Any], workers: list[dict[str, Any]], now: float,
+                 reasons: list[str]) -> set[tuple[str, int]]:
+        """Workers idle for `stall_after_s` while requests wait: the frontend stopped feeding them."""
+        pending = int((description.get("jobQueueStatus") or {}).get("pendingRequests", 0) or 0)
+        if pending <= 0 or self.control is None or not workers:
+            return set()
+        beats = [self.control.read_heartbeat(int(w.get("pid") or -1)) for w in workers]
+        if any(b is None or b.state != IDLE or now - b.beat < self.config.stall_after_s for b in beats):
+            return set()
+        reasons.append(f"{pending} requests wait while every worker has been idle for {self.config.stall_after_s:.0f}+ s")
+        return {("stalled", beat.pid) for beat in beats if beat is not None}
 
     def _repair(self, found: set[tuple[str, int]], now: float) -> None:
         self._suspects = {key: since for key, since in self._suspects.items() if key in found}

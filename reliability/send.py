@@ -90,7 +90,7 @@ class Sender:
         started = time.perf_counter()
         token = self._token(case.token)
         if transport == "rest":
-            status, body = rest_post(self.endpoints, case.fields, token, timeout_s)
+            status, body, _ = rest_post(self.endpoints, case.fields, token, timeout_s)
             header, message = _decode(body) if status == 200 else (None, body.decode("utf-8", "replace"))
             return Answer(transport, str(status), message, time.perf_counter() - started, header)
         metadata = [("authorization", f"Bearer {token}")] if token else []
@@ -137,8 +137,10 @@ def judge(case: Case, answer: Answer) -> str | None:
 
 
 def rest_post(endpoints: Endpoints, fields: dict[str, bytes], token: str | None,
-              timeout_s: float) -> tuple[int, bytes]:
-    """POST multipart/form-data to /predictions/<model> (standard library only)."""
+              timeout_s: float) -> tuple[int, bytes, str]:
+    """POST multipart/form-data to /predictions/<model> (standard library only), as curl -F
+    would: images as files, options as application/json, prompts as text. Returns the status,
+    the body and the answer's Content-Type."""
     boundary = uuid.uuid4().hex
     body = io.BytesIO()
     for name, data in fields.items():
@@ -158,11 +160,11 @@ def rest_post(endpoints: Endpoints, fields: dict[str, bytes], token: str | None,
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            return response.status, response.read()
+            return response.status, response.read(), response.headers.get("Content-Type", "")
     except urllib.error.HTTPError as error:
-        return error.code, error.read()
+        return error.code, error.read(), error.headers.get("Content-Type", "")
     except (urllib.error.URLError, ConnectionError) as error:
         reason = getattr(error, "reason", error)
         if isinstance(reason, ConnectionError):  # refused mid-upload (an oversized body)
-            return CLOSED, f"the server closed the connection during the upload: {reason}".encode()
+            return CLOSED, f"the server closed the connection during the upload: {reason}".encode(), ""
         raise

@@ -13,7 +13,6 @@ import io
 import json
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 
 import grpc
@@ -24,6 +23,7 @@ from PIL import Image
 from client import wire
 from client.auth import TokenSource
 from client.morph_client import MorphClient, MorphClientError
+from reliability.send import Endpoints, rest_post
 from tests.conftest import DEMO_DIR, EMBEDDED_MODEL
 from tests.torchserve_server import TorchServeProcess
 
@@ -129,9 +129,9 @@ def test_endpoint_frames_resemble_inputs(unary_result) -> None:
 def test_rest_returns_the_same_result_for_the_same_seed(server: TorchServeProcess, unary_result) -> None:
     grpc_result, _ = unary_result
     images, prompts = demo_inputs()
-    fields = {wire.image_key(i): ("image.png", data, "image/png") for i, data in enumerate(images)}
-    fields |= {wire.prompt_key(i): (None, p.encode(), "text/plain") for i, p in enumerate(prompts)}
-    fields[wire.INPUT_OPTIONS] = (None, json.dumps({**TINY, "format": ["gif", "png"]}).encode(), "application/json")
+    fields = {wire.image_key(i): data for i, data in enumerate(images)}
+    fields |= {wire.prompt_key(i): p.encode() for i, p in enumerate(prompts)}
+    fields[wire.INPUT_OPTIONS] = json.dumps({**TINY, "format": ["gif", "png"]}).encode()
     status, body, content_type = rest_predict(server, fields, token=server.key())
     assert status == 200, body[:500]
     assert content_type == wire.CONTENT_TYPE
@@ -145,27 +145,9 @@ def test_rest_returns_the_same_result_for_the_same_seed(server: TorchServeProces
     assert message.header["alphas"] == grpc_result.metadata["alphas"]
 
 
-def rest_predict(server: TorchServeProcess, fields: dict, token: str | None) -> tuple[int, bytes, str]:
-    """POST multipart/form-data to /predictions/<model> with the standard library only."""
-    boundary = uuid.uuid4().hex
-    body = io.BytesIO()
-    for name, (filename, data, content_type) in fields.items():
-        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
-        body.write(f"--{boundary}\r\nContent-Disposition: {disposition}\r\n"
-                   f"Content-Type: {content_type}\r\n\r\n".encode())
-        body.write(data + b"\r\n")
-    body.write(f"--{boundary}--\r\n".encode())
-    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(
-        server.url("inference", f"/predictions/{server.model_name}"), data=body.getvalue(), headers=headers
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=600) as response:
-            return response.status, response.read(), response.headers.get("Content-Type", "")
-    except urllib.error.HTTPError as error:
-        return error.code, error.read(), error.headers.get("Content-Type", "")
+def rest_predict(server: TorchServeProcess, fields: dict[str, bytes], token: str | None) -> tuple[int, bytes, str]:
+    endpoints = Endpoints(server.grpc_target, server.url("inference", ""), server.key_file, server.model_name)
+    return rest_post(endpoints, fields, token, timeout_s=600)
 
 
 # ---------------------------------------------------------------------------- streaming
@@ -234,7 +216,7 @@ def test_requests_without_a_valid_token_are_rejected(server: TorchServeProcess) 
             with pytest.raises(MorphClientError) as raised:
                 anonymous.morph(images, prompts, TINY, deadline_s=60)
             assert raised.value.code == grpc.StatusCode.PERMISSION_DENIED
-    fields = {wire.image_key(i): ("i.png", d, "image/png") for i, d in enumerate(images)}
+    fields = {wire.image_key(i): d for i, d in enumerate(images)}
     status, body, _ = rest_predict(server, fields, token=None)
     assert status in (400, 401, 403) and b"Token Authorization failed" in body
 

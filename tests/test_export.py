@@ -70,7 +70,8 @@ def test_archive_holds_handler_core_weights_and_config(tmp_path: Path, tiny_sd_d
     with zipfile.ZipFile(tmp_path / "diffmorpher.mar") as archive:
         names = set(archive.namelist())
         config = yaml.safe_load(archive.read("model-config.yaml"))
-    assert {"torchserve_handler.py", "morph_request.py", "morph_response.py", "client/wire.py",
-            "diffmorpher/pipeline.py", "model/unet/config.json", "MAR-INF/MANIFEST.json"} <= names
+    assert {"torchserve_handler.py", "morph_request.py", "morph_response.py", "request_stop.py", "client/wire.py",
+            "guard/control.py", "diffmorpher/pipeline.py", "model/unet/config.json", "MAR-INF/MANIFEST.json"} <= names
+    assert "guard/gateway.py" not in names  # the worker needs only the control directory's layout
     assert not any("__pycache__" in n for n in names)
     assert config["handler"]["defaults"]["num_frames"] == 6 and config["handler"]["lpips_weights"] == ""

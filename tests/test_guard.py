@@ -124,3 +124,26 @@ def test_cancel_markers_only_take_call_ids(tmp_path: Path) -> None:
     old = time.time() - 7200
     os.utime(control.cancel_marker("a" * 32), (old, old))
     assert control.prune_cancel_markers(older_than_s=3600) == 1
+
+
+def test_idle_workers_with_a_waiting_queue_are_restarted(tmp_path: Path, monkeypatch) -> None:
+    from guard.control import IDLE
+
+    control = ControlDir(tmp_path)
+    control.write_heartbeat(Heartbeat(pid=4242, state=IDLE, beat=1000.0))
+    monkeypatch.setattr("guard.watchdog.pid_alive", lambda pid: True)
+
+    class Queued(FakeManagement):
+        pending = 0
+
+        def describe(self, model: str) -> dict:
+            return {**super().describe(model), "jobQueueStatus": {"pendingRequests": self.pending}}
+
+    api = Queued([{"pid": 4242, "status": "READY"}])
+    dog = Watchdog(api, control, WatchdogConfig("m", grace_s=2, stall_after_s=30))
+    assert dog.check(now=1100.0).healthy  # idle for long, but nothing waits
+    api.pending = 3
+    assert dog.check(now=1010.0).healthy  # requests wait, but the worker was busy 10 s ago
+    assert not dog.check(now=1100.0).healthy and api.scaled == []
+    dog.check(now=1103.0)
+    assert api.scaled == [0, 1] and dog.events[0].kind == "stalled"
