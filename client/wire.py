@@ -112,6 +112,8 @@ INPUT_OPTIONS = "options"
 INPUT_STREAM = "stream"
 INPUT_DEADLINE = "deadline"
 INPUT_CALL_ID = "call_id"
+STREAM_TRUE = ("true", "1", "yes")  # accepted values of `stream` (case-insensitive)
+STREAM_FALSE = ("false", "0", "no", "")
 # Error messages of a morph that ran out of memory start with this (HTTP 507; the gateway answers
 # gRPC RESOURCE_EXHAUSTED where TorchServe would say INTERNAL).
 OUT_OF_MEMORY_PREFIX = "out of memory:"

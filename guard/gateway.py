@@ -20,7 +20,6 @@ Only the `authorization` metadata is forwarded; TorchServe checks the token.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 import uuid
@@ -32,13 +31,12 @@ import grpc
 from google.protobuf import empty_pb2
 
 from client import stubs, wire
-from client.morph_client import BUSY_MESSAGE
+from client.morph_client import BUSY_MESSAGE, clean_details
 
 from .control import ControlDir
 
 logger = logging.getLogger(__name__)
 
-JAVA_SUFFIX = re.compile(r"\s*\n?org\.pytorch\.serve\.[A-Za-z0-9_.]+\s*$")
 BUSY_DETAILS = (
     "server busy: every worker is busy and the job queue is full (TorchServe: model has no worker "
     "to serve inference request); retry with backoff"
@@ -52,8 +50,6 @@ WORKER_DIED_DETAILS = (
     "fewer frames, a smaller frame_batch_size or a lower resolution"
 )
 NO_DEADLINE_S = 10**8  # grpcio reports "no deadline" as a huge time_remaining()
-TRUE_TEXTS = ("true", "1", "yes")  # as handler/morph_request.parse_stream reads it
-FALSE_TEXTS = ("false", "0", "no", "")
 
 
 @dataclass(frozen=True)
@@ -63,11 +59,6 @@ class GatewayConfig:
     max_request_bytes: int = 100 * 1024 * 1024  # config.properties max_request_size
     max_response_bytes: int = 256 * 1024 * 1024 + 1024 * 1024  # max_response_size + framing
     max_concurrent_calls: int = 256
-
-
-def clean_details(details: str) -> str:
-    """TorchServe's error text without the Java exception class it appends."""
-    return JAVA_SUFFIX.sub("", details or "").strip()
 
 
 def translate_error(code: grpc.StatusCode, details: str) -> tuple[grpc.StatusCode, str]:
@@ -238,7 +229,7 @@ def _forwarded(context: grpc.ServicerContext) -> list[tuple[str, str]]:
 def _boolean(value: bytes) -> bool | None:
     """The `stream` field as the handler reads it; None when it is no boolean."""
     text = value.decode("utf-8", "replace").strip().lower()
-    return True if text in TRUE_TEXTS else False if text in FALSE_TEXTS else None
+    return True if text in wire.STREAM_TRUE else False if text in wire.STREAM_FALSE else None
 
 
 def _float(value: bytes) -> float | None:

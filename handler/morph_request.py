@@ -222,9 +222,9 @@ def parse_stream(value: Any) -> bool:
     if value is None:
         return False
     text = _as_text(wire.INPUT_STREAM, value).strip().lower()
-    if text in ("true", "1", "yes"):
+    if text in wire.STREAM_TRUE:
         return True
-    if text in ("false", "0", "no", ""):
+    if text in wire.STREAM_FALSE:
         return False
     raise ConfigError(f"field 'stream' must be true or false, got {text[:20]!r}")
 

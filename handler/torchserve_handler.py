@@ -6,10 +6,15 @@ has been in limited maintenance since 2025; keeping all logic in the core means 
 file is all it takes to move to another server.
 
 Streaming: when the request's `stream` field is true the handler sends progress and every
-finished frame as intermediate responses, then the result. Only the client's StreamPredictions
-call sets it: in TorchServe 0.12 intermediate responses on a unary call answer it with the first
-message and leave a dead worker the management API still reports READY. The handler cannot see
-which RPC was used (gRPC metadata does not reach the worker), hence the explicit field.
+finished frame as intermediate responses, then the result. The handler cannot see which RPC was
+used (gRPC metadata does not reach the worker), and in TorchServe 0.12 intermediate responses on
+a unary call kill the worker; so the guard's gateway (guard/gateway.py) sets the field on
+StreamPredictions and refuses it on Predictions, and its watchdog replaces a worker killed by a
+client that bypassed the gateway.
+
+Stopping: every request may carry a `deadline`, and the gateway marks cancelled calls in the
+control directory (guard/control.py); request_stop.CallStop turns both into the core's StopCheck,
+asked at every LoRA and denoising step, and writes this worker's heartbeat for the watchdog.
 """
 
 from __future__ import annotations
