@@ -1,3 +1,4 @@
+import pytest
 import torch
 from diffusers import DDIMScheduler
 
@@ -43,3 +44,29 @@ def test_prediction_types_agree_on_x0_and_eps():
     for output, kind in ((eps, "epsilon"), (v, "v_prediction"), (x0, "sample")):
         got_x0, got_eps = split_prediction(output, sample, a_t, kind)
         assert torch.allclose(got_x0, x0, atol=1e-5) and torch.allclose(got_eps, eps, atol=1e-5)
+
+
+def test_each_step_goes_to_the_next_timestep_of_the_sequence_for_every_spacing():
+    """`trailing` and `linspace` checkpoints space their timesteps differently from `leading`;
+    a step must land on the sequence's next timestep, not on t - 1000 // steps."""
+    from diffmorpher.ddim import plan_steps
+
+    for spacing in ("leading", "trailing", "linspace"):
+        scheduler = DDIMScheduler.from_config(_scheduler().config, timestep_spacing=spacing)
+        plan = plan_steps(scheduler, 7)
+        assert plan.timesteps == ddim_timesteps(scheduler, 7).tolist()
+        for index, t in enumerate(plan.timesteps):
+            following = plan.timesteps[index + 1] if index + 1 < len(plan.timesteps) else -1
+            assert plan.alphas[index] == float(scheduler.alphas_cumprod[t])
+            expected = float(scheduler.alphas_cumprod[following]) if following >= 0 else float(scheduler.final_alpha_cumprod)
+            assert plan.previous_alphas[index] == pytest.approx(expected, abs=1e-7), (spacing, t)
+    linspace = plan_steps(DDIMScheduler.from_config(_scheduler().config, timestep_spacing="linspace"), 6)
+    old_rule = [t - 1000 // 6 for t in linspace.timesteps[:-1]]
+    assert old_rule != linspace.timesteps[1:]  # t - 1000 // steps misses the sequence's next timestep
+
+
+def test_inversion_is_exactly_undone_for_trailing_spacing():
+    scheduler = DDIMScheduler.from_config(_scheduler().config, timestep_spacing="trailing")
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    noise = ddim_invert(scheduler, _recording_predictor([]), x0, 10)
+    assert (ddim_sample(scheduler, _recording_predictor([]), noise, 10) - x0).abs().max() < 1e-9

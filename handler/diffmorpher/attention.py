@@ -49,7 +49,7 @@ class AttentionStore:
 
     def mix(self, layer: str, step: int, weights: torch.Tensor) -> torch.Tensor:
         stored = self.tensors[(layer, step)]
-        return torch.einsum("bk,klc->blc", weights.to(stored.dtype), stored)
+        return torch.einsum("bk,klc->blc", weights.to(device=stored.device, dtype=stored.dtype), stored)
 
     @property
     def nbytes(self) -> int:

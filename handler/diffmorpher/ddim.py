@@ -12,8 +12,10 @@ same formula, which is what makes inversion followed by sampling reproduce the i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
@@ -23,17 +25,81 @@ StepCallback = Callable[[int, int], None]
 
 
 def ddim_timesteps(scheduler: DDIMScheduler, num_inference_steps: int) -> torch.Tensor:
-    """The sampler's timesteps (descending), from a private copy of the scheduler."""
+    """The sampler's timesteps (descending), from a private copy of the scheduler; they follow
+    the checkpoint's `timestep_spacing` (leading, trailing or linspace)."""
     copy = DDIMScheduler.from_config(scheduler.config)
     copy.set_timesteps(num_inference_steps)
     return copy.timesteps.clone()
 
 
-def alpha_bar(scheduler: DDIMScheduler, timestep: int) -> float:
-    """alpha_bar at a timestep; below 0 it is the scheduler's final alpha (the clean image)."""
-    if timestep >= 0:
-        return float(scheduler.alphas_cumprod[timestep])
-    return float(scheduler.final_alpha_cumprod)
+@dataclass(frozen=True)
+class StepPlan:
+    """Everything a DDIM walk needs, as Python numbers, computed once before the loop:
+    `timesteps` descending, and `alphas[i]` / `previous_alphas[i]` the alpha_bar at timestep i
+    and at the step after it (the next timestep of the sequence, or the final alpha)."""
+
+    timesteps: list[int]
+    alphas: list[float]
+    previous_alphas: list[float]
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """A DDIM scheduler's numbers as numpy and Python values, read from its tensors once (when
+    the models load). Denoising loops and LoRA steps use these, so nothing in them reads a
+    tensor back to the host (a GPU sync per step) or depends on where diffusers last moved the
+    scheduler's tables (its `add_noise` moves them to the device)."""
+
+    alphas_cumprod: np.ndarray  # float64, one per training timestep
+    final_alpha: float
+    timestep_spacing: str
+    steps_offset: int
+    prediction_type: str
+
+    @classmethod
+    def from_scheduler(cls, scheduler: DDIMScheduler) -> "NoiseSchedule":
+        table = scheduler.alphas_cumprod
+        if table.device.type != "cpu":
+            table = table.cpu()
+        config = scheduler.config
+        return cls(
+            np.asarray(table.numpy(), dtype=np.float64), float(scheduler.final_alpha_cumprod),
+            str(config.timestep_spacing), int(config.steps_offset), str(config.prediction_type),
+        )
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return len(self.alphas_cumprod)
+
+    def alpha(self, timestep: int) -> float:
+        return float(self.alphas_cumprod[timestep]) if timestep >= 0 else self.final_alpha
+
+    def timesteps(self, num_inference_steps: int) -> list[int]:
+        """The sampler's timesteps, descending, for the checkpoint's `timestep_spacing` (the same
+        numbers as DDIMScheduler.set_timesteps; a test compares them)."""
+        total, count = self.num_train_timesteps, num_inference_steps
+        if self.timestep_spacing == "linspace":
+            steps = np.linspace(0, total - 1, count).round()[::-1]
+        elif self.timestep_spacing == "leading":
+            steps = (np.arange(0, count) * (total // count)).round()[::-1] + self.steps_offset
+        elif self.timestep_spacing == "trailing":
+            steps = np.round(np.arange(total, 0, -total / count)) - 1
+        else:
+            raise ValueError(f"unsupported timestep_spacing {self.timestep_spacing!r}")
+        return [int(t) for t in steps.astype(np.int64)]
+
+    def plan(self, num_inference_steps: int) -> StepPlan:
+        timesteps = self.timesteps(num_inference_steps)
+        alphas = [self.alpha(t) for t in timesteps]
+        return StepPlan(timesteps, alphas, alphas[1:] + [self.final_alpha])
+
+
+def as_schedule(scheduler: "DDIMScheduler | NoiseSchedule") -> NoiseSchedule:
+    return scheduler if isinstance(scheduler, NoiseSchedule) else NoiseSchedule.from_scheduler(scheduler)
+
+
+def plan_steps(scheduler: "DDIMScheduler | NoiseSchedule", num_inference_steps: int) -> StepPlan:
+    return as_schedule(scheduler).plan(num_inference_steps)
 
 
 def split_prediction(
@@ -62,12 +128,8 @@ def ddim_step(
     return a_to**0.5 * x0 + (1 - a_to) ** 0.5 * eps
 
 
-def _previous(scheduler: DDIMScheduler, timestep: int, num_inference_steps: int) -> int:
-    return timestep - scheduler.config.num_train_timesteps // num_inference_steps
-
-
 def ddim_sample(
-    scheduler: DDIMScheduler,
+    scheduler: "DDIMScheduler | NoiseSchedule",
     predict: Predictor,
     latents: torch.Tensor,
     num_inference_steps: int,
@@ -78,7 +140,7 @@ def ddim_sample(
 
 
 def ddim_invert(
-    scheduler: DDIMScheduler,
+    scheduler: "DDIMScheduler | NoiseSchedule",
     predict: Predictor,
     latents: torch.Tensor,
     num_inference_steps: int,
@@ -94,7 +156,7 @@ def ddim_invert(
 
 
 def _walk(
-    scheduler: DDIMScheduler,
+    scheduler: "DDIMScheduler | NoiseSchedule",
     predict: Predictor,
     latents: torch.Tensor,
     num_inference_steps: int,
@@ -103,17 +165,19 @@ def _walk(
     invert: bool,
 ) -> torch.Tensor:
     """The sampler's steps in order, or in reverse order with each step run backwards. The
-    predictor is told the sampler's step index of each timestep in both directions."""
-    timesteps = ddim_timesteps(scheduler, num_inference_steps)
-    prediction_type = scheduler.config.prediction_type
-    order = range(len(timesteps) - 1, -1, -1) if invert else range(len(timesteps))
+    predictor is told the sampler's step index of each timestep in both directions. The
+    timesteps go to the device once; inside the loop nothing is read back to the host."""
+    schedule = as_schedule(scheduler)
+    plan = schedule.plan(num_inference_steps)
+    timesteps = torch.tensor(plan.timesteps, device=latents.device)
+    prediction_type = schedule.prediction_type
+    count = len(plan.timesteps)
+    order = range(count - 1, -1, -1) if invert else range(count)
     for done, index in enumerate(order, start=1):
-        t = int(timesteps[index])
         output = predict(latents, timesteps[index], index)
-        a_t = alpha_bar(scheduler, t)
-        a_prev = alpha_bar(scheduler, _previous(scheduler, t, num_inference_steps))
+        a_t, a_prev = plan.alphas[index], plan.previous_alphas[index]
         a_from, a_to = (a_prev, a_t) if invert else (a_t, a_prev)
         latents = ddim_step(latents, output, a_from, a_to, prediction_type)
         if on_step:
-            on_step(done, len(timesteps))
+            on_step(done, count)
     return latents

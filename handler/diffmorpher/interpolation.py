@@ -36,10 +36,11 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, alphas: torch.Tensor) -> torch.Ten
     cos_theta = cos_theta.clamp(-1.0, 1.0)
     theta = torch.arccos(cos_theta)
     sin_theta = torch.sin(theta)
-    if sin_theta.abs() < 1e-6:
-        mixed = (1 - a) * v0 + a * v1
-    else:
-        mixed = (torch.sin((1 - a) * theta) * v0 + torch.sin(a * theta) * v1) / sin_theta
+    # Chosen on the device (torch.where), not with an `if` that reads the angle back to the host.
+    parallel = sin_theta.abs() < 1e-6
+    safe_sin = torch.where(parallel, torch.ones_like(sin_theta), sin_theta)
+    spherical = (torch.sin((1 - a) * theta) * v0 + torch.sin(a * theta) * v1) / safe_sin
+    mixed = torch.where(parallel, (1 - a) * v0 + a * v1, spherical)
     return mixed.reshape(-1, *z0.shape[1:]).to(out_dtype)
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -20,17 +21,19 @@ from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
 from .config import LORA_TARGET_MODULES, MorphConfig
+from .ddim import NoiseSchedule, as_schedule
 from .preprocess import to_model_square
 
 ADAPTER_NAME = "diffmorpher_fit"
 
-# on_step(step, total, loss)
-LoraStepCallback = Callable[[int, int, float], None]
+# on_step(step, total, loss): `loss` stays a (detached) device tensor; turning it into a Python
+# number is the callback's choice, since it waits for the device.
+LoraStepCallback = Callable[[int, int, torch.Tensor], None]
 
 
 def fit_lora(
     unet: UNet2DConditionModel,
-    scheduler: DDIMScheduler,
+    scheduler: "DDIMScheduler | NoiseSchedule",
     latent_mean: torch.Tensor,
     latent_std: torch.Tensor,
     text_embedding: torch.Tensor,
@@ -46,7 +49,27 @@ def fit_lora(
     The UNet is left without adapters afterwards.
     """
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    device = latent_mean.device
+    noising = ForwardNoising(scheduler, latent_mean.device)
+    with fitting_adapter(unet, config, seed) as params:
+        optimizer = torch.optim.AdamW(
+            params, lr=config.lora_lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8
+        )
+        for step in range(config.lora_steps):
+            with torch.enable_grad():
+                loss = training_loss(unet, noising, latent_mean, latent_std, text_embedding, generator)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            if on_step:
+                on_step(step + 1, config.lora_steps, loss.detach())
+        state = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
+        return {key: value.detach().float().cpu().contiguous() for key, value in state.items()}
+
+
+@contextmanager
+def fitting_adapter(unet: UNet2DConditionModel, config: MorphConfig, seed: int) -> Iterator[list[torch.nn.Parameter]]:
+    """A fresh trainable LoRA adapter on the UNet (its parameters in fp32, whatever the UNet's
+    dtype, so the optimiser state is fp32); removed again on exit, whatever happens."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # peft initialises lora_A from the global generator
         unet.add_adapter(
@@ -61,40 +84,36 @@ def fit_lora(
     try:
         params = [p for name, p in unet.named_parameters() if ADAPTER_NAME in name]
         for param in params:
-            param.data = param.data.float()  # optimiser state in fp32 even for a half-precision UNet
+            param.data = param.data.float()
             param.requires_grad_(True)
-        optimizer = torch.optim.AdamW(
-            params, lr=config.lora_lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8
-        )
-        prediction_type = scheduler.config.prediction_type
-        num_train_timesteps = scheduler.config.num_train_timesteps
-        for step in range(config.lora_steps):
-            latents = latent_mean + latent_std * _randn_like(latent_mean, generator)
-            noise = _randn_like(latent_mean, generator)
-            timestep = torch.randint(0, num_train_timesteps, (1,), generator=generator).to(device)
-            noisy = scheduler.add_noise(latents, noise, timestep)
-            with torch.enable_grad():
-                prediction = unet(noisy, timestep, encoder_hidden_states=text_embedding).sample
-                if prediction_type == "v_prediction":
-                    target = scheduler.get_velocity(latents, noise, timestep)
-                else:
-                    target = noise
-                loss = F.mse_loss(prediction.float(), target.float())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            if on_step:
-                on_step(step + 1, config.lora_steps, float(loss))
-        state = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
-        return {key: value.detach().float().cpu().contiguous() for key, value in state.items()}
+        yield params
     finally:
         unet.unload_lora()
         unet.requires_grad_(False)
 
 
+def training_loss(
+    unet: UNet2DConditionModel,
+    noising: "ForwardNoising",
+    latent_mean: torch.Tensor,
+    latent_std: torch.Tensor,
+    text_embedding: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """One step's loss: a sample of the image's posterior, noised at a random timestep (drawn on
+    the CPU generator, so a seed gives the same LoRA on every device), and the MSE of the UNet's
+    prediction to the target, in fp32. Device tensors only: nothing is read back to the host."""
+    latents = latent_mean + latent_std * _randn_like(latent_mean, generator)
+    noise = _randn_like(latent_mean, generator)
+    timestep = torch.randint(0, len(noising.alphas), (1,), generator=generator).to(latent_mean.device)
+    noisy, target = noising(latents, noise, timestep)
+    prediction = unet(noisy, timestep, encoder_hidden_states=text_embedding).sample
+    return F.mse_loss(prediction.float(), target.float())
+
+
 def denoising_loss(
     unet: UNet2DConditionModel,
-    scheduler: DDIMScheduler,
+    scheduler: "DDIMScheduler | NoiseSchedule",
     latents: torch.Tensor,
     text_embedding: torch.Tensor,
     timesteps: list[int],
@@ -103,20 +122,37 @@ def denoising_loss(
     """Mean denoising MSE of the UNet on fixed (noise, timestep) draws: the objective LoRA
     fitting lowers, used to check that it did."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    noising = ForwardNoising(scheduler, latents.device)
     losses = []
     with torch.no_grad():
         for t in timesteps:
             noise = _randn_like(latents, generator)
             timestep = torch.tensor([t], device=latents.device)
-            noisy = scheduler.add_noise(latents, noise, timestep)
+            noisy, target = noising(latents, noise, timestep)
             prediction = unet(noisy, timestep, encoder_hidden_states=text_embedding).sample
-            target = (
-                scheduler.get_velocity(latents, noise, timestep)
-                if scheduler.config.prediction_type == "v_prediction"
-                else noise
-            )
-            losses.append(float(F.mse_loss(prediction.float(), target.float())))
-    return sum(losses) / len(losses)
+            losses.append(F.mse_loss(prediction.float(), target.float()))
+    return float(torch.stack(losses).mean())
+
+
+class ForwardNoising:
+    """q(x_t | x_0) and the training target (noise, or v for v-prediction models), from an
+    alpha_bar table put on the device once. diffusers' `scheduler.add_noise` would move the
+    shared scheduler's table to the device as a side effect, after which every host-side
+    read of it (the DDIM step plan) waits for the GPU."""
+
+    def __init__(self, scheduler: "DDIMScheduler | NoiseSchedule", device: torch.device) -> None:
+        schedule = as_schedule(scheduler)
+        self.prediction_type = schedule.prediction_type
+        self.alphas = torch.as_tensor(schedule.alphas_cumprod, dtype=torch.float32).to(device)
+
+    def __call__(
+        self, latents: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.alphas[timestep].reshape(-1, *([1] * (latents.ndim - 1)))
+        sqrt_a, sqrt_1ma = a.sqrt().to(latents.dtype), (1 - a).sqrt().to(latents.dtype)
+        noisy = sqrt_a * latents + sqrt_1ma * noise
+        target = sqrt_a * noise - sqrt_1ma * latents if self.prediction_type == "v_prediction" else noise
+        return noisy, target
 
 
 def _randn_like(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError
@@ -63,14 +62,15 @@ def build_lora_stacks(
 def mixed_linear(
     linear: nn.Module, x: torch.Tensor, stack: LoraStack | None, weights: torch.Tensor | None
 ) -> torch.Tensor:
-    """linear(x) plus the per-sample mix of the K LoRAs; x is (B, L, in), weights (B, K)."""
+    """linear(x) plus the LoRA of each sample's own parameter mix: with A_b = sum_k w_bk A_k and
+    B_b = sum_k w_bk B_k (the paper interpolates the LoRA parameters), x_b -> B_b A_b x_b.
+    x is (B, L, in), weights (B, K). The mixed factors are (B, r, in) and (B, out, r), small
+    next to the layer; nothing is read back to the host (no per-LoRA zero test)."""
     out = linear(x)
     if stack is None or weights is None:
         return out
     w = weights.to(device=x.device, dtype=x.dtype)
-    active = [k for k in range(w.shape[1]) if bool((w[:, k] != 0).any())]
-    if not active:
-        return out
-    down = sum(w[:, k, None, None] * F.linear(x, stack.down[k]) for k in active)
-    delta = sum(w[:, k, None, None] * F.linear(down, stack.up[k]) for k in active)
-    return out + stack.scaling * delta
+    down = torch.einsum("bk,kri->bri", w, stack.down)
+    up = torch.einsum("bk,kor->bor", w, stack.up)
+    hidden = torch.einsum("bli,bri->blr", x, down)
+    return out + stack.scaling * torch.einsum("blr,bor->blo", hidden, up)

@@ -11,6 +11,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .config import ConfigError
+from .ddim import NoiseSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,11 @@ class MorphModels:
     device: torch.device
     dtype: torch.dtype
     source: str = ""
+    schedule: NoiseSchedule | None = None  # the scheduler's numbers, read once (filled in if None)
+
+    def __post_init__(self) -> None:
+        if self.schedule is None:
+            self.schedule = NoiseSchedule.from_scheduler(self.scheduler)
 
     @property
     def vae_scale_factor(self) -> int:

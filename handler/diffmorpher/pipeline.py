@@ -273,7 +273,7 @@ class DiffMorpherPipeline:
 
             fitted.append(
                 fit_lora(
-                    self.models.unet, self.models.scheduler,
+                    self.models.unet, self.models.schedule,
                     latent_mean[index : index + 1], latent_std[index : index + 1],
                     text[index : index + 1], config, seed=config.seed, on_step=on_step,
                 )
@@ -303,7 +303,7 @@ class DiffMorpherPipeline:
 
             results.append(
                 ddim_invert(
-                    self.models.scheduler, self._predictor(controller, text[chunk], stop, STAGE_INVERSION),
+                    self.models.schedule, self._predictor(controller, text[chunk], stop, STAGE_INVERSION),
                     latent_mean[chunk], config.num_inference_steps, on_step,
                 )
             )
@@ -326,7 +326,7 @@ class DiffMorpherPipeline:
             lora_weights = self._endpoint_lora_weights(chunk, num_images, config)
             self._set_batch(controller, MODE_STORE, weights, lora_weights, image_indices=chunk)
             latents = ddim_sample(
-                self.models.scheduler, self._predictor(controller, text[chunk], stop, STAGE_FRAMES),
+                self.models.schedule, self._predictor(controller, text[chunk], stop, STAGE_FRAMES),
                 noise[chunk], config.num_inference_steps,
             )
             frames.append(self.decode(latents))
@@ -371,7 +371,7 @@ class DiffMorpherPipeline:
             ])
             batch_text = torch.einsum("bk,kld->bld", weights.to(text), text)
             latents = ddim_sample(
-                self.models.scheduler, self._predictor(controller, batch_text, stop, stage), start,
+                self.models.schedule, self._predictor(controller, batch_text, stop, stage), start,
                 config.num_inference_steps,
             )
             for spec, frame in zip(chunk, self.decode(latents)):

@@ -1,0 +1,180 @@
+"""The core's tensor path on *fake* CUDA tensors, so GPU-only bugs fail here without a GPU.
+
+PyTorch's FakeTensorMode runs every op for its metadata only (shape, dtype, device) and raises
+on a device mismatch (a CPU tensor meeting a CUDA one) and on reading a value back to the host
+(`int(t)`, `.item()`, `bool(t)`: a GPU sync, and data a fake tensor does not have). Models are
+built from configs inside the mode (random fake weights, no memory): the embedded model, and a
+UNet + text encoder of Stable Diffusion 2.1-base's published sizes with a small latent.
+
+What runs on fake CUDA, in bf16 and fp16: prompt and image encoding, a LoRA training step's
+forward and loss, inversion, the endpoint pass that stores attention, and frame batches with
+attention replacement and per-sample LoRA mixing. The LoRA step's backward and AdamW update run
+on fake *CPU* tensors (same dtypes): autograd sets up a CUDA context for CUDA tensors, which
+needs a driver (pytorch/pytorch#92627).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from PIL import Image
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from diffmorpher.attention import AttentionStore, MorphController, morph_attention
+from diffmorpher.config import MorphConfig
+from diffmorpher.ddim import NoiseSchedule
+from diffmorpher.lora import ForwardNoising, fit_lora, fitting_adapter, training_loss
+from diffmorpher.lora_mix import build_lora_stacks
+from diffmorpher.models import MorphModels
+from diffmorpher.pipeline import DiffMorpherPipeline, _FrameEmitter, _segment_weights, _specs
+from diffmorpher.reschedule import uniform_alphas
+from tests.conftest import EMBEDDED_MODEL
+
+pytestmark = pytest.mark.skipif(not (EMBEDDED_MODEL / "unet").is_dir(), reason="needs the embedded model's configs")
+
+# stabilityai/stable-diffusion-2-1-base, unet/config.json and text_encoder/config.json (sizes).
+SD21_UNET = {
+    "act_fn": "silu", "attention_head_dim": [5, 10, 20, 20], "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False, "cross_attention_dim": 1024,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1, "dual_cross_attention": False, "flip_sin_to_cos": True, "freq_shift": 0,
+    "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
+    "out_channels": 4, "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "use_linear_projection": True,
+}
+SD21_TEXT = {
+    "hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 23,
+    "projection_dim": 512, "hidden_act": "gelu", "max_position_embeddings": 77, "vocab_size": 49408,
+}
+CONFIG = MorphConfig(num_frames=3, lora_steps=1, num_inference_steps=2, use_reschedule=False, seed=3)
+
+
+@contextlib.contextmanager
+def fake_device(device: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeTensorMode]:
+    """Fake tensors, created on `device` by default. peft moves a new adapter to its base
+    layer's device with Module.to, which swaps parameters; a fake parameter cannot be swapped
+    (the mode holds a weak reference to it), so swapping falls back to `.data` assignment."""
+    real_swap = torch.utils.swap_tensors
+
+    def swap_or_assign(t1: torch.Tensor, t2: torch.Tensor) -> None:
+        try:
+            real_swap(t1, t2)
+        except RuntimeError:
+            t1.data = t2.data
+
+    monkeypatch.setattr(torch.utils, "swap_tensors", swap_or_assign)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.device(device):
+        yield mode
+
+
+def fake_models(size: str, device: str, dtype: torch.dtype, scheduler: DDIMScheduler,
+                schedule: NoiseSchedule) -> MorphModels:
+    """MorphModels of the embedded model's or SD 2.1-base's sizes, built inside a fake mode.
+    The scheduler and its numbers come from outside it, as in a real process, where they are
+    read when the models load."""
+    unet_config = UNet2DConditionModel.load_config(EMBEDDED_MODEL, subfolder="unet") if size == "embedded" else SD21_UNET
+    text_config = (CLIPTextConfig.from_pretrained(EMBEDDED_MODEL, subfolder="text_encoder") if size == "embedded"
+                   else CLIPTextConfig(**SD21_TEXT))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        unet = UNet2DConditionModel.from_config(unet_config)
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(EMBEDDED_MODEL, subfolder="vae"))
+        text_encoder = CLIPTextModel(text_config)
+    finally:
+        torch.set_default_dtype(default)
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+    return MorphModels(
+        unet, vae, text_encoder,
+        CLIPTokenizer.from_pretrained(EMBEDDED_MODEL, subfolder="tokenizer"),
+        scheduler, torch.device(device), dtype, f"fake-{size}", schedule,
+    )
+
+
+def images() -> list[Image.Image]:
+    return [Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")]
+
+
+def on(tensor: torch.Tensor, device: str, dtype: torch.dtype | None = None) -> bool:
+    assert isinstance(tensor, FakeTensor)
+    return tensor.device.type == device and (dtype is None or tensor.dtype == dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("size", ["embedded", "sd21"])
+def test_the_morph_tensor_path_runs_on_cuda(size: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    scheduler = DDIMScheduler.from_pretrained(EMBEDDED_MODEL, subfolder="scheduler")
+    schedule = NoiseSchedule.from_scheduler(scheduler)
+    with fake_device("cuda", monkeypatch):
+        models = fake_models(size, "cuda", dtype, scheduler, schedule)
+        pipe = DiffMorpherPipeline(models, None)
+        text = pipe.encode_prompts(["a red circle", "a blue square"])
+        mean, std = pipe.encode_images(images(), 64)
+        assert on(text, "cuda", dtype) and on(mean, "cuda", dtype)
+
+        # A LoRA training step's forward and loss (its backward: see the CPU test below).
+        generator = torch.Generator().manual_seed(0)
+        with fitting_adapter(models.unet, CONFIG, seed=0) as params:
+            assert params and all(on(p, "cuda", torch.float32) for p in params)
+            loss = training_loss(models.unet, ForwardNoising(models.schedule, models.device),
+                                 mean[:1], std[:1], text[:1], generator)
+        assert on(loss, "cuda", torch.float32) and loss.shape == ()
+
+        # Fresh adapters (0 steps) stand in for fitted LoRAs: same keys, shapes and dtypes.
+        loras = pipe.fit_loras(mean, std, text, CONFIG.replace(lora_steps=0), None, None)
+        assert all(on(t, "cpu", torch.float32) for lora in loras for t in lora.values())
+        stacks = build_lora_stacks(loras, models.device, models.dtype)
+        store = AttentionStore(2, CONFIG.num_attn_replace_steps)
+        controller = MorphController(store, beta=CONFIG.attn_beta)
+        with morph_attention(models.unet, controller, stacks):
+            noise = pipe.invert(mean, text, controller, CONFIG, None)
+            endpoints = pipe.denoise_endpoints(noise, text, controller, CONFIG)
+            frames = pipe.denoise_frames(
+                _specs(2, uniform_alphas(3)), noise, text, controller, CONFIG, "frames", None,
+                _FrameEmitter(None, 3), endpoints,
+            )
+        assert on(noise, "cuda", dtype) and noise.shape == mean.shape
+        assert store.tensors and all(on(t, "cuda", dtype) for t in store.tensors.values())
+        assert on(frames, "cpu", torch.float32) and frames.shape == (3, 3, 64, 64)
+
+
+def test_attention_mix_takes_weights_built_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bug this test was written for: AttentionStore.mix cast the per-sample weights (built
+    on the CPU by the pipeline) to the store's dtype but not to its device."""
+    with fake_device("cuda", monkeypatch):
+        store = AttentionStore(2, 1)
+        store.put("layer", 0, [0, 1], torch.randn(2, 16, 8, dtype=torch.bfloat16))
+        weights = torch.stack([_segment_weights(0, 0.25, 2)]).to("cpu")
+        mixed = store.mix("layer", 0, weights)
+    assert on(mixed, "cuda", torch.bfloat16) and mixed.shape == (1, 16, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("size", ["embedded", "sd21"])
+def test_a_lora_training_step_with_backward_and_update_in_half_precision(
+    size: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fp32 LoRA parameters and optimiser state on a half-precision UNet: forward, backward and
+    AdamW step, with the fitted LoRA returned in fp32 on the CPU."""
+    scheduler = DDIMScheduler.from_pretrained(EMBEDDED_MODEL, subfolder="scheduler")
+    schedule = NoiseSchedule.from_scheduler(scheduler)
+    with fake_device("cpu", monkeypatch):
+        models = fake_models(size, "cpu", dtype, scheduler, schedule)
+        pipe = DiffMorpherPipeline(models, None)
+        text = pipe.encode_prompts(["a red circle"])
+        mean, std = pipe.encode_images(images()[:1], 64)
+        losses = []
+        lora = fit_lora(models.unet, models.schedule, mean, std, text, CONFIG.replace(lora_steps=2), seed=0,
+                        on_step=lambda step, total, loss: losses.append(loss))
+    assert len(losses) == 2 and all(on(loss, "cpu", torch.float32) for loss in losses)
+    assert lora and all(on(t, "cpu", torch.float32) for t in lora.values())
+    assert not any("lora" in name for name, _ in models.unet.named_parameters())  # adapter removed
