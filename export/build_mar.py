@@ -96,6 +96,11 @@ def render_model_config(
     config = yaml.safe_load(TEMPLATE.read_text())
     morph_defaults = MorphConfig.from_dict(defaults).to_dict()  # validates the overrides
     morph_defaults.pop("device", None)  # the worker's device comes from TorchServe's gpu_id
+    if device_type == "cpu" and morph_defaults.get("dtype") == "float16":
+        raise ExportError(
+            "dtype float16 needs a GPU: with --device-type cpu every worker would fail to load. "
+            "Export with --device-type gpu, or use dtype float32 or bfloat16"
+        )
     config["deviceType"] = device_type
     config["minWorkers"] = config["maxWorkers"] = workers
     if response_timeout is not None:

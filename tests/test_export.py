@@ -40,6 +40,28 @@ def test_handler_defaults_are_morphconfigs() -> None:
         render(num_frames=0)
 
 
+def test_half_precision_on_a_cpu_archive_is_refused_at_export() -> None:
+    with pytest.raises(ExportError, match="float16 needs a GPU"):
+        render(dtype="float16")
+    gpu = render_model_config(model_dir="model", lpips_weights="", max_response_bytes=1, device_type="gpu",
+                              workers=1, response_timeout=None, defaults={"dtype": "float16"})
+    assert gpu["handler"]["defaults"]["dtype"] == "float16" and gpu["deviceType"] == "gpu"
+
+
+def test_a_cpu_archive_runs_on_the_cpu_even_where_cuda_exists(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TorchServe passes gpu_id only for deviceType gpu: no gpu_id means the CPU, not 'best'."""
+    import torch
+
+    from diffmorpher.devices import device_for_worker
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert device_for_worker(None) == torch.device("cpu")
+    assert device_for_worker(1) == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="sees no CUDA device"):
+        device_for_worker(0)
+
+
 def test_max_response_size_is_read_from_config_properties(tmp_path: Path) -> None:
     assert read_max_response_size(REPO_ROOT / "config.properties") == 268435456
     (tmp_path / "c.properties").write_text("# x\nmax_response_size = 999\n")

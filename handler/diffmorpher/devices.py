@@ -34,12 +34,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def device_for_worker(gpu_id: int | None) -> torch.device:
-    """The device a serving worker should use, given the accelerator index its server assigned
-    (TorchServe passes `gpu_id` only when GPUs are configured)."""
-    if gpu_id is not None and torch.cuda.is_available():
-        return torch.device("cuda", gpu_id)
-    return select_device(None)
+def device_for_worker(gpu_id: int | str | None) -> torch.device:
+    """The device a serving worker should use, given the accelerator index its server assigned.
+    TorchServe passes `gpu_id` only to models with `deviceType: gpu` on a GPU host; without
+    one the archive asked for the CPU (`deviceType: cpu`), even on a host that has GPUs."""
+    if gpu_id is None or str(gpu_id) == "":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"TorchServe assigned GPU {gpu_id}, but this worker sees no CUDA device")
+    return torch.device("cuda", int(gpu_id))
 
 
 
