@@ -178,3 +178,20 @@ def lora_cache_key(
     }
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()
+
+
+def inversion_cache_key(
+    image: Image.Image, prompt: str, model_id: str, config: MorphConfig, resolution: int,
+    lora_key: str | None,
+) -> str:
+    """Content address of an image's DDIM-inverted latent: its pixels, prompt, model, the
+    number of steps, and the LoRA it was inverted with (its own, or none)."""
+    digest = hashlib.sha256()
+    digest.update(to_model_square(image, resolution).tobytes())
+    settings = {
+        "prompt": prompt, "model": model_id, "resolution": resolution, "dtype": config.dtype,
+        "steps": config.num_inference_steps, "lora": lora_key, "kind": "inversion", "version": 1,
+    }
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()
+

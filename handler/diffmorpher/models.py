@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -33,6 +36,22 @@ class MorphModels:
     def __post_init__(self) -> None:
         if self.schedule is None:
             self.schedule = NoiseSchedule.from_scheduler(self.scheduler)
+
+    @cached_property
+    def identity(self) -> str:
+        """What identifies these weights in cache keys: the source, the dtype, the component
+        configs, and for a local folder the sizes and modification times of its weight files."""
+        digest = hashlib.sha256(f"{self.source}|{self.dtype}".encode())
+        for module in (self.unet, self.vae, self.text_encoder):
+            config = module.config  # diffusers: a FrozenDict; transformers: a PretrainedConfig
+            fields = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+            digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
+        folder = Path(self.source)
+        if folder.is_dir():
+            for weights in sorted(folder.glob("*/*.safetensors")) + sorted(folder.glob("*/*.bin")):
+                stat = weights.stat()
+                digest.update(f"{weights.relative_to(folder)}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        return digest.hexdigest()[:32]
 
     @property
     def vae_scale_factor(self) -> int:

@@ -31,12 +31,13 @@ from .attention import (
     MorphController,
     morph_attention,
 )
+from .cache import CacheKeys, TensorCache
 from .config import ConfigError, MorphConfig
 from .ddim import ddim_invert, ddim_sample
 from .devices import resolve_dtype, select_device
 from .interpolation import interpolate_latents
 from .interrupt import StopCheck, never_stop, raise_if_stopped
-from .lora import fit_lora
+from .lora import fit_lora, inversion_cache_key, lora_cache_key
 from .lora_mix import build_lora_stacks
 from .models import MorphModels, load_morph_models
 from .perceptual import PerceptualDistance, PixelDistance, consecutive_distances, load_perceptual
@@ -105,9 +106,15 @@ class DiffMorpherPipeline:
     swapped for the duration of a call and restored afterwards).
     """
 
-    def __init__(self, models: MorphModels, perceptual: PerceptualDistance | None = None) -> None:
+    def __init__(
+        self,
+        models: MorphModels,
+        perceptual: PerceptualDistance | None = None,
+        cache: TensorCache | None = None,
+    ) -> None:
         self.models = models
         self.perceptual = perceptual
+        self.cache = cache  # fitted LoRAs and inverted latents by content key (cache.py)
 
     @classmethod
     def from_pretrained(
@@ -116,10 +123,11 @@ class DiffMorpherPipeline:
         device: str | torch.device | None = None,
         dtype: str = "float32",
         lpips_weights: str | Path | None = None,
+        cache: TensorCache | None = None,
     ) -> "DiffMorpherPipeline":
         resolved = device if isinstance(device, torch.device) else select_device(device)
         models = load_morph_models(source, resolved, resolve_dtype(dtype, resolved))
-        return cls(models, load_perceptual("lpips", lpips_weights, resolved))
+        return cls(models, load_perceptual("lpips", lpips_weights, resolved), cache)
 
     # ------------------------------------------------------------------ entry point
     def __call__(
@@ -145,9 +153,10 @@ class DiffMorpherPipeline:
             with _timed(timings, "encode"):
                 text = self.encode_prompts(prompts)
                 latent_mean, latent_std = self.encode_images(images, resolution)
+            keys = self.cache_keys(images, prompts, config, resolution, given=loras)
             # 2. fit LoRAs
             with _timed(timings, STAGE_LORA):
-                fitted = self.fit_loras(latent_mean, latent_std, text, config, loras, progress, stop)
+                fitted = self.fit_loras(latent_mean, latent_std, text, config, loras, progress, stop, keys)
             stacks = None
             if config.lora_mode != "none":
                 stacks = build_lora_stacks(fitted, self.models.device, self.models.dtype)  # type: ignore[arg-type]
@@ -156,7 +165,7 @@ class DiffMorpherPipeline:
             with morph_attention(self.models.unet, controller, stacks):
                 # 3. invert every image with its own LoRA mix
                 with _timed(timings, STAGE_INVERSION):
-                    noise = self.invert(latent_mean, text, controller, config, progress, stop)
+                    noise = self.invert(latent_mean, text, controller, config, progress, stop, keys)
                 # 4-5. endpoints (storing attention), then intermediate frames at uniform alphas
                 alphas = uniform_alphas(config.num_frames)
                 total = (num_images - 1) * (config.num_frames - 1) + 1
@@ -194,6 +203,7 @@ class DiffMorpherPipeline:
             perceptual_weights=metric_weights,
             seed=config.seed,
             resolution=resolution,
+            cache=[key.report() for key in keys],
         )
 
     # ------------------------------------------------------------------ stage 0: checks
@@ -246,6 +256,30 @@ class DiffMorpherPipeline:
         images = self.models.vae.decode(latents / scale).sample
         return ((images.float() + 1) / 2).clamp(0, 1).cpu()
 
+    # ------------------------------------------------------------------ cache keys
+    def cache_keys(
+        self,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str],
+        config: MorphConfig,
+        resolution: int,
+        given: Sequence[dict[str, torch.Tensor] | None] | None = None,
+    ) -> list[CacheKeys]:
+        """Per image, the content keys of its LoRA and its inverted latent (empty without a
+        cache; no latent key where the inversion depends on another image's LoRA)."""
+        if self.cache is None:
+            return []
+        keys = []
+        for index, (image, prompt) in enumerate(zip(images, prompts)):
+            lora = None
+            if config.lora_mode != "none" and not (given is not None and given[index] is not None):
+                lora = lora_cache_key(image, prompt, self.models.identity, config, resolution)
+            latent = None
+            if config.lora_mode == "none" or (config.lora_mode == "interpolate" and lora):
+                latent = inversion_cache_key(image, prompt, self.models.identity, config, resolution, lora)
+            keys.append(CacheKeys(lora, latent))
+        return keys
+
     # ------------------------------------------------------------------ stage 2: LoRAs
     def fit_loras(
         self,
@@ -256,8 +290,10 @@ class DiffMorpherPipeline:
         given: Sequence[dict[str, torch.Tensor] | None] | None,
         progress: ProgressCallback | None,
         stop: StopCheck = never_stop,
+        keys: Sequence[CacheKeys] | None = None,
     ) -> list[dict[str, torch.Tensor] | None]:
-        """One LoRA per image: reuse a given one, else fit it. None in no-LoRA mode."""
+        """One LoRA per image: reuse a given one, else read it from the cache, else fit it (and
+        cache it). None in no-LoRA mode."""
         if config.lora_mode == "none":
             return [None] * len(latent_mean)
         fitted: list[dict[str, torch.Tensor] | None] = []
@@ -271,13 +307,20 @@ class DiffMorpherPipeline:
                 if progress:
                     progress(ProgressEvent(stage=STAGE_LORA, step=step, total=total, item=item))
 
-            fitted.append(
-                fit_lora(
+            def fit(index: int = index, on_step=on_step) -> dict[str, torch.Tensor]:
+                return fit_lora(
                     self.models.unet, self.models.schedule,
                     latent_mean[index : index + 1], latent_std[index : index + 1],
                     text[index : index + 1], config, seed=config.seed, on_step=on_step,
                 )
-            )
+
+            key = keys[index].lora if keys else None
+            if self.cache is None or key is None:
+                fitted.append(fit())
+                continue
+            lora, hit = self.cache.get_or_compute(key, fit)
+            keys[index].lora_hit = hit
+            fitted.append(lora)
         return fitted
 
     # ------------------------------------------------------------------ stage 3: inversion
@@ -289,11 +332,21 @@ class DiffMorpherPipeline:
         config: MorphConfig,
         progress: ProgressCallback | None,
         stop: StopCheck = never_stop,
+        keys: Sequence[CacheKeys] | None = None,
     ) -> torch.Tensor:
-        """z_T of each image (K, C, h, w), from its posterior mean, with its endpoint LoRA mix."""
+        """z_T of each image (K, C, h, w), from its posterior mean, with its endpoint LoRA mix;
+        read from the cache where an image's latent is there (and cached when computed)."""
         num_images = len(latent_mean)
-        results = []
-        for chunk in _chunks(list(range(num_images)), config.frame_batch_size):
+        cached: dict[int, torch.Tensor] = {}
+        if self.cache is not None and keys:
+            for index, key in enumerate(keys):
+                entry = self.cache.load(key.latent) if key.latent else None
+                if entry is not None:
+                    cached[index] = entry["latent"].to(device=latent_mean.device, dtype=latent_mean.dtype)
+                    key.latent_hit = True
+        results = dict(cached)
+        missing = [index for index in range(num_images) if index not in cached]
+        for chunk in _chunks(missing, config.frame_batch_size):
             weights = _one_hot(chunk, num_images)
             self._set_batch(controller, MODE_OFF, weights, self._endpoint_lora_weights(chunk, num_images, config))
 
@@ -301,13 +354,16 @@ class DiffMorpherPipeline:
                 if progress:
                     progress(ProgressEvent(stage=STAGE_INVERSION, step=step, total=total, item=item))
 
-            results.append(
-                ddim_invert(
-                    self.models.schedule, self._predictor(controller, text[chunk], stop, STAGE_INVERSION),
-                    latent_mean[chunk], config.num_inference_steps, on_step,
-                )
+            inverted = ddim_invert(
+                self.models.schedule, self._predictor(controller, text[chunk], stop, STAGE_INVERSION),
+                latent_mean[chunk], config.num_inference_steps, on_step,
             )
-        return torch.cat(results)
+            for index, latent in zip(chunk, inverted):
+                results[index] = latent
+                key = keys[index].latent if keys else None
+                if self.cache is not None and key:
+                    self.cache.save(key, {"latent": latent})
+        return torch.stack([results[index] for index in range(num_images)])
 
     # ------------------------------------------------------------------ stage 4: endpoints
     def denoise_endpoints(

@@ -49,3 +49,4 @@ class MorphResult:
     perceptual_weights: str = ""  # where the metric's weights came from
     seed: int = 0
     resolution: int = 0
+    cache: list[dict[str, str | None]] = field(default_factory=list)  # per input image (CacheKeys.report)

@@ -1,0 +1,120 @@
+"""The LoRA/latent cache: disk store integrity, eviction and locking across processes, and the
+pipeline skipping fitting and inversion for images it has seen."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from diffmorpher.cache import DiskStore, TensorCache
+from diffmorpher.config import MorphConfig
+from diffmorpher.pipeline import DiffMorpherPipeline
+
+KEY = "ab" * 32
+
+
+def test_entries_round_trip_and_damaged_ones_are_dropped(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path)
+    store.put(KEY, b"payload")
+    assert store.get(KEY) == b"payload"
+    entry = store.path(KEY)
+    data = bytearray(entry.read_bytes())
+    data[-1] ^= 0xFF
+    entry.write_bytes(bytes(data))
+    assert store.get(KEY) is None and not entry.exists()  # never served, removed for a refit
+    store.put(KEY, b"payload")
+    entry.write_bytes(entry.read_bytes()[:10])  # truncated
+    assert store.get(KEY) is None
+    with pytest.raises(ValueError):
+        store.get("../../etc/passwd")
+
+
+def test_writes_are_atomic_and_leftovers_are_cleared(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path)
+    leftover = store.root / "entries" / f".{KEY[:16]}.x.tmp"  # a writer killed mid-write
+    leftover.write_bytes(b"half")
+    assert store.get(KEY) is None
+    old = time.time() - 7200
+    import os
+
+    os.utime(leftover, (old, old))
+    store.put(KEY, b"whole")
+    assert not leftover.exists() and store.get(KEY) == b"whole"
+    assert [p.name for p in (store.root / "entries").iterdir()] == [f"{KEY}.bin"]
+
+
+def test_least_recently_used_entries_go_first(tmp_path: Path) -> None:
+    import os
+
+    store = DiskStore(tmp_path, max_bytes=4 * 1100)
+    keys = [f"{i:02x}" * 32 for i in range(4)]
+    for age, key in enumerate(keys):
+        store.put(key, bytes(1000))
+        os.utime(store.path(key), (1000 + age, 1000 + age))
+    store.get(keys[0])  # used: now the newest
+    store.put("ee" * 32, bytes(1000))
+    present = {key for key in keys if store.path(key).exists()}
+    assert present == {keys[0], keys[2], keys[3]} and store.size_bytes <= 4 * 1100
+
+
+def _compute_in_process(root: str, results: "multiprocessing.Queue") -> None:
+    cache = TensorCache(DiskStore(Path(root)))
+
+    def slow() -> dict[str, torch.Tensor]:
+        results.put("computed")
+        time.sleep(1.0)
+        return {"x": torch.ones(3)}
+
+    value, hit = cache.get_or_compute(KEY, slow)
+    results.put(("hit" if hit else "miss", float(value["x"].sum())))
+
+
+def test_two_workers_never_compute_the_same_key_at_once(tmp_path: Path) -> None:
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    workers = [context.Process(target=_compute_in_process, args=(str(tmp_path), results)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    answers = [results.get(timeout=5) for _ in range(3)]
+    assert answers.count("computed") == 1
+    assert sorted(a for a in answers if a != "computed") == [("hit", 3.0), ("miss", 3.0)]
+
+
+FAST = dict(num_frames=3, lora_steps=2, lora_rank=4, num_inference_steps=3, perceptual_metric="pixel",
+            use_reschedule=False)
+
+
+def _inputs() -> tuple[list[Image.Image], list[str]]:
+    return [Image.new("RGB", (16, 16), (255, 0, 0)), Image.new("RGB", (16, 16), (0, 0, 255))], ["a red", "a blue"]
+
+
+def test_a_repeated_image_costs_no_fitting_and_no_inversion(tiny_sd_dir: Path, tmp_path: Path) -> None:
+    cold = DiffMorpherPipeline.from_pretrained(tiny_sd_dir, device="cpu", cache=TensorCache(DiskStore(tmp_path)))
+    images, prompts = _inputs()
+    first = cold(images, prompts, MorphConfig(**FAST))
+    assert [c["lora"] for c in first.cache] == ["miss", "miss"] and [c["latent"] for c in first.cache] == ["miss"] * 2
+    # Another worker (its own pipeline) on the same store; one image is new.
+    warm = DiffMorpherPipeline.from_pretrained(tiny_sd_dir, device="cpu", cache=TensorCache(DiskStore(tmp_path)))
+    progress = []
+    second = warm(images, prompts, MorphConfig(**FAST), progress=progress.append)
+    assert [c["lora"] for c in second.cache] == ["hit", "hit"] and [c["latent"] for c in second.cache] == ["hit"] * 2
+    assert not [e for e in progress if e.stage in ("lora", "inversion")]  # nothing was fitted or inverted
+    assert (second.frame_tensors - first.frame_tensors).abs().max() < 1e-5
+    third = warm([images[0], Image.new("RGB", (16, 16), (0, 200, 0))], [prompts[0], "a green"], MorphConfig(**FAST))
+    assert [c["lora"] for c in third.cache] == ["hit", "miss"]
+    changed = warm(images, prompts, MorphConfig(**{**FAST, "lora_steps": 3}))
+    assert [c["lora"] for c in changed.cache] == ["miss", "miss"]  # a hyper-parameter is in the key
+
+
+def test_fixed_lora_mode_does_not_cache_latents_that_depend_on_a_neighbour(tiny_sd_dir: Path, tmp_path: Path) -> None:
+    pipe = DiffMorpherPipeline.from_pretrained(tiny_sd_dir, device="cpu", cache=TensorCache(DiskStore(tmp_path)))
+    images, prompts = _inputs()
+    result = pipe(images, prompts, MorphConfig(**FAST, fixed_lora_alpha=0.5))
+    assert [c["latent"] for c in result.cache] == ["off", "off"] and [c["lora"] for c in result.cache] == ["miss"] * 2
