@@ -74,6 +74,8 @@ export: setup
 CONTROL_DIR := $(CURDIR)/logs/control
 GUARD_PID := logs/guard.pid
 export DIFFMORPHER_CONTROL_DIR := $(CONTROL_DIR)
+# Fitted LoRAs and inverted latents, kept across restarts (handler.cache_dir in model-config.yaml).
+export DIFFMORPHER_CACHE_DIR ?= $(CURDIR)/.cache/morph
 
 serve: setup
 	@test -e $(MAR) -o -d model_store/$(MODEL_NAME) || $(MAKE) --no-print-directory export

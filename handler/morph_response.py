@@ -3,6 +3,7 @@ and the stream of progress/frame messages sent while a morph runs."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Callable
 
@@ -40,6 +41,8 @@ def result_metadata(request: MorphRequest, result: MorphResult, timings: dict[st
         "frame_duration_ms": request.outputs[0].frame_duration_ms,
         "loop": request.outputs[0].loop,
         "config": request.config.to_dict(),
+        "cache": result.cache,  # per input image: lora/latent "hit" | "miss" | "off", lora_key
+        "worker_pid": os.getpid(),  # which worker served it (logs, cache sharing)
     }
 
 

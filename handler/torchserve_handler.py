@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from client import wire
+from diffmorpher.cache import DiskStore, TensorCache
 from diffmorpher.config import ConfigError, MorphConfig
 from diffmorpher.devices import device_for_worker, is_out_of_memory, release_cached_memory
 from diffmorpher.encoding import encode_parts
@@ -42,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 DEFAULT_PROGRESS_INTERVAL_S = 0.5
+DEFAULT_CACHE_MAX_BYTES = 10 * 1024**3
+CACHE_DIR_ENV = "DIFFMORPHER_CACHE_DIR"
 
 
 class DiffMorpherHandler:
@@ -49,7 +52,8 @@ class DiffMorpherHandler:
 
     Configured by the `handler:` section of the archive's model-config.yaml:
     `model_dir` (weights folder, relative to the extracted archive or absolute), `lpips_weights`,
-    `defaults` (MorphConfig fields), `max_response_bytes`, `progress_interval_s`, `torch_threads`.
+    `defaults` (MorphConfig fields), `max_response_bytes`, `progress_interval_s`, `torch_threads`,
+    `cache_dir` / `cache_max_bytes` (the LoRA/latent cache shared by the model's workers).
     """
 
     def __init__(self) -> None:
@@ -86,9 +90,11 @@ class DiffMorpherHandler:
         if threads > 0:
             torch.set_num_threads(threads)
         device = device_for_worker(properties.get("gpu_id"))
-        logger.info("loading %s on %s (lpips: %s)", weights, device, lpips_path)
+        cache = _cache(archive_dir, settings)
+        logger.info("loading %s on %s (lpips: %s, cache: %s)", weights, device, lpips_path,
+                    cache.store.root if cache else "off")
         self.pipeline = DiffMorpherPipeline.from_pretrained(
-            weights, device=device, dtype=self.defaults.dtype, lpips_weights=lpips_path
+            weights, device=device, dtype=self.defaults.dtype, lpips_weights=lpips_path, cache=cache
         )
         if self.control is not None:
             self.control.prune_cancel_markers(older_than_s=24 * 3600)
@@ -227,6 +233,17 @@ class DiffMorpherHandler:
             context.metrics.add_metric(name, value, unit, dimensions=dims, metric_type=metric_type)
         except Exception:  # noqa: BLE001
             logger.warning("could not emit metric %s", name, exc_info=True)
+
+
+def _cache(archive_dir: Path, settings: dict[str, Any]) -> TensorCache | None:
+    """The LoRA/latent cache from `handler.cache_dir` (relative to the unpacked archive, which
+    every worker of the model shares; "off" disables it) or $DIFFMORPHER_CACHE_DIR, capped at
+    `handler.cache_max_bytes`."""
+    location = os.environ.get(CACHE_DIR_ENV) or str(settings.get("cache_dir", "cache") or "off")
+    if location == "off":
+        return None
+    max_bytes = int(settings.get("cache_max_bytes", DEFAULT_CACHE_MAX_BYTES))
+    return TensorCache(DiskStore(_resolve(archive_dir, location), max_bytes=max_bytes))
 
 
 def _resolve(base: Path, path: str | Path) -> Path:
