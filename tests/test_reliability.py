@@ -247,8 +247,16 @@ def _long_morph_in_background(server: TorchServeProcess, deadline_s: float) -> t
     return thread, outcome
 
 
+def cache_entries(server: TorchServeProcess) -> dict[str, bytes | None]:
+    """Every entry of the server's LoRA/latent cache, unsealed (None: damaged)."""
+    from diffmorpher.cache import unseal
+
+    return {path.name: unseal(path.read_bytes()) for path in (server.cache_dir / "entries").glob("*.bin")}
+
+
 def test_a_worker_killed_mid_morph_gives_an_error_not_a_hang(server: TorchServeProcess) -> None:
     pid = server.worker_pid()
+    entries_before = cache_entries(server)
     thread, outcome = _long_morph_in_background(server, deadline_s=120)
     killed = time.monotonic()
     os.kill(pid, signal.SIGKILL)
@@ -261,6 +269,11 @@ def test_a_worker_killed_mid_morph_gives_an_error_not_a_hang(server: TorchServeP
     recovered = good_request_succeeds(server, timeout_s=60) + answered
     print(f"kill -9 mid-morph: next good request completed {recovered:.1f} s after the kill")
     assert server.worker_pid() != pid
+    entries = cache_entries(server)
+    assert all(data is not None for data in entries.values())  # no half-written or damaged entry
+    # The killed morph died mid-LoRA: none of its entries exist; only the quick good request's
+    # two LoRAs and two latents can be new (none when earlier tests cached them).
+    assert len(set(entries) - set(entries_before)) <= 4
 
 
 def test_a_frozen_worker_is_detected_and_replaced(server: TorchServeProcess) -> None:

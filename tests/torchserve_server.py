@@ -99,6 +99,7 @@ class TorchServeProcess:
             "METRICS_LOCATION": str(self.workdir / "logs"),
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             "DIFFMORPHER_CONTROL_DIR": str(self.control_dir),
+            "DIFFMORPHER_CACHE_DIR": str(self.cache_dir),
             "PYTHONPATH": f"{REPO_ROOT / 'handler'}{os.pathsep}{REPO_ROOT}",
         }
         command = [
@@ -200,6 +201,11 @@ class TorchServeProcess:
     @property
     def control_dir(self) -> Path:
         return self.workdir / "control"
+
+    @property
+    def cache_dir(self) -> Path:
+        """The LoRA/latent cache all workers of this server share."""
+        return self.workdir / "cache"
 
     @property
     def grpc_target(self) -> str:
