@@ -169,15 +169,11 @@ def lora_cache_key(
     The authors' code cached LoRAs by output-folder name, so a new image could silently reuse
     an old LoRA; a content hash cannot. Used by LoRA caches shared between workers/replicas.
     """
-    digest = hashlib.sha256()
-    digest.update(to_model_square(image, resolution).tobytes())
-    settings = {
+    return _content_key(image, resolution, {
         "prompt": prompt, "model": model_id, "resolution": resolution, "rank": config.lora_rank,
         "steps": config.lora_steps, "lr": config.lora_lr, "seed": config.seed, "dtype": config.dtype,
         "targets": list(LORA_TARGET_MODULES), "version": 1,
-    }
-    digest.update(json.dumps(settings, sort_keys=True).encode())
-    return digest.hexdigest()
+    })
 
 
 def inversion_cache_key(
@@ -186,12 +182,16 @@ def inversion_cache_key(
 ) -> str:
     """Content address of an image's DDIM-inverted latent: its pixels, prompt, model, the
     number of steps, and the LoRA it was inverted with (its own, or none)."""
-    digest = hashlib.sha256()
-    digest.update(to_model_square(image, resolution).tobytes())
-    settings = {
+    return _content_key(image, resolution, {
         "prompt": prompt, "model": model_id, "resolution": resolution, "dtype": config.dtype,
         "steps": config.num_inference_steps, "lora": lora_key, "kind": "inversion", "version": 1,
-    }
+    })
+
+
+def _content_key(image: Image.Image, resolution: int, settings: dict) -> str:
+    """SHA-256 of the pixels the model sees and of the settings (as sorted JSON)."""
+    digest = hashlib.sha256()
+    digest.update(to_model_square(image, resolution).tobytes())
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()
 
