@@ -29,7 +29,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from diffmorpher.attention import AttentionStore, MorphController, morph_attention
 from diffmorpher.config import MorphConfig
 from diffmorpher.ddim import NoiseSchedule
-from diffmorpher.lora import ForwardNoising, fit_lora, fitting_adapter, training_loss
+from diffmorpher.lora import ForwardNoising, fit_lora, fit_loras_batched, fitting_adapter, training_loss
 from diffmorpher.lora_mix import build_lora_stacks
 from diffmorpher.models import MorphModels
 from diffmorpher.pipeline import DiffMorpherPipeline, _FrameEmitter, _segment_weights, _specs
@@ -164,17 +164,22 @@ def test_a_lora_training_step_with_backward_and_update_in_half_precision(
     size: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """fp32 LoRA parameters and optimiser state on a half-precision UNet: forward, backward and
-    AdamW step, with the fitted LoRA returned in fp32 on the CPU."""
+    AdamW step, one image (peft adapter) and two at once (the pipeline's batched fit, through
+    the per-sample LoRA mixing), with the fitted LoRAs returned in fp32 on the CPU."""
     scheduler = DDIMScheduler.from_pretrained(EMBEDDED_MODEL, subfolder="scheduler")
     schedule = NoiseSchedule.from_scheduler(scheduler)
     with fake_device("cpu", monkeypatch):
         models = fake_models(size, "cpu", dtype, scheduler, schedule)
         pipe = DiffMorpherPipeline(models, None)
-        text = pipe.encode_prompts(["a red circle"])
-        mean, std = pipe.encode_images(images()[:1], 64)
+        text = pipe.encode_prompts(["a red circle", "a blue square"])
+        mean, std = pipe.encode_images(images(), 64)
         losses = []
-        lora = fit_lora(models.unet, models.schedule, mean, std, text, CONFIG.replace(lora_steps=2), seed=0,
-                        on_step=lambda step, total, loss: losses.append(loss))
-    assert len(losses) == 2 and all(on(loss, "cpu", torch.float32) for loss in losses)
-    assert lora and all(on(t, "cpu", torch.float32) for t in lora.values())
+        lora = fit_lora(models.unet, models.schedule, mean[:1], std[:1], text[:1], CONFIG.replace(lora_steps=2),
+                        seed=0, on_step=lambda step, total, loss: losses.append(loss))
+        batched = fit_loras_batched(models.unet, models.schedule, mean, std, text, CONFIG.replace(lora_steps=2),
+                                    seed=0, on_step=lambda step, total, loss: losses.append(loss))
+    assert len(losses) == 4 and all(on(loss, "cpu", torch.float32) for loss in losses)
+    assert [loss.shape for loss in losses] == [(), (), (2,), (2,)]
+    for fitted in (lora, *batched):
+        assert fitted.keys() == lora.keys() and all(on(t, "cpu", torch.float32) for t in fitted.values())
     assert not any("lora" in name for name, _ in models.unet.named_parameters())  # adapter removed

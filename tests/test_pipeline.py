@@ -45,8 +45,8 @@ def test_frames_alphas_loras_and_latents_are_returned(pipe):
     frame_events = [e for e in progress if e.stage == STAGE_FRAME_READY]
     assert [e.frame_index for e in frame_events] == list(range(5))
     assert all(e.frame is not None for e in frame_events)
-    lora_steps = [e.step for e in progress if e.stage == "lora"]
-    assert lora_steps == [1, 2, 1, 2]
+    for item in (0, 1):  # both LoRAs fitted together: every step reported for each image
+        assert [e.step for e in progress if e.stage == "lora" and e.item == item] == [1, 2]
 
 
 def test_given_loras_are_used_instead_of_fitting(pipe):
@@ -125,9 +125,9 @@ class _StopAfter:
 
 @pytest.mark.parametrize(("limit", "stage"), [(1, "lora"), (5, "inversion"), (12, "frames")])
 def test_stop_check_ends_the_morph_in_the_stage_it_fires(pipe, limit, stage):
-    """Checks run once per LoRA step (2 x 2 here), then once per UNet call (4 inversion steps
-    per image, endpoints, frames): the morph stops at the first check that says stop and the
-    UNet is left without LoRA layers, so the next morph is unaffected."""
+    """Checks run once per LoRA step (2 here: both LoRAs are fitted in one batch), then once per
+    UNet call (4 inversion steps, endpoints, frames): the morph stops at the first check that
+    says stop and the UNet is left without LoRA layers, so the next morph is unaffected."""
     from diffmorpher import MorphStopped
 
     config = MorphConfig(**FAST, use_reschedule=False, frame_batch_size=4)
@@ -145,5 +145,5 @@ def test_stop_check_is_asked_at_every_lora_and_denoising_step(pipe):
     config = MorphConfig(**FAST, use_reschedule=False, frame_batch_size=4)
     counter = _StopAfter(10**9)
     pipe(_images(), _prompts(), config, stop=counter)
-    # 2 LoRAs x 2 steps + inversion (4 steps) + endpoints (4) + one frame batch (4)
-    assert counter.calls == 2 * 2 + 4 + 4 + 4
+    # 2 LoRA steps (both LoRAs in one batch) + inversion (4 steps) + endpoints (4) + frames (4)
+    assert counter.calls == 2 + 4 + 4 + 4

@@ -184,6 +184,15 @@ class TensorCache:
         cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
         self.store.put(key, save_tensors(cpu))
 
+    @contextlib.contextmanager
+    def locked(self, keys: list[str]) -> Iterator[None]:
+        """Hold the locks of several keys (taken in sorted order, so two workers needing
+        overlapping sets cannot deadlock)."""
+        with contextlib.ExitStack() as stack:
+            for key in sorted(set(keys)):
+                stack.enter_context(self.store.lock(key))
+            yield
+
     def get_or_compute(
         self, key: str, compute: Callable[[], dict[str, torch.Tensor]]
     ) -> tuple[dict[str, torch.Tensor], bool]:

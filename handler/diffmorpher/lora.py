@@ -22,6 +22,7 @@ from PIL import Image
 
 from .config import LORA_TARGET_MODULES, MorphConfig
 from .ddim import NoiseSchedule, as_schedule
+from .lora_mix import LoraStack
 from .preprocess import to_model_square
 
 ADAPTER_NAME = "diffmorpher_fit"
@@ -66,6 +67,74 @@ def fit_lora(
         return {key: value.detach().float().cpu().contiguous() for key, value in state.items()}
 
 
+def fit_loras_batched(
+    unet: UNet2DConditionModel,
+    scheduler: "DDIMScheduler | NoiseSchedule",
+    latent_mean: torch.Tensor,
+    latent_std: torch.Tensor,
+    text_embedding: torch.Tensor,
+    config: MorphConfig,
+    seed: int,
+    on_step: LoraStepCallback | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """Fit the LoRAs of K images together: one UNet call per step for all K, each sample
+    through its own LoRA (the per-sample mixing of lora_mix, with one-hot weights). The same as
+    K calls of `fit_lora`: every LoRA starts from the same peft initialisation (the seed), each
+    image draws its noise and timesteps from its own generator seeded alike, the loss is the
+    sum of the per-image losses (so each LoRA gets exactly its own gradient) and AdamW works
+    element-wise; tests compare the losses. `on_step` gets the (K,) per-image losses."""
+    from .attention import AttentionStore, MorphController, morph_attention  # attention -> lora_mix only
+
+    count, device = len(latent_mean), latent_mean.device
+    with fitting_adapter(unet, config, seed):
+        initial = {k: v.detach().float() for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME).items()}
+    stacks: dict[str, LoraStack] = {}
+    for key in sorted(initial):
+        if key.endswith(".lora_A.weight"):
+            module = key[: -len(".lora_A.weight")]
+            down = initial[key].to(device).unsqueeze(0).repeat(count, 1, 1).requires_grad_(True)
+            up = initial[f"{module}.lora_B.weight"].to(device).unsqueeze(0).repeat(count, 1, 1).requires_grad_(True)
+            stacks[module] = LoraStack(down=down, up=up)
+    params = [tensor for stack in stacks.values() for tensor in (stack.down, stack.up)]
+    optimizer = torch.optim.AdamW(params, lr=config.lora_lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    generators = [torch.Generator(device="cpu").manual_seed(seed) for _ in range(count)]
+    noising = ForwardNoising(scheduler, device)
+    controller = MorphController(AttentionStore(count, 0))
+    controller.lora_weights = torch.eye(count, device=device)
+    with morph_attention(unet, controller, stacks):
+        for step in range(config.lora_steps):
+            draws = [_draw(latent_mean[k : k + 1], latent_std[k : k + 1], len(noising.alphas), g)
+                     for k, g in enumerate(generators)]
+            latents, noise, timesteps = (torch.cat(parts) for parts in zip(*draws))
+            noisy, target = noising(latents, noise, timesteps)
+            with torch.enable_grad():
+                prediction = unet(noisy, timesteps, encoder_hidden_states=text_embedding).sample
+                losses = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+                optimizer.zero_grad(set_to_none=True)
+                losses.sum().backward()
+                optimizer.step()
+            if on_step:
+                on_step(step + 1, config.lora_steps, losses.detach())
+    return [
+        {
+            name: (stack.down if part == "lora_A" else stack.up)[k].detach().float().cpu().contiguous()
+            for module, stack in stacks.items()
+            for part, name in (("lora_A", f"{module}.lora_A.weight"), ("lora_B", f"{module}.lora_B.weight"))
+        }
+        for k in range(count)
+    ]
+
+
+def _draw(
+    latent_mean: torch.Tensor, latent_std: torch.Tensor, num_train_timesteps: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One image's sample of its posterior, its noise and its timestep, in `training_loss`'s order."""
+    latents = latent_mean + latent_std * _randn_like(latent_mean, generator)
+    noise = _randn_like(latent_mean, generator)
+    timestep = torch.randint(0, num_train_timesteps, (1,), generator=generator).to(latent_mean.device)
+    return latents, noise, timestep
+
+
 @contextmanager
 def fitting_adapter(unet: UNet2DConditionModel, config: MorphConfig, seed: int) -> Iterator[list[torch.nn.Parameter]]:
     """A fresh trainable LoRA adapter on the UNet (its parameters in fp32, whatever the UNet's
@@ -103,9 +172,7 @@ def training_loss(
     """One step's loss: a sample of the image's posterior, noised at a random timestep (drawn on
     the CPU generator, so a seed gives the same LoRA on every device), and the MSE of the UNet's
     prediction to the target, in fp32. Device tensors only: nothing is read back to the host."""
-    latents = latent_mean + latent_std * _randn_like(latent_mean, generator)
-    noise = _randn_like(latent_mean, generator)
-    timestep = torch.randint(0, len(noising.alphas), (1,), generator=generator).to(latent_mean.device)
+    latents, noise, timestep = _draw(latent_mean, latent_std, len(noising.alphas), generator)
     noisy, target = noising(latents, noise, timestep)
     prediction = unet(noisy, timestep, encoder_hidden_states=text_embedding).sample
     return F.mse_loss(prediction.float(), target.float())

@@ -70,7 +70,7 @@ def mixed_linear(
     if stack is None or weights is None:
         return out
     w = weights.to(device=x.device, dtype=x.dtype)
-    down = torch.einsum("bk,kri->bri", w, stack.down)
-    up = torch.einsum("bk,kor->bor", w, stack.up)
+    down = torch.einsum("bk,kri->bri", w, stack.down.to(x.dtype))  # no-op unless fitting in fp32
+    up = torch.einsum("bk,kor->bor", w, stack.up.to(x.dtype))
     hidden = torch.einsum("bli,bri->blr", x, down)
     return out + stack.scaling * torch.einsum("blr,bor->blo", hidden, up)

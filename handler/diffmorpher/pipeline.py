@@ -37,7 +37,7 @@ from .ddim import ddim_invert, ddim_sample
 from .devices import resolve_dtype, select_device
 from .interpolation import interpolate_latents
 from .interrupt import StopCheck, never_stop, raise_if_stopped
-from .lora import fit_lora, inversion_cache_key, lora_cache_key
+from .lora import fit_loras_batched, inversion_cache_key, lora_cache_key
 from .lora_mix import build_lora_stacks
 from .models import MorphModels, load_morph_models
 from .perceptual import PerceptualDistance, PixelDistance, consecutive_distances, load_perceptual
@@ -293,34 +293,69 @@ class DiffMorpherPipeline:
         keys: Sequence[CacheKeys] | None = None,
     ) -> list[dict[str, torch.Tensor] | None]:
         """One LoRA per image: reuse a given one, else read it from the cache, else fit it (and
-        cache it). None in no-LoRA mode."""
+        cache it). None in no-LoRA mode. Missing LoRAs are fitted together, `frame_batch_size`
+        images per UNet call (lora.fit_loras_batched), under their cache keys' locks: a worker
+        that needs a LoRA another worker is fitting waits for it and reads it."""
         if config.lora_mode == "none":
             return [None] * len(latent_mean)
-        fitted: list[dict[str, torch.Tensor] | None] = []
-        for index in range(len(latent_mean)):
-            if given is not None and given[index] is not None:
-                fitted.append(given[index])
-                continue
+        fitted: dict[int, dict[str, torch.Tensor]] = {
+            index: lora for index, lora in enumerate(given or []) if lora is not None
+        }
+        todo = [index for index in range(len(latent_mean)) if index not in fitted]
+        cached = self.cache is not None and bool(keys)
+        if not cached:
+            fitted |= self._fit(todo, latent_mean, latent_std, text, config, progress, stop)
+            return [fitted[index] for index in range(len(latent_mean))]
+        assert self.cache is not None and keys is not None
 
-            def on_step(step: int, total: int, loss: float, item: int = index) -> None:
+        def from_cache(indices: list[int]) -> list[int]:
+            """Load what the cache has; the indices still missing."""
+            missing = []
+            for index in indices:
+                lora = self.cache.load(keys[index].lora) if keys[index].lora else None
+                if lora is None:
+                    missing.append(index)
+                else:
+                    fitted[index] = lora
+                    keys[index].lora_hit = True
+            return missing
+
+        missing = from_cache(todo)
+        if missing:
+            with self.cache.locked([keys[index].lora for index in missing if keys[index].lora]):
+                missing = from_cache(missing)  # fitted by another worker while we waited
+                new = self._fit(missing, latent_mean, latent_std, text, config, progress, stop)
+                for index, lora in new.items():
+                    if keys[index].lora:
+                        self.cache.save(keys[index].lora, lora)
+                fitted |= new
+        return [fitted[index] for index in range(len(latent_mean))]
+
+    def _fit(
+        self,
+        indices: list[int],
+        latent_mean: torch.Tensor,
+        latent_std: torch.Tensor,
+        text: torch.Tensor,
+        config: MorphConfig,
+        progress: ProgressCallback | None,
+        stop: StopCheck,
+    ) -> dict[int, dict[str, torch.Tensor]]:
+        """Fit the LoRAs of `indices`, `frame_batch_size` at a time."""
+        fitted: dict[int, dict[str, torch.Tensor]] = {}
+        for chunk in _chunks(indices, config.frame_batch_size):
+
+            def on_step(step: int, total: int, losses: torch.Tensor, items: list[int] = chunk) -> None:
                 raise_if_stopped(stop, STAGE_LORA)
                 if progress:
-                    progress(ProgressEvent(stage=STAGE_LORA, step=step, total=total, item=item))
+                    for item in items:
+                        progress(ProgressEvent(stage=STAGE_LORA, step=step, total=total, item=item))
 
-            def fit(index: int = index, on_step=on_step) -> dict[str, torch.Tensor]:
-                return fit_lora(
-                    self.models.unet, self.models.schedule,
-                    latent_mean[index : index + 1], latent_std[index : index + 1],
-                    text[index : index + 1], config, seed=config.seed, on_step=on_step,
-                )
-
-            key = keys[index].lora if keys else None
-            if self.cache is None or key is None:
-                fitted.append(fit())
-                continue
-            lora, hit = self.cache.get_or_compute(key, fit)
-            keys[index].lora_hit = hit
-            fitted.append(lora)
+            loras = fit_loras_batched(
+                self.models.unet, self.models.schedule, latent_mean[chunk], latent_std[chunk], text[chunk],
+                config, seed=config.seed, on_step=on_step,
+            )
+            fitted |= dict(zip(chunk, loras))
         return fitted
 
     # ------------------------------------------------------------------ stage 3: inversion
