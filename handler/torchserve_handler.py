@@ -96,6 +96,8 @@ class DiffMorpherHandler:
         self.pipeline = DiffMorpherPipeline.from_pretrained(
             weights, device=device, dtype=self.defaults.dtype, lpips_weights=lpips_path, cache=cache
         )
+        if cache is not None:  # hash the weights now, not in the first request
+            logger.info("model identity for the cache: %s", self.pipeline.models.identity)
         if self.control is not None:
             self.control.prune_cancel_markers(older_than_s=24 * 3600)
         self.heartbeat.idle()

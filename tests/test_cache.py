@@ -118,3 +118,21 @@ def test_fixed_lora_mode_does_not_cache_latents_that_depend_on_a_neighbour(tiny_
     images, prompts = _inputs()
     result = pipe(images, prompts, MorphConfig(**FAST, fixed_lora_alpha=0.5))
     assert [c["latent"] for c in result.cache] == ["off", "off"] and [c["lora"] for c in result.cache] == ["miss"] * 2
+
+
+def test_the_model_identity_follows_content_not_location(tiny_sd_dir: Path, tmp_path: Path) -> None:
+    """TorchServe unpacks an archive into a new temporary folder at every start: the same
+    weights there must keep their cache keys; changed weights must not."""
+    import shutil
+
+    from diffmorpher.models import load_morph_models
+
+    copy = tmp_path / "unpacked-again"
+    shutil.copytree(tiny_sd_dir, copy)
+    original = load_morph_models(tiny_sd_dir, torch.device("cpu")).identity
+    assert load_morph_models(copy, torch.device("cpu")).identity == original
+    weights = next(copy.glob("unet/*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    assert load_morph_models(copy, torch.device("cpu")).identity != original

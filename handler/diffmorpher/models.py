@@ -39,18 +39,25 @@ class MorphModels:
 
     @cached_property
     def identity(self) -> str:
-        """What identifies these weights in cache keys: the source, the dtype, the component
-        configs, and for a local folder the sizes and modification times of its weight files."""
-        digest = hashlib.sha256(f"{self.source}|{self.dtype}".encode())
+        """What identifies these weights in cache keys, wherever they were unpacked: the dtype,
+        the component configs, and for a local folder the SHA-256 of every weight file (read
+        once; a few seconds for SD, where the page cache already holds the files). A path or
+        a modification time would change with every unpacked copy of the same archive."""
+        digest = hashlib.sha256(str(self.dtype).encode())
         for module in (self.unet, self.vae, self.text_encoder):
             config = module.config  # diffusers: a FrozenDict; transformers: a PretrainedConfig
             fields = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+            fields = {k: v for k, v in fields.items() if k not in ("_name_or_path", "_diffusers_version")}
             digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
         folder = Path(self.source)
-        if folder.is_dir():
-            for weights in sorted(folder.glob("*/*.safetensors")) + sorted(folder.glob("*/*.bin")):
-                stat = weights.stat()
-                digest.update(f"{weights.relative_to(folder)}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        weights = sorted(folder.glob("*/*.safetensors")) + sorted(folder.glob("*/*.bin")) if folder.is_dir() else []
+        for path in weights:
+            digest.update(str(path.relative_to(folder)).encode())
+            with open(path, "rb") as stream:
+                while chunk := stream.read(8 << 20):
+                    digest.update(chunk)
+        if not weights:  # a hub id or an in-memory model: its name is all there is
+            digest.update(self.source.encode())
         return digest.hexdigest()[:32]
 
     @property
