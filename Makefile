@@ -32,7 +32,7 @@ PYTEST_ARGS ?=
 
 export PYTHONPATH := $(CURDIR)/handler:$(CURDIR)
 
-.PHONY: help setup stubs export serve stop demo test loadtest soak train-model clean
+.PHONY: help setup stubs export serve stop demo test loadtest soak bench train-model clean
 
 help:
 	@echo "make setup     venv with pinned deps (torch 2.14.1 via constraints.txt), gRPC stubs, LPIPS weights"
@@ -42,6 +42,7 @@ help:
 	@echo "make demo      setup + export + serve + streamed gRPC morph of the demo images -> out/morph.gif, out/morph.mp4 + stop"
 	@echo "make test      all tests (unit, core, end to end on a real TorchServe)"
 	@echo "make loadtest  Locust capacity run (own TorchServe, or LOADTEST_ARGS=\"--target 127.0.0.1:7070\")"
+	@echo "make bench     baseline vs default (cold, warm cache): stage times, ratios, quality -> benchmarks/results/"
 	@echo "make soak      30-minute soak: mixed good/hostile requests, worker RSS/fd trends (SOAK_MINUTES=...)"
 	@echo "make train-model  retrain the embedded model into models/tiny-shapes-sd"
 
@@ -123,6 +124,11 @@ test: setup
 
 loadtest: setup
 	$(PY) -m loadtest.run $(if $(TARGET),--target $(TARGET)) $(LOADTEST_ARGS)
+
+# The same morphs as the paper's implementation runs them (baseline), on the service's path with
+# an empty cache, and again on the filled cache: stage times, ratios, memory, PPL/PDV/PSNR.
+bench: setup
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 
 # Mixed good and hostile requests on an own server; worker RSS/fd trends in the report
 # (loadtest/results/soak-<time>/). `make test` runs a 3-minute version (tests/test_soak.py).
