@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,18 +24,27 @@ class TokenError(RuntimeError):
     """No usable token could be found."""
 
 
-def read_key_file(path: str | Path, api: str = "inference") -> str:
-    """The `api` ("inference" or "management") key from a TorchServe key file."""
+def read_key_file(path: str | Path, api: str = "inference", *, settle_s: float = 1.0) -> str:
+    """The `api` ("inference" or "management") key from a TorchServe key file.
+
+    TorchServe rewrites the file in place when a key is renewed (truncate, then write), so a
+    read can see it empty or half-written: an unreadable file is read again for up to
+    `settle_s` before it counts as broken."""
     path = Path(path)
-    try:
-        content = json.loads(path.read_text())
-    except FileNotFoundError as error:
-        raise TokenError(
-            f"TorchServe key file {path} not found: pass --key-file pointing to the key_file.json "
-            f"in the directory TorchServe was started from, or set {TOKEN_ENV}"
-        ) from error
-    except json.JSONDecodeError as error:
-        raise TokenError(f"TorchServe key file {path} is not valid JSON: {error}") from error
+    deadline = time.monotonic() + settle_s
+    while True:
+        try:
+            content = json.loads(path.read_text())
+            break
+        except FileNotFoundError as error:
+            raise TokenError(
+                f"TorchServe key file {path} not found: pass --key-file pointing to the key_file.json "
+                f"in the directory TorchServe was started from, or set {TOKEN_ENV}"
+            ) from error
+        except json.JSONDecodeError as error:
+            if time.monotonic() >= deadline:
+                raise TokenError(f"TorchServe key file {path} is not valid JSON: {error}") from error
+            time.sleep(0.02)
     try:
         key = content[api]["key"]
     except (KeyError, TypeError) as error:

@@ -314,3 +314,33 @@ def test_requests_carry_their_deadline() -> None:
     assert abs(float(fields["deadline"]) - (time.time() + 30)) < 1
     assert "deadline" not in build_input([b"a", b"b"], ["x", "y"], {}, stream=False)
 
+
+
+def test_a_key_file_being_rewritten_is_read_once_it_is_whole(tmp_path: Path) -> None:
+    """TorchServe truncates and rewrites key_file.json on every rotation: a reader that lands in
+    between must wait for the new content, not fail (seen in the soak with 1-minute keys)."""
+    import threading
+    import time
+
+    key_file = write_keys(tmp_path / "key_file.json", "k0")
+    stop = threading.Event()
+
+    def rotate() -> None:
+        index = 0
+        while not stop.is_set():
+            index += 1
+            with open(key_file, "w") as stream:  # truncate, then write, like TorchServe
+                time.sleep(0.005)
+                stream.write(json.dumps({"inference": {"key": f"k{index}"}}))
+            time.sleep(0.01)  # whole until the next rotation (seconds in TorchServe, 10 ms here)
+
+    writer = threading.Thread(target=rotate)
+    writer.start()
+    keys, until = set(), time.monotonic() + 0.5
+    try:
+        while time.monotonic() < until:
+            keys.add(read_key_file(key_file))
+    finally:
+        stop.set()
+        writer.join()
+    assert all(key.startswith("k") for key in keys) and len(keys) > 1
