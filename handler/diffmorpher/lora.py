@@ -52,9 +52,7 @@ def fit_lora(
     generator = torch.Generator(device="cpu").manual_seed(seed)
     noising = ForwardNoising(scheduler, latent_mean.device)
     with fitting_adapter(unet, config, seed) as params:
-        optimizer = torch.optim.AdamW(
-            params, lr=config.lora_lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8
-        )
+        optimizer = _optimizer(params, config)
         for step in range(config.lora_steps):
             with torch.enable_grad():
                 loss = training_loss(unet, noising, latent_mean, latent_std, text_embedding, generator)
@@ -96,7 +94,7 @@ def fit_loras_batched(
             up = initial[f"{module}.lora_B.weight"].to(device).unsqueeze(0).repeat(count, 1, 1).requires_grad_(True)
             stacks[module] = LoraStack(down=down, up=up)
     params = [tensor for stack in stacks.values() for tensor in (stack.down, stack.up)]
-    optimizer = torch.optim.AdamW(params, lr=config.lora_lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    optimizer = _optimizer(params, config)
     generators = [torch.Generator(device="cpu").manual_seed(seed) for _ in range(count)]
     noising = ForwardNoising(scheduler, device)
     controller = MorphController(AttentionStore(count, 0))
@@ -123,6 +121,11 @@ def fit_loras_batched(
         }
         for k in range(count)
     ]
+
+
+def _optimizer(params: list[torch.Tensor], config: MorphConfig) -> torch.optim.Optimizer:
+    """AdamW with the paper's hyper-parameters and a constant learning rate."""
+    return torch.optim.AdamW(params, lr=config.lora_lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
 
 
 def _draw(
