@@ -12,8 +12,8 @@ Two layers:
   corrupt entry is deleted and recomputed, never served), LRU eviction to a size cap, and
   `fcntl` locks so two workers never compute the same key at once (the second waits, then
   reads). A Redis store for several hosts implements the same three methods.
-- `TensorCache`: safetensors dicts in a store, and `get_or_compute` (check, lock, check again,
-  compute, write).
+- `TensorCache`: safetensors dicts in a store, and `get_or_compute(_many)` (check, lock, check
+  again, compute what is still missing, write).
 """
 
 from __future__ import annotations
@@ -193,21 +193,34 @@ class TensorCache:
                 stack.enter_context(self.store.lock(key))
             yield
 
+    def get_or_compute_many(
+        self, keys: list[str], compute: Callable[[list[str]], dict[str, dict[str, torch.Tensor]]]
+    ) -> tuple[dict[str, dict[str, torch.Tensor]], set[str]]:
+        """({key: tensors}, the keys that were hits). What the cache lacks is computed under the
+        missing keys' locks, checked again first (another worker may have computed it while we
+        waited), and `compute` gets every key still missing at once (e.g. one batched fit)."""
+        found = {key: value for key in dict.fromkeys(keys) if (value := self.load(key)) is not None}
+        missing = [key for key in dict.fromkeys(keys) if key not in found]
+        if missing:
+            with self.locked(missing):
+                found |= {key: value for key in missing if (value := self.load(key)) is not None}
+                still = [key for key in missing if key not in found]
+                hits = set(found)
+                if still:
+                    computed = compute(still)
+                    for key in still:
+                        self.save(key, computed[key])
+                        found[key] = computed[key]
+                return found, hits
+        return found, set(found)
+
     def get_or_compute(
         self, key: str, compute: Callable[[], dict[str, torch.Tensor]]
     ) -> tuple[dict[str, torch.Tensor], bool]:
-        """(tensors, hit). A miss computes under the key's lock, so concurrent workers with the
-        same key compute it once; the others wait and read the result."""
-        cached = self.load(key)
-        if cached is not None:
-            return cached, True
-        with self.store.lock(key):
-            cached = self.load(key)
-            if cached is not None:
-                return cached, True
-            value = compute()
-            self.save(key, value)
-            return value, False
+        """(tensors, hit) of one key: concurrent workers with the same key compute it once; the
+        others wait and read the result."""
+        values, hits = self.get_or_compute_many([key], lambda keys: {key: compute()})
+        return values[key], key in hits
 
 
 @dataclass

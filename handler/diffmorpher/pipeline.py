@@ -307,28 +307,16 @@ class DiffMorpherPipeline:
             fitted |= self._fit(todo, latent_mean, latent_std, text, config, progress, stop)
             return [fitted[index] for index in range(len(latent_mean))]
         assert self.cache is not None and keys is not None
+        index_of = {keys[index].lora: index for index in todo}
 
-        def from_cache(indices: list[int]) -> list[int]:
-            """Load what the cache has; the indices still missing."""
-            missing = []
-            for index in indices:
-                lora = self.cache.load(keys[index].lora) if keys[index].lora else None
-                if lora is None:
-                    missing.append(index)
-                else:
-                    fitted[index] = lora
-                    keys[index].lora_hit = True
-            return missing
+        def fit(missing: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+            new = self._fit([index_of[key] for key in missing], latent_mean, latent_std, text, config, progress, stop)
+            return {key: new[index_of[key]] for key in missing}
 
-        missing = from_cache(todo)
-        if missing:
-            with self.cache.locked([keys[index].lora for index in missing if keys[index].lora]):
-                missing = from_cache(missing)  # fitted by another worker while we waited
-                new = self._fit(missing, latent_mean, latent_std, text, config, progress, stop)
-                for index, lora in new.items():
-                    if keys[index].lora:
-                        self.cache.save(keys[index].lora, lora)
-                fitted |= new
+        loras, hits = self.cache.get_or_compute_many([keys[index].lora for index in todo], fit)
+        for index in todo:
+            fitted[index] = loras[keys[index].lora]
+            keys[index].lora_hit = keys[index].lora in hits
         return [fitted[index] for index in range(len(latent_mean))]
 
     def _fit(
@@ -372,15 +360,14 @@ class DiffMorpherPipeline:
         """z_T of each image (K, C, h, w), from its posterior mean, with its endpoint LoRA mix;
         read from the cache where an image's latent is there (and cached when computed)."""
         num_images = len(latent_mean)
-        cached: dict[int, torch.Tensor] = {}
+        results: dict[int, torch.Tensor] = {}
         if self.cache is not None and keys:
             for index, key in enumerate(keys):
                 entry = self.cache.load(key.latent) if key.latent else None
                 if entry is not None:
-                    cached[index] = entry["latent"].to(device=latent_mean.device, dtype=latent_mean.dtype)
+                    results[index] = entry["latent"].to(device=latent_mean.device, dtype=latent_mean.dtype)
                     key.latent_hit = True
-        results = dict(cached)
-        missing = [index for index in range(num_images) if index not in cached]
+        missing = [index for index in range(num_images) if index not in results]
         for chunk in _chunks(missing, config.frame_batch_size):
             weights = _one_hot(chunk, num_images)
             self._set_batch(controller, MODE_OFF, weights, self._endpoint_lora_weights(chunk, num_images, config))
