@@ -73,7 +73,7 @@ class PeakMemory:
 def run_mode(pipe: DiffMorpherPipeline, mode: str, config: MorphConfig, cache: TensorCache,
              pair: int) -> dict:
     images, prompts = morph_pair(pair)
-    mode_config = {"baseline": config.replace(frame_batch_size=1),
+    mode_config = {"baseline": config.replace(frame_batch_size=1, reschedule_probe_steps=config.num_inference_steps),
                    "fast": config.replace(**FAST_PRESET_OPTIONS)}.get(mode, config)
     pipe.cache = cache if mode.startswith("default") else None
     with PeakMemory() as memory:

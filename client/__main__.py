@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     strip.add_argument("--max-frames", type=int, default=8, help="evenly chosen, first and last kept")
 
     morph = commands.add_parser("morph", help="morph two or more images")
-    morph.add_argument("images", nargs="+", type=Path, help="input images, in morph order")
+    morph.add_argument("images", nargs="+", help="input images, in morph order; `ref:<image_key>` "
+                       "reuses an image a previous result named (its fitted LoRA, no upload)")
     morph.add_argument("--prompt-a", help="prompt of the first image (two-image morphs)")
     morph.add_argument("--prompt-b", help="prompt of the second image (two-image morphs)")
     morph.add_argument("--prompt", action="append", default=[], help="one per image, in order")
@@ -141,10 +142,17 @@ class _ProgressBar:
             self.bar = None
 
 
-def _read_image(path: Path) -> bytes:
-    """The file's bytes, after checking locally that it is an image (saves an upload)."""
+REF_PREFIX = "ref:"
+
+
+def _read_image(argument: str) -> bytes | wire.ImageRef:
+    """A `ref:<image_key>` reference, or the file's bytes after checking locally that it is an
+    image (saves an upload)."""
     from PIL import Image, UnidentifiedImageError
 
+    if argument.startswith(REF_PREFIX):
+        return wire.ImageRef(argument[len(REF_PREFIX):])
+    path = Path(argument)
     try:
         with Image.open(path) as image:
             image.verify()
@@ -175,6 +183,9 @@ def _run_morph(client: MorphClient, args: argparse.Namespace) -> int:
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in meta.get("timings", {}).items())
     print(f"{meta.get('num_frames')} frames, seed {meta.get('seed')}, "
           f"metric {meta.get('perceptual_metric')}; {timings}")
+    keys = [entry.get("image_key") for entry in meta.get("cache", [])]
+    if any(keys):
+        print("to morph these images again without sending them: " + " ".join(f"{REF_PREFIX}{k}" for k in keys if k))
     if args.metadata_out:
         args.metadata_out.parent.mkdir(parents=True, exist_ok=True)
         args.metadata_out.write_text(json.dumps(meta, indent=2))

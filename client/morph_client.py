@@ -35,7 +35,8 @@ STATUS_HINTS: dict[grpc.StatusCode, str] = {
     grpc.StatusCode.PERMISSION_DENIED: "token rejected: pass --token, set DIFFMORPHER_TOKEN, or "
     "point --key-file at the key_file.json TorchServe wrote",
     grpc.StatusCode.UNAUTHENTICATED: "authentication required: pass a token",
-    grpc.StatusCode.NOT_FOUND: "the model is not registered on this server (check --model)",
+    grpc.StatusCode.NOT_FOUND: "the model is not registered on this server (check --model), or "
+    "an image reference (ref:<image_key>) is no longer in the server's cache: send the image",
     grpc.StatusCode.UNAVAILABLE: "server unreachable or no worker ready (is TorchServe running?)",
     grpc.StatusCode.DEADLINE_EXCEEDED: "the morph took longer than the deadline: raise "
     "--deadline, or ask for fewer frames / steps",
@@ -118,7 +119,7 @@ EventCallback = Callable[[wire.Message], None]
 
 
 def build_input(
-    images: Sequence[bytes],
+    images: Sequence[bytes | wire.ImageRef],
     prompts: Sequence[str],
     options: dict[str, Any] | None,
     *,
@@ -127,7 +128,8 @@ def build_input(
 ) -> dict[str, bytes]:
     """The TorchServe input map for one morph (see client/wire.py for the schema). With
     `deadline_s` the request carries its deadline, so the server stops working on it when this
-    client stops waiting (the gateway also derives it from the gRPC deadline)."""
+    client stops waiting (the gateway also derives it from the gRPC deadline). An image may be
+    a `wire.ImageRef` (the `image_key` of a previous result) instead of its bytes."""
     if len(images) < 2:
         raise MorphClientError(None, f"a morph needs at least 2 images, got {len(images)}")
     if len(images) > wire.MAX_IMAGES:
@@ -136,7 +138,10 @@ def build_input(
         raise MorphClientError(None, f"one prompt per image: {len(images)} images, {len(prompts)} prompts")
     data: dict[str, bytes] = {}
     for index, (image, prompt) in enumerate(zip(images, prompts)):
-        data[wire.image_key(index)] = bytes(image)
+        if isinstance(image, wire.ImageRef):
+            data[wire.image_ref_key(index)] = image.key.encode("ascii")
+        else:
+            data[wire.image_key(index)] = bytes(image)
         data[wire.prompt_key(index)] = prompt.encode("utf-8")
     data[wire.INPUT_OPTIONS] = json.dumps(options or {}).encode("utf-8")
     if stream:
@@ -193,7 +198,7 @@ class MorphClient:
 
     def morph(
         self,
-        images: Sequence[bytes],
+        images: Sequence[bytes | wire.ImageRef],
         prompts: Sequence[str],
         options: dict[str, Any] | None = None,
         *,
@@ -214,7 +219,7 @@ class MorphClient:
 
     def morph_stream(
         self,
-        images: Sequence[bytes],
+        images: Sequence[bytes | wire.ImageRef],
         prompts: Sequence[str],
         options: dict[str, Any] | None = None,
         *,

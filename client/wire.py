@@ -102,7 +102,9 @@ def decode_message(payload: bytes) -> Message:
 # ---------------------------------------------------------------------------- request input map
 # A morph request is TorchServe's input map (gRPC `PredictionsRequest.input`, or the fields of a
 # REST multipart/form-data body): `image_0`, `image_1`, ... (encoded image bytes), `prompt_0`,
-# `prompt_1`, ... (UTF-8, one per image), `options` (UTF-8 JSON object: MorphConfig fields plus
+# `prompt_1`, ... (UTF-8, one per image); in place of `image_<i>`, `image_ref_<i>`: the
+# `image_key` a previous result returned for an image (its `cache` metadata), so the image is
+# not sent again and its fitted LoRA and inverted latent are reused; `options` (UTF-8 JSON object: MorphConfig fields plus
 # `format`, `frame_duration_ms`, `loop`) and `stream` ("true" only on StreamPredictions).
 # `deadline` (optional): when the caller stops waiting, as Unix time in seconds (a decimal
 # string); the server stops the morph then, and does not start it if it is already past. The
@@ -118,10 +120,23 @@ STREAM_FALSE = ("false", "0", "no", "")
 # gRPC RESOURCE_EXHAUSTED where TorchServe would say INTERNAL).
 OUT_OF_MEMORY_PREFIX = "out of memory:"
 MAX_IMAGES = 8
+# An image reference is the SHA-256 (hex) of the image as the server prepared it.
+IMAGE_REF_LENGTH = 64
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image the server has seen before, by the `image_key` of a previous result."""
+
+    key: str
 
 
 def image_key(index: int) -> str:
     return f"image_{index}"
+
+
+def image_ref_key(index: int) -> str:
+    return f"image_ref_{index}"
 
 
 def prompt_key(index: int) -> str:

@@ -35,12 +35,13 @@ MAX_OPTIONS_BYTES = 64 * 1024  # a flat JSON object of ~20 options needs well un
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
 # Tabs and newlines are prompt text; NUL, escapes and other C0/C1 controls are refused.
 PROMPT_CONTROLS_ALLOWED = "\t\n\r"
-_IMAGE_KEY = re.compile(r"image_(0|[1-9][0-9]{0,5})")
+_IMAGE_KEY = re.compile(r"image_(?:ref_)?(0|[1-9][0-9]{0,5})")
+_IMAGE_REF = re.compile(r"[0-9a-f]{%d}" % wire.IMAGE_REF_LENGTH)
 
 
 @dataclass
 class MorphRequest:
-    images: list[Image.Image]
+    images: list[Image.Image | wire.ImageRef]  # references are resolved from the server's cache
     prompts: list[str]
     config: MorphConfig
     outputs: list[OutputOptions]  # one per requested format, same duration/loop
@@ -264,18 +265,18 @@ def parse_request(data: Mapping[str, Any], defaults: MorphConfig) -> MorphReques
         raise ConfigError(f"request must be a map of fields, got {type(data).__name__}")
     fields = dict(data)
     count = 0
-    while wire.image_key(count) in fields:
+    while wire.image_key(count) in fields or wire.image_ref_key(count) in fields:
         count += 1
     # image_0, image_2 without image_1: name the gap, not "only 1 image" or "unknown field".
     beyond = sorted(
         (key for key in fields
-         if isinstance(key, str) and _IMAGE_KEY.fullmatch(key) and int(key[6:]) > count),
-        key=lambda key: int(key[6:]),
+         if isinstance(key, str) and (match := _IMAGE_KEY.fullmatch(key)) and int(match.group(1)) > count),
+        key=lambda key: int(_IMAGE_KEY.fullmatch(key).group(1)),  # type: ignore[union-attr]
     )
     if beyond:
         raise ConfigError(
             f"unknown field(s) {name_list(beyond)}: images are numbered image_0, image_1, ... "
-            f"without gaps, and {wire.image_key(count)!r} is missing"
+            f"(or image_ref_0, ...) without gaps, and {wire.image_key(count)!r} is missing"
         )
     if count < 2:
         body_hint = (
@@ -295,14 +296,36 @@ def parse_request(data: Mapping[str, Any], defaults: MorphConfig) -> MorphReques
             raise ConfigError(f"missing prompt {key!r} for image {index}: send one prompt per image")
         prompts.append(_check_prompt(key, fields[key]))
     expected = {wire.image_key(i) for i in range(count)} | {wire.prompt_key(i) for i in range(count)}
+    expected |= {wire.image_ref_key(i) for i in range(count)}
     expected |= {wire.INPUT_OPTIONS, wire.INPUT_STREAM, wire.INPUT_DEADLINE, wire.INPUT_CALL_ID}
     unknown = sorted(set(fields) - expected)
     if unknown:
         raise ConfigError(
-            f"unknown field(s) {name_list(unknown)}; expected image_0..image_{count - 1}, "
+            f"unknown field(s) {name_list(unknown)}; expected image_0..image_{count - 1} (or "
+            f"image_ref_<i> in place of image_<i>), "
             f"prompt_0..prompt_{count - 1}, options, stream, deadline"
         )
     config, outputs = split_options(parse_options(fields.get(wire.INPUT_OPTIONS)), defaults)
     stream = parse_stream(fields.get(wire.INPUT_STREAM))
-    images = [decode_image(wire.image_key(i), fields[wire.image_key(i)]) for i in range(count)]
+    images = [_image_or_reference(fields, i) for i in range(count)]
     return MorphRequest(images, prompts, config, outputs, stream)
+
+
+def _image_or_reference(fields: Mapping[str, Any], index: int) -> Image.Image | wire.ImageRef:
+    """Image `index`: its bytes (`image_<i>`) or the key of an image the server kept from an
+    earlier morph (`image_ref_<i>`), not both."""
+    name, ref_name = wire.image_key(index), wire.image_ref_key(index)
+    if name in fields and ref_name in fields:
+        raise ConfigError(f"send either {name!r} or {ref_name!r}, not both")
+    if name in fields:
+        return decode_image(name, fields[name])
+    value = fields[ref_name]
+    if isinstance(value, (bytes, bytearray, memoryview)) and len(value) > 2 * wire.IMAGE_REF_LENGTH:
+        raise ConfigError(f"field {ref_name!r} is {len(value)} bytes; an image_key has {wire.IMAGE_REF_LENGTH} hex digits")
+    key = _as_text(ref_name, value).strip().lower()
+    if not _IMAGE_REF.fullmatch(key):
+        raise ConfigError(
+            f"field {ref_name!r} must be the {wire.IMAGE_REF_LENGTH}-hex-digit image_key of a previous "
+            f"result, got {show(key)}"
+        )
+    return wire.ImageRef(key)

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 from client import wire
-from diffmorpher.cache import DiskStore, TensorCache
+from diffmorpher.cache import CacheMiss, DiskStore, TensorCache
 from diffmorpher.config import ConfigError, MorphConfig
-from diffmorpher.devices import device_for_worker, is_out_of_memory, release_cached_memory
+from diffmorpher.devices import device_for_worker, is_out_of_memory, release_cached_memory, worker_threads
 from diffmorpher.encoding import encode_parts
 from diffmorpher.interrupt import CANCELLED, MorphStopped
 from diffmorpher.pipeline import DiffMorpherPipeline
@@ -86,8 +86,10 @@ class DiffMorpherHandler:
         if lpips_path is not None and not lpips_path.exists():
             logger.warning("lpips weights %s not found; the core falls back to its default", lpips_path)
             lpips_path = None
-        threads = int(settings.get("torch_threads", 0) or 0)
-        if threads > 0:
+        yaml_config = context.model_yaml_config or {}
+        workers = int(yaml_config.get("maxWorkers") or yaml_config.get("minWorkers") or 1)
+        threads = worker_threads(int(settings.get("torch_threads", 0) or 0), workers)
+        if threads is not None:
             torch.set_num_threads(threads)
         device = device_for_worker(properties.get("gpu_id"))
         cache = _cache(archive_dir, settings)
@@ -153,7 +155,11 @@ class DiffMorpherHandler:
             progress = StreamSender(
                 self._intermediate_sender(index, context), self.max_response_bytes, self.progress_interval_s
             )
-        result = self.pipeline(request.images, request.prompts, request.config, progress=progress, stop=stop)
+        images = [
+            self.pipeline.stored_image(image.key) if isinstance(image, wire.ImageRef) else image
+            for image in request.images
+        ]
+        result = self.pipeline(images, request.prompts, request.config, progress=progress, stop=stop)
         generated = time.perf_counter()
         parts = [
             wire.Part(part.name, part.mime, part.data)
@@ -189,11 +195,13 @@ class DiffMorpherHandler:
     @staticmethod
     def _classify(error: Exception) -> tuple[int, str]:
         """HTTP status and a readable message. TorchServe maps the status to gRPC: 400
-        INVALID_ARGUMENT, 413 RESOURCE_EXHAUSTED, 499 CANCELLED, 504 DEADLINE_EXCEEDED, other 5xx
-        INTERNAL; the gateway turns 507's INTERNAL into RESOURCE_EXHAUSTED by its message prefix
-        (OUT_OF_MEMORY_PREFIX)."""
+        INVALID_ARGUMENT, 404 NOT_FOUND, 413 RESOURCE_EXHAUSTED, 499 CANCELLED, 504
+        DEADLINE_EXCEEDED, other 5xx INTERNAL; the gateway turns 507's INTERNAL into
+        RESOURCE_EXHAUSTED by its message prefix (OUT_OF_MEMORY_PREFIX)."""
         if isinstance(error, ConfigError):
             return 400, f"invalid request: {error}"
+        if isinstance(error, CacheMiss):
+            return 404, f"not found: {error}"
         if isinstance(error, ResponseTooLarge):
             return 413, str(error)
         if isinstance(error, MorphStopped):
@@ -254,5 +262,5 @@ def _resolve(base: Path, path: str | Path) -> Path:
 
 
 def _reason(code: int) -> str:
-    reasons = {400: "invalid_request", 413: "too_large", 499: "cancelled", 504: "deadline", 507: "out_of_memory"}
+    reasons = {400: "invalid_request", 404: "not_found", 413: "too_large", 499: "cancelled", 504: "deadline", 507: "out_of_memory"}
     return reasons.get(code, "internal")

@@ -68,7 +68,7 @@ def test_replace_with_endpoint_weights_reproduces_the_stored_pass(unet):
         assert store.nbytes > 0 and {layer for layer, _ in store.tensors} == {
             n[: -len(".processor")] for n in unet.attn_processors if is_interpolated_layer(n)
         }
-        controller.mode = MODE_REPLACE
+        controller.mode, controller.image_indices = MODE_REPLACE, None
         controller.weights = torch.tensor([[1.0, 0.0]])
         same = unet(latents[:1], t, text[:1]).sample
         controller.weights = torch.tensor([[0.5, 0.5]])
@@ -78,3 +78,24 @@ def test_replace_with_endpoint_weights_reproduces_the_stored_pass(unet):
     assert (same[0] - stored_pass[0]).abs().max() < 1e-5
     assert (mixed[0] - stored_pass[0]).abs().max() > 1e-4
     assert (plain[0] - stored_pass[0]).abs().max() < 1e-5
+
+
+def test_endpoints_in_the_same_batch_as_the_frames_store_before_the_frames_read(unet):
+    """One call with rows [image 0, image 1, frame]: the endpoints' outputs and the frame's equal
+    those of a store call followed by a replace call (what the pipeline did in two passes)."""
+    latents, t, text = _inputs(3)
+    weights = torch.tensor([[0.7, 0.3]])
+    with torch.no_grad():
+        separate = MorphController(AttentionStore(2, num_steps=1))
+        with morph_attention(unet, separate, None):
+            separate.mode, separate.image_indices = MODE_STORE, [0, 1]
+            endpoints = unet(latents[:2], t, text[:2]).sample
+            separate.mode, separate.image_indices, separate.weights = MODE_REPLACE, None, weights
+            frame = unet(latents[2:], t, text[2:]).sample
+        together = MorphController(AttentionStore(2, num_steps=1))
+        with morph_attention(unet, together, None):
+            together.mode, together.image_indices, together.weights = MODE_REPLACE, [0, 1], weights
+            both = unet(latents, t, text).sample
+    assert (both[:2] - endpoints).abs().max() < 1e-5
+    assert (both[2:] - frame).abs().max() < 1e-5
+    assert (frame - unet(latents[2:], t, text[2:]).sample).abs().max() > 1e-4  # the mix mattered

@@ -113,6 +113,30 @@ def test_a_repeated_image_costs_no_fitting_and_no_inversion(tiny_sd_dir: Path, t
     assert [c["lora"] for c in changed.cache] == ["miss", "miss"]  # a hyper-parameter is in the key
 
 
+def test_an_image_key_stands_in_for_the_image(tiny_sd_dir: Path, tmp_path: Path) -> None:
+    """A result names each image by its image_key; the image the server kept under it morphs to
+    the same frames as the original, with every LoRA and latent a hit."""
+    from diffmorpher.cache import CacheMiss
+    from diffmorpher.config import ConfigError
+
+    pipe = DiffMorpherPipeline.from_pretrained(tiny_sd_dir, device="cpu", cache=TensorCache(DiskStore(tmp_path)))
+    images, prompts = _inputs()
+    first = pipe(images, prompts, MorphConfig(**FAST))
+    keys = [c["image_key"] for c in first.cache]
+    stored = [pipe.stored_image(key) for key in keys]
+    assert all(image.size == (first.resolution, first.resolution) for image in stored)
+    again = pipe(stored, prompts, MorphConfig(**FAST))
+    assert [c["image_key"] for c in again.cache] == keys
+    assert {c["lora"] for c in again.cache} == {"hit"} and {c["latent"] for c in again.cache} == {"hit"}
+    assert (again.frame_tensors - first.frame_tensors).abs().max() == 0
+    with pytest.raises(CacheMiss, match="send the image itself"):
+        pipe.stored_image("0" * 64)
+    with pytest.raises(ConfigError, match="64-digit hex"):
+        pipe.stored_image("../" + "0" * 61)
+    with pytest.raises(ConfigError, match="keeps no cache"):
+        DiffMorpherPipeline(pipe.models).stored_image(keys[0])
+
+
 def test_fixed_lora_mode_does_not_cache_latents_that_depend_on_a_neighbour(tiny_sd_dir: Path, tmp_path: Path) -> None:
     pipe = DiffMorpherPipeline.from_pretrained(tiny_sd_dir, device="cpu", cache=TensorCache(DiskStore(tmp_path)))
     images, prompts = _inputs()

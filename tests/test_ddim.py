@@ -70,3 +70,45 @@ def test_inversion_is_exactly_undone_for_trailing_spacing():
     x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     noise = ddim_invert(scheduler, _recording_predictor([]), x0, 10)
     assert (ddim_sample(scheduler, _recording_predictor([]), noise, 10) - x0).abs().max() < 1e-9
+
+
+def test_a_coarse_walk_keeps_every_kth_timestep_and_the_full_plans_step_indices():
+    """The reschedule's measuring pass: 10 of 50 steps, the attention store read at the full
+    plan's indices (0, 5, ..., 45), each step jumping to the next kept timestep."""
+    from diffmorpher.ddim import plan_steps
+
+    full = plan_steps(_scheduler(), 50)
+    coarse = full.coarse(10)
+    assert coarse.step_indices == list(range(0, 50, 5))
+    assert coarse.timesteps == full.timesteps[::5]
+    assert coarse.previous_alphas[:-1] == coarse.alphas[1:]
+    assert coarse.previous_alphas[-1] == full.previous_alphas[-1]  # ends at the final alpha
+    assert full.coarse(50) is full and full.coarse(80) is full
+    uneven = plan_steps(_scheduler(), 15).coarse(10)
+    assert len(uneven.timesteps) == 10 and uneven.step_indices[0] == 0
+    with pytest.raises(ValueError, match="at least one step"):
+        full.coarse(0)
+
+
+def test_a_coarse_walk_lands_on_the_image_a_perfect_model_predicts():
+    """DDIM's update is valid for any jump: with a model that predicts the true noise of a
+    known clean latent, a 10-step walk from the 50-step z_T lands exactly where the full walk
+    does (next to it: the final alpha is not 1), and the predictor is told the full plan's
+    step indices."""
+    scheduler = _scheduler()
+    alphas = scheduler.alphas_cumprod.double()
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    seen: list[int] = []
+
+    def oracle(latents, timestep, step_index):
+        seen.append(step_index)
+        a_t = alphas[timestep]
+        return (latents - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+
+    noise = ddim_invert(scheduler, oracle, x0, 50)
+    full = ddim_sample(scheduler, oracle, noise, 50)
+    seen.clear()
+    coarse = ddim_sample(scheduler, oracle, noise, 50, walk_steps=10)
+    assert seen == list(range(0, 50, 5))
+    assert (coarse - full).abs().max() < 1e-9
+    assert (coarse - x0).abs().max() < 0.05

@@ -62,6 +62,20 @@ def test_a_cpu_archive_runs_on_the_cpu_even_where_cuda_exists(monkeypatch: pytes
         device_for_worker(0)
 
 
+def test_workers_share_the_hosts_cores_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch_threads 0: cores // workers (torch's default, every core per worker, would make N
+    workers oversubscribe the host N times); an explicit value or OMP_NUM_THREADS wins."""
+    from diffmorpher.devices import worker_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert worker_threads(0, workers=4, cores=16) == 4
+    assert worker_threads(0, workers=3, cores=2) == 1
+    assert worker_threads(0, workers=1, cores=2) == 2
+    assert worker_threads(6, workers=4, cores=16) == 6
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert worker_threads(0, workers=4, cores=16) is None  # torch already follows OMP_NUM_THREADS
+
+
 def test_max_response_size_is_read_from_config_properties(tmp_path: Path) -> None:
     assert read_max_response_size(REPO_ROOT / "config.properties") == 268435456
     (tmp_path / "c.properties").write_text("# x\nmax_response_size = 999\n")

@@ -137,10 +137,9 @@ def test_the_morph_tensor_path_runs_on_cuda(size: str, dtype: torch.dtype, monke
         controller = MorphController(store, beta=CONFIG.attn_beta)
         with morph_attention(models.unet, controller, stacks):
             noise = pipe.invert(mean, text, controller, CONFIG, None)
-            endpoints = pipe.denoise_endpoints(noise, text, controller, CONFIG)
-            frames = pipe.denoise_frames(
+            frames = pipe.denoise_sequence(
                 _specs(2, uniform_alphas(3)), noise, text, controller, CONFIG, "frames", None,
-                _FrameEmitter(None, 3), endpoints,
+                _FrameEmitter(None, 3),
             )
         assert on(noise, "cuda", dtype) and noise.shape == mean.shape
         assert store.tensors and all(on(t, "cuda", dtype) for t in store.tensors.values())

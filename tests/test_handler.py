@@ -114,9 +114,14 @@ def test_streaming_sends_intermediate_responses(handler: DiffMorpherHandler, tin
         ({"options": b'{"device": "cpu:1"}'}, "option 'device' is set by the server"),
         ({"stream": b"maybe"}, "'stream' must be true or false"),
         ({"image_9": b"x"}, "unknown field(s) ['image_9']"),
+        ({"image_ref_3": b"0" * 64}, "unknown field(s) ['image_ref_3']"),
+        ({"image_ref_1": b"0" * 64}, "send either 'image_1' or 'image_ref_1', not both"),
+        ({"image_ref_1": b"0" * 64, "image_1": None}, "is not in this server's cache"),
+        ({"image_ref_1": b"ab" * 33, "image_1": None}, "must be the 64-hex-digit image_key"),
+        ({"image_ref_1": b"x" * 100_000, "image_1": None}, "an image_key has 64 hex digits"),
     ],
 )
-def test_bad_requests_raise_400_with_a_specific_message(
+def test_bad_requests_are_refused_with_their_code_and_a_specific_message(
     handler: DiffMorpherHandler, tiny_sd_dir: Path, request_change: dict, message: str
 ) -> None:
     request = good_request()
@@ -127,7 +132,7 @@ def test_bad_requests_raise_400_with_a_specific_message(
             request[key] = value
     with pytest.raises(PredictionException) as raised:
         handler.handle([request], make_context(tiny_sd_dir))
-    assert raised.value.error_code == 400
+    assert raised.value.error_code == (404 if "cache" in message else 400)
     assert message in raised.value.message
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 
-from .lora_mix import LoraStack, mixed_linear
+from .lora_mix import LoraStack, LoraWeights, mixed_linear
 
 MODE_OFF = "off"
 MODE_STORE = "store"
@@ -64,11 +64,15 @@ class MorphController:
     beta: float = 0.0  # weight of the layer's own input in replaced keys/values
     mode: str = MODE_OFF
     step: int = 0
-    weights: torch.Tensor | None = None  # (B, K) per-sample mix over the K images
-    lora_weights: torch.Tensor | None = None  # (B, K) LoRA mix; None: no LoRA
-    image_indices: list[int] | None = None  # store mode: which image each sample is
+    weights: torch.Tensor | None = None  # (B', K) mix over the K images of each replaced row
+    lora_weights: LoraWeights = None  # (B, K) LoRA mix, OWN_LORA (row b: LoRA b), None: no LoRA
+    image_indices: list[int] | None = None  # the batch's leading rows are these images (stored)
 
     def key_value_input(self, layer: str, hidden: torch.Tensor) -> torch.Tensor:
+        """Store mode: every row is an endpoint image; its input is stored. Replace mode: the
+        first len(image_indices) rows (if any) are endpoints, stored first, and the remaining
+        rows take the mix of the store, so a batch can denoise the endpoints in lockstep with
+        the frames that read them (the store at this layer and step is complete before the mix)."""
         if self.step >= self.store.num_steps:
             return hidden
         if self.mode == MODE_STORE:
@@ -77,8 +81,14 @@ class MorphController:
             return hidden
         if self.mode == MODE_REPLACE:
             assert self.weights is not None
+            stored = len(self.image_indices or ())
+            if stored:
+                self.store.put(layer, self.step, self.image_indices, hidden[:stored])  # type: ignore[arg-type]
+            own = hidden[stored:]
             mixed = self.store.mix(layer, self.step, self.weights).to(hidden.dtype)
-            return mixed if self.beta == 0 else (1 - self.beta) * mixed + self.beta * hidden
+            if self.beta != 0:
+                mixed = (1 - self.beta) * mixed + self.beta * own
+            return torch.cat([hidden[:stored], mixed]) if stored else mixed
         return hidden
 
 

@@ -41,6 +41,11 @@ _MAGIC = b"DMC1"
 _DIGEST = 32
 
 
+class CacheMiss(LookupError):
+    """An entry a request named (an image reference) is not in the cache. Servers map this to
+    HTTP 404 / gRPC NOT_FOUND with `str(error)` as the message."""
+
+
 class CacheStore(Protocol):
     """Bytes by content key, shared by every worker that can reach the store."""
 
@@ -229,14 +234,16 @@ class CacheKeys:
 
     lora: str | None  # None: not cached (no LoRA, or the caller gave the LoRA)
     latent: str | None  # None: not cached (the inversion depends on another image's LoRA)
+    image: str | None = None  # the preprocessed image, which a client may send back as a reference
     lora_hit: bool = False
     latent_hit: bool = False
 
     def report(self) -> dict[str, str | None]:
-        """For the result metadata: per image, "hit", "miss" or "off", and the LoRA's key."""
+        """For the result metadata: per image, "hit", "miss" or "off", the LoRA's key, and the
+        image's key (what a later request may send instead of the image)."""
 
         def state(key: str | None, hit: bool) -> str:
             return "off" if key is None else "hit" if hit else "miss"
 
         return {"lora": state(self.lora, self.lora_hit), "latent": state(self.latent, self.latent_hit),
-                "lora_key": self.lora}
+                "lora_key": self.lora, "image_key": self.image}

@@ -64,6 +64,9 @@ class MorphConfig:
     # Step 5: reschedule
     use_reschedule: bool = True
     perceptual_metric: str = "lpips"
+    # DDIM steps of the reschedule's measuring pass (a coarse walk over the same timesteps, from
+    # the same z_T and stored attention); >= num_inference_steps: a full pass, as the paper.
+    reschedule_probe_steps: int = 10
     # Execution
     frame_batch_size: int = 8
     dtype: str = "float32"
@@ -93,6 +96,7 @@ class MorphConfig:
         _check_bool("use_adain", self.use_adain)
         _check_bool("use_reschedule", self.use_reschedule)
         _check_choice("perceptual_metric", self.perceptual_metric, PERCEPTUAL_METRICS)
+        _check_int("reschedule_probe_steps", self.reschedule_probe_steps, 1, MAX_INFERENCE_STEPS)
         _check_int("frame_batch_size", self.frame_batch_size, 1, MAX_FRAME_BATCH)
         _check_choice("dtype", self.dtype, DTYPES)
         if self.device is not None and not isinstance(self.device, str):

@@ -35,12 +35,33 @@ def ddim_timesteps(scheduler: DDIMScheduler, num_inference_steps: int) -> torch.
 @dataclass(frozen=True)
 class StepPlan:
     """Everything a DDIM walk needs, as Python numbers, computed once before the loop:
-    `timesteps` descending, and `alphas[i]` / `previous_alphas[i]` the alpha_bar at timestep i
-    and at the step after it (the next timestep of the sequence, or the final alpha)."""
+    `timesteps` descending, `alphas[i]` / `previous_alphas[i]` the alpha_bar at timestep i
+    and at the step after it (the next timestep of the sequence, or the final alpha), and
+    `step_indices[i]` the index of step i in the full plan: the predictor is told that index,
+    and the attention store is keyed by it."""
 
     timesteps: list[int]
     alphas: list[float]
     previous_alphas: list[float]
+    step_indices: list[int]
+
+    def coarse(self, num_steps: int) -> "StepPlan":
+        """A shorter walk over `num_steps` of these timesteps, evenly spread from the noisiest
+        one, each step jumping straight to the next kept timestep (DDIM's update is valid for
+        any jump). It keeps the full plan's step indices, so a coarse walk reads the attention
+        that a full walk stored. The reschedule's measuring pass uses it: the same z_T and the
+        same endpoints, at a fraction of the UNet calls."""
+        count = len(self.timesteps)
+        if num_steps >= count:
+            return self
+        if num_steps < 1:
+            raise ValueError(f"a walk needs at least one step, got {num_steps}")
+        keep = [int(i) for i in np.floor(np.arange(num_steps) * count / num_steps)]
+        alphas = [self.alphas[i] for i in keep]
+        return StepPlan(
+            [self.timesteps[i] for i in keep], alphas, alphas[1:] + [self.previous_alphas[-1]],
+            [self.step_indices[i] for i in keep],
+        )
 
 
 @dataclass(frozen=True)
@@ -91,7 +112,7 @@ class NoiseSchedule:
     def plan(self, num_inference_steps: int) -> StepPlan:
         timesteps = self.timesteps(num_inference_steps)
         alphas = [self.alpha(t) for t in timesteps]
-        return StepPlan(timesteps, alphas, alphas[1:] + [self.final_alpha])
+        return StepPlan(timesteps, alphas, alphas[1:] + [self.final_alpha], list(range(len(timesteps))))
 
 
 def as_schedule(scheduler: "DDIMScheduler | NoiseSchedule") -> NoiseSchedule:
@@ -134,9 +155,11 @@ def ddim_sample(
     latents: torch.Tensor,
     num_inference_steps: int,
     on_step: StepCallback | None = None,
+    walk_steps: int | None = None,
 ) -> torch.Tensor:
-    """Denoise from the noisiest timestep to the clean latent."""
-    return _walk(scheduler, predict, latents, num_inference_steps, on_step, invert=False)
+    """Denoise from the noisiest timestep to the clean latent; with `walk_steps` fewer than
+    `num_inference_steps`, over a coarse subset of the same timesteps (StepPlan.coarse)."""
+    return _walk(scheduler, predict, latents, num_inference_steps, on_step, invert=False, walk_steps=walk_steps)
 
 
 def ddim_invert(
@@ -163,18 +186,21 @@ def _walk(
     on_step: StepCallback | None,
     *,
     invert: bool,
+    walk_steps: int | None = None,
 ) -> torch.Tensor:
     """The sampler's steps in order, or in reverse order with each step run backwards. The
     predictor is told the sampler's step index of each timestep in both directions. The
     timesteps go to the device once; inside the loop nothing is read back to the host."""
     schedule = as_schedule(scheduler)
     plan = schedule.plan(num_inference_steps)
+    if walk_steps is not None:
+        plan = plan.coarse(walk_steps)
     timesteps = torch.tensor(plan.timesteps, device=latents.device)
     prediction_type = schedule.prediction_type
     count = len(plan.timesteps)
     order = range(count - 1, -1, -1) if invert else range(count)
     for done, index in enumerate(order, start=1):
-        output = predict(latents, timesteps[index], index)
+        output = predict(latents, timesteps[index], plan.step_indices[index])
         a_t, a_prev = plan.alphas[index], plan.previous_alphas[index]
         a_from, a_to = (a_prev, a_t) if invert else (a_t, a_prev)
         latents = ddim_step(latents, output, a_from, a_to, prediction_type)

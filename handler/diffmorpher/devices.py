@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .config import ConfigError
@@ -44,6 +46,19 @@ def device_for_worker(gpu_id: int | str | None) -> torch.device:
         raise ConfigError(f"TorchServe assigned GPU {gpu_id}, but this worker sees no CUDA device")
     return torch.device("cuda", int(gpu_id))
 
+
+def worker_threads(configured: int, workers: int, cores: int | None = None) -> int | None:
+    """Intra-op torch threads for one of `workers` worker processes on this host: `configured`
+    when set (> 0); else None (keep torch's choice) where OMP_NUM_THREADS says; else the cores
+    this process may run on, shared out among the workers. Torch's default is every core per
+    process: N workers on one CPU host would then oversubscribe the cores N times, and
+    oversubscribed threads spin-wait on each other (a morph gets several times slower)."""
+    if configured > 0:
+        return configured
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    available = cores if cores is not None else len(os.sched_getaffinity(0))
+    return max(1, available // max(1, workers))
 
 
 _OUT_OF_MEMORY_TEXT = ("out of memory", "can't allocate memory", "cannot allocate memory")

@@ -22,7 +22,7 @@ from PIL import Image
 
 from .config import LORA_TARGET_MODULES, MorphConfig
 from .ddim import NoiseSchedule, as_schedule
-from .lora_mix import LoraStack
+from .lora_mix import OWN_LORA, LoraStack
 from .preprocess import to_model_square
 
 ADAPTER_NAME = "diffmorpher_fit"
@@ -98,7 +98,7 @@ def fit_loras_batched(
     generators = [torch.Generator(device="cpu").manual_seed(seed) for _ in range(count)]
     noising = ForwardNoising(scheduler, device)
     controller = MorphController(AttentionStore(count, 0))
-    controller.lora_weights = torch.eye(count, device=device)
+    controller.lora_weights = OWN_LORA
     with morph_attention(unet, controller, stacks):
         for step in range(config.lora_steps):
             draws = [_draw(latent_mean[k : k + 1], latent_std[k : k + 1], len(noising.alphas), g)
@@ -256,6 +256,12 @@ def inversion_cache_key(
         "prompt": prompt, "model": model_id, "resolution": resolution, "dtype": config.dtype,
         "steps": config.num_inference_steps, "lora": lora_key, "kind": "inversion", "version": 1,
     })
+
+
+def image_cache_key(image: Image.Image, resolution: int) -> str:
+    """Content address of the image as the model sees it (the preprocessed square): what a
+    client sends back as an image reference to morph the image again without uploading it."""
+    return _content_key(image, resolution, {"kind": "image", "resolution": resolution, "version": 1})
 
 
 def _content_key(image: Image.Image, resolution: int, settings: dict) -> str:

@@ -3,10 +3,12 @@
     1. encode prompts and images       (one preprocessing for every stage)
     2. fit one LoRA per image          (lora.py, peft)
     3. DDIM-invert each image          (ddim.py, with its own LoRA mix loaded)
-    4. denoise the endpoints, storing up-block self-attention inputs   (attention.py)
-    5. denoise the intermediate frames in batches, each sample with its own alpha:
-       slerp + AdaIN latents, lerped text embedding, per-sample LoRA mix, interpolated attention
-    6. reschedule: re-space alphas by perceptual distance and denoise the frames again
+    4. reschedule: a measuring pass at uniform alphas (a coarse walk of `reschedule_probe_steps`
+       DDIM steps); alphas that make the perceptual distance between frames even (reschedule.py)
+    5. denoise the endpoints, storing up-block self-attention inputs   (attention.py), in the
+       same batches as
+    6. the intermediate frames, each sample with its own alpha: slerp + AdaIN latents, lerped
+       text embedding, per-sample LoRA mix, interpolated attention
 
 K >= 2 images give K-1 segments; image k is the alpha = 1 end of segment k-1 and the alpha = 0 end
 of segment k, so its LoRA, inverted latent and stored attention are computed once and shared.
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -31,17 +34,18 @@ from .attention import (
     MorphController,
     morph_attention,
 )
-from .cache import CacheKeys, TensorCache
-from .config import ConfigError, MorphConfig
+from .cache import KEY as CACHE_KEY
+from .cache import CacheKeys, CacheMiss, TensorCache
+from .config import ConfigError, MorphConfig, show
 from .ddim import ddim_invert, ddim_sample
 from .devices import resolve_dtype, select_device
 from .interpolation import interpolate_latents
 from .interrupt import StopCheck, never_stop, raise_if_stopped
-from .lora import fit_loras_batched, inversion_cache_key, lora_cache_key
+from .lora import fit_loras_batched, image_cache_key, inversion_cache_key, lora_cache_key
 from .lora_mix import build_lora_stacks
 from .models import MorphModels, load_morph_models
 from .perceptual import PerceptualDistance, PixelDistance, consecutive_distances, load_perceptual
-from .preprocess import image_to_tensor, tensor_to_images
+from .preprocess import image_to_tensor, tensor_to_images, to_model_square
 from .reschedule import reschedule_alphas, uniform_alphas
 from .results import (
     STAGE_FRAME_READY,
@@ -154,6 +158,7 @@ class DiffMorpherPipeline:
                 text = self.encode_prompts(prompts)
                 latent_mean, latent_std = self.encode_images(images, resolution)
             keys = self.cache_keys(images, prompts, config, resolution, given=loras)
+            self.remember_images(images, keys, resolution)
             # 2. fit LoRAs
             with _timed(timings, STAGE_LORA):
                 fitted = self.fit_loras(latent_mean, latent_std, text, config, loras, progress, stop, keys)
@@ -162,33 +167,34 @@ class DiffMorpherPipeline:
                 stacks = build_lora_stacks(fitted, self.models.device, self.models.dtype)  # type: ignore[arg-type]
             store = AttentionStore(num_images, config.num_attn_replace_steps)
             controller = MorphController(store, beta=config.attn_beta)
-            with morph_attention(self.models.unet, controller, stacks):
+            # Inference only from here on (the LoRA fit above needs autograd): no version
+            # counters or view tracking on any tensor the denoising makes.
+            with torch.inference_mode(), morph_attention(self.models.unet, controller, stacks):
                 # 3. invert every image with its own LoRA mix
                 with _timed(timings, STAGE_INVERSION):
                     noise = self.invert(latent_mean, text, controller, config, progress, stop, keys)
-                # 4-5. endpoints (storing attention), then intermediate frames at uniform alphas
                 alphas = uniform_alphas(config.num_frames)
-                total = (num_images - 1) * (config.num_frames - 1) + 1
-                emitter = _FrameEmitter(None if config.use_reschedule else progress, total)
-                with _timed(timings, STAGE_FRAMES):
-                    endpoints = self.denoise_endpoints(noise, text, controller, config, stop)
-                    frames = self.denoise_frames(
-                        _specs(num_images, alphas), noise, text, controller, config,
-                        STAGE_FRAMES, progress, emitter, endpoints, stop,
-                    )
                 all_alphas = [alphas] * (num_images - 1)
                 metric_name, metric_weights = "none", ""
-                # 6. reschedule
+                # 4. reschedule: the perceptual distances of a measuring pass at uniform alphas
+                # (a coarse walk of `reschedule_probe_steps`), and alphas that even them out
                 if config.use_reschedule:
                     with _timed(timings, STAGE_RESCHEDULE):
                         metric = self.perceptual_metric(config)
                         metric_name, metric_weights = metric.name, metric.weights
-                        all_alphas = self.reschedule(frames, alphas, num_images, metric)
-                        emitter = _FrameEmitter(progress, total)
-                        frames = self.denoise_frames(
-                            _specs_per_segment(all_alphas), noise, text, controller, config,
-                            STAGE_RESCHEDULE, progress, emitter, endpoints, stop,
+                        probe = self.denoise_sequence(
+                            _specs(num_images, alphas), noise, text, controller, config,
+                            STAGE_RESCHEDULE, progress, _FrameEmitter(None, 0), stop,
+                            walk_steps=config.reschedule_probe_steps,
                         )
+                        all_alphas = self.reschedule(probe, alphas, num_images, metric)
+                # 5-6. endpoints (storing attention) and frames, streamed in order as they finish
+                total = (num_images - 1) * (config.num_frames - 1) + 1
+                with _timed(timings, STAGE_FRAMES):
+                    frames = self.denoise_sequence(
+                        _specs_per_segment(all_alphas), noise, text, controller, config,
+                        STAGE_FRAMES, progress, _FrameEmitter(progress, total), stop,
+                    )
         timings["total"] = time.perf_counter() - started
         frame_alphas, frame_segments = _flatten(all_alphas)
         return MorphResult(
@@ -277,8 +283,35 @@ class DiffMorpherPipeline:
             latent = None
             if config.lora_mode == "none" or (config.lora_mode == "interpolate" and lora):
                 latent = inversion_cache_key(image, prompt, self.models.identity, config, resolution, lora)
-            keys.append(CacheKeys(lora, latent))
+            keys.append(CacheKeys(lora, latent, image_cache_key(image, resolution)))
         return keys
+
+    def remember_images(self, images: Sequence[Image.Image], keys: Sequence[CacheKeys], resolution: int) -> None:
+        """Keep each image as the model saw it, under its image key, so a later request can
+        name it instead of sending it (`stored_image`)."""
+        if self.cache is None:
+            return
+        for image, key in zip(images, keys):
+            if key.image and self.cache.load(key.image) is None:
+                pixels = torch.from_numpy(np.asarray(to_model_square(image, resolution), dtype=np.uint8).copy())
+                self.cache.save(key.image, {"pixels": pixels})
+
+    def stored_image(self, key: str) -> Image.Image:
+        """The image a previous result named by its `image_key` (CacheKeys.report). Raises
+        ConfigError for a malformed key or a server without a cache, CacheMiss when the entry is
+        gone (evicted, or the morph ran on a server with another cache)."""
+        if self.cache is None:
+            raise ConfigError("this server keeps no cache, so it cannot resolve image references; send the image")
+        if not CACHE_KEY.match(key) or len(key) != 64:
+            raise ConfigError(f"an image reference is a 64-digit hex image_key from a previous result, got {show(key)}")
+        entry = self.cache.load(key)
+        pixels = entry.get("pixels") if entry else None
+        if pixels is None or pixels.dtype != torch.uint8 or pixels.dim() != 3 or pixels.shape[-1] != 3:
+            raise CacheMiss(
+                f"image {key[:16]}... is not in this server's cache (evicted, or stored by another "
+                f"server); send the image itself"
+            )
+        return Image.fromarray(pixels.numpy(), mode="RGB")
 
     # ------------------------------------------------------------------ stage 2: LoRAs
     def fit_loras(
@@ -387,31 +420,8 @@ class DiffMorpherPipeline:
                     self.cache.save(key, {"latent": latent})
         return torch.stack([results[index] for index in range(num_images)])
 
-    # ------------------------------------------------------------------ stage 4: endpoints
-    def denoise_endpoints(
-        self,
-        noise: torch.Tensor,
-        text: torch.Tensor,
-        controller: MorphController,
-        config: MorphConfig,
-        stop: StopCheck = never_stop,
-    ) -> torch.Tensor:
-        """Reconstruct every input image from its z_T, storing self-attention inputs."""
-        num_images = len(noise)
-        frames: list[torch.Tensor] = []
-        for chunk in _chunks(list(range(num_images)), config.frame_batch_size):
-            weights = _one_hot(chunk, num_images)
-            lora_weights = self._endpoint_lora_weights(chunk, num_images, config)
-            self._set_batch(controller, MODE_STORE, weights, lora_weights, image_indices=chunk)
-            latents = ddim_sample(
-                self.models.schedule, self._predictor(controller, text[chunk], stop, STAGE_FRAMES),
-                noise[chunk], config.num_inference_steps,
-            )
-            frames.append(self.decode(latents))
-        return torch.cat(frames)
-
-    # ------------------------------------------------------------------ stage 5: frames
-    def denoise_frames(
+    # ------------------------------------------------------------------ stages 4-6: denoising
+    def denoise_sequence(
         self,
         specs: list[FrameSpec],
         noise: torch.Tensor,
@@ -421,43 +431,54 @@ class DiffMorpherPipeline:
         stage: str,
         progress: ProgressCallback | None,
         emitter: _FrameEmitter,
-        endpoints: torch.Tensor,
         stop: StopCheck = never_stop,
+        walk_steps: int | None = None,
     ) -> torch.Tensor:
-        """All frames of the sequence, (N, 3, H, W) in [0, 1]; intermediate ones denoised in
-        batches, each sample with its own alpha."""
+        """Every frame of the sequence, (N, 3, H, W) in [0, 1]: the K endpoints reconstructed
+        from their z_T (storing their self-attention inputs) and the intermediate frames, each
+        sample with its own alpha. Rows are the K endpoints first, then the frames, cut into
+        batches of `frame_batch_size`: the endpoints ride in the first batch with the frames
+        (their store at each layer and step is written before the frames of the same call read
+        it), so they cost no pass of their own. `walk_steps`: a coarse walk (ddim_sample)."""
         num_images = len(noise)
+        rows: list[int | FrameSpec] = [*range(num_images), *(s for s in specs if 0.0 < s.alpha < 1.0)]
+        decoded_images: dict[int, torch.Tensor] = {}
         frames: dict[int, torch.Tensor] = {}
-        intermediate = [spec for spec in specs if 0.0 < spec.alpha < 1.0]
-        for spec in specs:
-            if not 0.0 < spec.alpha < 1.0:
-                image = spec.segment + (1 if spec.alpha >= 1.0 else 0)
-                frames[spec.index] = endpoints[image]
-        for index in sorted(frames):
-            emitter.add(index, frames[index])
-        done = 0
-        for chunk in _chunks(intermediate, config.frame_batch_size):
-            weights = torch.stack([_segment_weights(s.segment, s.alpha, num_images) for s in chunk])
-            lora_weights = self._frame_lora_weights(chunk, num_images, config)
-            self._set_batch(controller, MODE_REPLACE, weights, lora_weights)
-            start = torch.cat([
-                interpolate_latents(
-                    noise[s.segment : s.segment + 1], noise[s.segment + 1 : s.segment + 2],
-                    torch.tensor([s.alpha]), config.use_adain,
-                )
-                for s in chunk
-            ])
-            batch_text = torch.einsum("bk,kld->bld", weights.to(text), text)
+        intermediate_total, done = len(rows) - num_images, 0
+        for chunk in _chunks(rows, config.frame_batch_size):
+            images = [row for row in chunk if isinstance(row, int)]
+            frame_specs = [row for row in chunk if isinstance(row, FrameSpec)]
+            weights = (torch.stack([_segment_weights(s.segment, s.alpha, num_images) for s in frame_specs])
+                       if frame_specs else torch.zeros(0, num_images))
+            lora_parts = [self._endpoint_lora_weights(images, num_images, config) if images else None,
+                          self._frame_lora_weights(frame_specs, num_images, config) if frame_specs else None]
+            lora_weights = None if config.lora_mode == "none" else torch.cat([w for w in lora_parts if w is not None])
+            self._set_batch(controller, MODE_REPLACE if frame_specs else MODE_STORE, weights, lora_weights,
+                            image_indices=images or None)
+            start = torch.cat([noise[images], *(
+                interpolate_latents(noise[s.segment : s.segment + 1], noise[s.segment + 1 : s.segment + 2],
+                                    torch.tensor([s.alpha]), config.use_adain)
+                for s in frame_specs
+            )])
+            batch_text = torch.cat([text[images], torch.einsum("bk,kld->bld", weights.to(text), text)])
             latents = ddim_sample(
                 self.models.schedule, self._predictor(controller, batch_text, stop, stage), start,
-                config.num_inference_steps,
+                config.num_inference_steps, walk_steps=walk_steps,
             )
-            for spec, frame in zip(chunk, self.decode(latents)):
+            decoded = self.decode(latents)
+            decoded_images |= dict(zip(images, decoded[: len(images)]))
+            for spec, frame in zip(frame_specs, decoded[len(images):]):
                 frames[spec.index] = frame
-                emitter.add(spec.index, frame)
-            done += len(chunk)
-            if progress:
-                progress(ProgressEvent(stage=stage, step=done, total=len(intermediate)))
+            if len(decoded_images) == num_images:  # the endpoints are in, so are frames so far
+                for spec in specs:
+                    if not 0.0 < spec.alpha < 1.0:
+                        frames.setdefault(spec.index, decoded_images[spec.segment + (1 if spec.alpha >= 1.0 else 0)])
+                for index in sorted(frames):
+                    if index not in emitter.ready:
+                        emitter.add(index, frames[index])
+            done += len(frame_specs)
+            if progress and frame_specs:
+                progress(ProgressEvent(stage=stage, step=done, total=intermediate_total))
         return torch.stack([frames[index] for index in sorted(frames)])
 
     # ------------------------------------------------------------------ stage 6: reschedule
