@@ -4,13 +4,16 @@ times, their ratios, peak memory and the quality metrics of each.
     python benchmarks/bench.py [--pairs 0] [--model models/tiny-shapes-sd] [--set key=value ...]
 
 Modes (all on the same inputs, 16 frames + reschedule, the server's defaults otherwise):
-- `baseline`: the algorithm as the paper's implementation runs it: LoRAs fitted one after
-  the other, frames denoised one at a time (`frame_batch_size=1`), fp32, two full passes for
-  the reschedule, no cache.
-- `default_cold`: the service's path with an empty cache: LoRAs fitted together, frames
-  batched.
-- `default_warm`: the same again on the now-filled cache (LoRAs and inverted latents are hits).
-- `fast`: the `fast` preset (config.FAST_PRESET_OPTIONS), cold (no cache).
+- `baseline`: the algorithm as the paper's implementation runs it
+  (config.PAPER_IMPLEMENTATION_OPTIONS): LoRAs fitted one after the other, endpoints and
+  frames denoised one at a time (`frame_batch_size=1`), fp32, two full passes for the
+  reschedule, no cache.
+- `default_cold`: the service's path with an empty cache: LoRAs fitted together (no weight
+  mix), endpoints and frames in shared batches, inference mode.
+- `default_warm`: the same again on the now-filled cache (LoRAs, inverted latents and the
+  rescheduled alphas are hits: no fitting, no inversion, no measuring pass).
+- `fast`: the `fast` preset (config.FAST_PRESET_OPTIONS: 100 LoRA steps, 15 DDIM steps, a
+  half-length reschedule measuring pass), cold (no cache).
 
 Ratios are measured within this one run (machines here are shared and noisy: compare ratios,
 not absolute seconds across runs). Quality per mode: PPL and PDV (LPIPS-AlexNet, as
@@ -37,7 +40,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO_ROOT / "handler"), str(REPO_ROOT)]
 
 from diffmorpher.cache import DiskStore, TensorCache  # noqa: E402
-from diffmorpher.config import FAST_PRESET_OPTIONS, MorphConfig  # noqa: E402
+from diffmorpher.config import FAST_PRESET_OPTIONS, PAPER_IMPLEMENTATION_OPTIONS, MorphConfig  # noqa: E402
 from diffmorpher.metrics import psnr, sequence_quality  # noqa: E402
 from diffmorpher.pipeline import DiffMorpherPipeline  # noqa: E402
 from diffmorpher.preprocess import image_to_tensor  # noqa: E402
@@ -73,7 +76,7 @@ class PeakMemory:
 def run_mode(pipe: DiffMorpherPipeline, mode: str, config: MorphConfig, cache: TensorCache,
              pair: int) -> dict:
     images, prompts = morph_pair(pair)
-    mode_config = {"baseline": config.replace(frame_batch_size=1, reschedule_probe_steps=config.num_inference_steps),
+    mode_config = {"baseline": config.replace(**PAPER_IMPLEMENTATION_OPTIONS),
                    "fast": config.replace(**FAST_PRESET_OPTIONS)}.get(mode, config)
     pipe.cache = cache if mode.startswith("default") else None
     with PeakMemory() as memory:
@@ -89,7 +92,7 @@ def run_mode(pipe: DiffMorpherPipeline, mode: str, config: MorphConfig, cache: T
         "ppl": round(quality.ppl, 4), "pdv": round(quality.pdv, 6),
         "endpoint_psnr_db": [round(psnr(result.frame_tensors[0], targets[0]), 2),
                              round(psnr(result.frame_tensors[-1], targets[1]), 2)],
-        "cache": result.cache,
+        "cache": result.cache, "schedule_cache": result.schedule_cache,
     }
 
 
@@ -144,6 +147,7 @@ def table(runs: list[dict], summary: dict) -> str:
     for r in runs:
         stages = " | ".join(f"{r['stages_s'][s]:.2f}" for s in STAGES[:-1])
         hits = ",".join(f"{c['lora']}/{c['latent']}" for c in r["cache"]) or "off"
+        hits += f"; schedule {r.get('schedule_cache', 'off')}"
         lines.append(f"| {r['mode']} | {r['pair']} | {r['wall_s']:.2f} | {stages} | {r['peak_rss_mib']} | "
                      f"{r['ppl']:.4f} | {r['pdv'] * 1000:.3f} | {r['endpoint_psnr_db'][0]:.2f} / "
                      f"{r['endpoint_psnr_db'][1]:.2f} | {hits} |")

@@ -41,7 +41,8 @@ def result_metadata(request: MorphRequest, result: MorphResult, timings: dict[st
         "frame_duration_ms": request.outputs[0].frame_duration_ms,
         "loop": request.outputs[0].loop,
         "config": request.config.to_dict(),
-        "cache": result.cache,  # per input image: lora/latent "hit" | "miss" | "off", lora_key
+        "cache": result.cache,  # per input image: lora/latent "hit" | "miss" | "off", lora_key, image_key
+        "schedule_cache": result.schedule_cache,  # the reschedule's alphas: "hit" | "miss" | "off"
         "worker_pid": os.getpid(),  # which worker served it (logs, cache sharing)
     }
 

@@ -113,6 +113,24 @@ def test_a_repeated_image_costs_no_fitting_and_no_inversion(tiny_sd_dir: Path, t
     assert [c["lora"] for c in changed.cache] == ["miss", "miss"]  # a hyper-parameter is in the key
 
 
+def test_a_repeated_morph_skips_the_reschedules_measuring_pass(tiny_sd_dir: Path, tmp_path: Path) -> None:
+    """The rescheduled alphas are cached under the images' latent keys and every option: the
+    same morph again makes no measuring pass and gives the same frames; another option (here
+    num_frames) measures again; a caller-given LoRA has no latent key, so nothing is cached."""
+    pipe = DiffMorpherPipeline.from_pretrained(tiny_sd_dir, device="cpu", cache=TensorCache(DiskStore(tmp_path)))
+    images, prompts = _inputs()
+    config = MorphConfig(**{**FAST, "use_reschedule": True, "num_frames": 5})
+    first = pipe(images, prompts, config)
+    progress: list = []
+    second = pipe(images, prompts, config, progress=progress.append)
+    assert (first.schedule_cache, second.schedule_cache) == ("miss", "hit")
+    assert not [e for e in progress if e.stage == "reschedule"]  # no measuring pass
+    assert second.alphas == first.alphas and (second.frame_tensors - first.frame_tensors).abs().max() == 0
+    assert pipe(images, prompts, config.replace(num_frames=4)).schedule_cache == "miss"
+    assert pipe(images, prompts, config, loras=first.loras).schedule_cache == "off"
+    assert pipe(images, prompts, config.replace(use_reschedule=False)).schedule_cache == "off"
+
+
 def test_an_image_key_stands_in_for_the_image(tiny_sd_dir: Path, tmp_path: Path) -> None:
     """A result names each image by its image_key; the image the server kept under it morphs to
     the same frames as the original, with every LoRA and latent a hit."""

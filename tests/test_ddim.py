@@ -72,27 +72,29 @@ def test_inversion_is_exactly_undone_for_trailing_spacing():
     assert (ddim_sample(scheduler, _recording_predictor([]), noise, 10) - x0).abs().max() < 1e-9
 
 
-def test_a_coarse_walk_keeps_every_kth_timestep_and_the_full_plans_step_indices():
-    """The reschedule's measuring pass: 10 of 50 steps, the attention store read at the full
-    plan's indices (0, 5, ..., 45), each step jumping to the next kept timestep."""
+def test_a_coarse_walk_keeps_the_first_steps_and_spreads_the_rest_with_the_full_plans_indices():
+    """The reschedule's measuring pass: 25 of 50 steps, the first 12 one by one, 13 spread over
+    the other 38; the attention store is read at the full plan's indices; each step jumps to
+    the next kept timestep and the last one to the final alpha."""
     from diffmorpher.ddim import plan_steps
 
     full = plan_steps(_scheduler(), 50)
-    coarse = full.coarse(10)
-    assert coarse.step_indices == list(range(0, 50, 5))
-    assert coarse.timesteps == full.timesteps[::5]
+    coarse = full.coarse(25)
+    assert coarse.step_indices[:12] == list(range(12))
+    assert coarse.step_indices[12:] == [12 + (i * 38) // 13 for i in range(13)]
+    assert coarse.timesteps == [full.timesteps[i] for i in coarse.step_indices]
     assert coarse.previous_alphas[:-1] == coarse.alphas[1:]
     assert coarse.previous_alphas[-1] == full.previous_alphas[-1]  # ends at the final alpha
     assert full.coarse(50) is full and full.coarse(80) is full
-    uneven = plan_steps(_scheduler(), 15).coarse(10)
-    assert len(uneven.timesteps) == 10 and uneven.step_indices[0] == 0
+    assert full.coarse(1).step_indices == [0]
+    assert len(plan_steps(_scheduler(), 15).coarse(8).timesteps) == 8
     with pytest.raises(ValueError, match="at least one step"):
         full.coarse(0)
 
 
 def test_a_coarse_walk_lands_on_the_image_a_perfect_model_predicts():
     """DDIM's update is valid for any jump: with a model that predicts the true noise of a
-    known clean latent, a 10-step walk from the 50-step z_T lands exactly where the full walk
+    known clean latent, a 10-step coarse walk from the 50-step z_T lands exactly where the full walk
     does (next to it: the final alpha is not 1), and the predictor is told the full plan's
     step indices."""
     scheduler = _scheduler()
@@ -109,6 +111,6 @@ def test_a_coarse_walk_lands_on_the_image_a_perfect_model_predicts():
     full = ddim_sample(scheduler, oracle, noise, 50)
     seen.clear()
     coarse = ddim_sample(scheduler, oracle, noise, 50, walk_steps=10)
-    assert seen == list(range(0, 50, 5))
+    assert seen == [0, 1, 2, 3, 4, 5, 14, 23, 32, 41]
     assert (coarse - full).abs().max() < 1e-9
     assert (coarse - x0).abs().max() < 0.05

@@ -3,8 +3,8 @@
     1. encode prompts and images       (one preprocessing for every stage)
     2. fit one LoRA per image          (lora.py, peft)
     3. DDIM-invert each image          (ddim.py, with its own LoRA mix loaded)
-    4. reschedule: a measuring pass at uniform alphas (a coarse walk of `reschedule_probe_steps`
-       DDIM steps); alphas that make the perceptual distance between frames even (reschedule.py)
+    4. reschedule: a measuring pass at uniform alphas (a coarse walk over `reschedule_probe_fraction`
+       of the DDIM steps); alphas that make the perceptual distance between frames even (reschedule.py)
     5. denoise the endpoints, storing up-block self-attention inputs   (attention.py), in the
        same batches as
     6. the intermediate frames, each sample with its own alpha: slerp + AdaIN latents, lerped
@@ -46,7 +46,7 @@ from .lora_mix import build_lora_stacks
 from .models import MorphModels, load_morph_models
 from .perceptual import PerceptualDistance, PixelDistance, consecutive_distances, load_perceptual
 from .preprocess import image_to_tensor, tensor_to_images, to_model_square
-from .reschedule import reschedule_alphas, uniform_alphas
+from .reschedule import reschedule_alphas, schedule_cache_key, uniform_alphas
 from .results import (
     STAGE_FRAME_READY,
     STAGE_FRAMES,
@@ -177,17 +177,26 @@ class DiffMorpherPipeline:
                 all_alphas = [alphas] * (num_images - 1)
                 metric_name, metric_weights = "none", ""
                 # 4. reschedule: the perceptual distances of a measuring pass at uniform alphas
-                # (a coarse walk of `reschedule_probe_steps`), and alphas that even them out
+                # (a coarse walk: `reschedule_probe_fraction` of the steps), and alphas that even them out
+                schedule_state = "off"
                 if config.use_reschedule:
                     with _timed(timings, STAGE_RESCHEDULE):
                         metric = self.perceptual_metric(config)
                         metric_name, metric_weights = metric.name, metric.weights
-                        probe = self.denoise_sequence(
-                            _specs(num_images, alphas), noise, text, controller, config,
-                            STAGE_RESCHEDULE, progress, _FrameEmitter(None, 0), stop,
-                            walk_steps=config.reschedule_probe_steps,
-                        )
-                        all_alphas = self.reschedule(probe, alphas, num_images, metric)
+                        schedule_key = self._schedule_key(keys, config, metric)
+                        cached_alphas = self._cached_schedule(schedule_key, num_images, config.num_frames)
+                        schedule_state = "off" if schedule_key is None else "hit" if cached_alphas else "miss"
+                        if cached_alphas is not None:
+                            all_alphas = cached_alphas
+                        else:
+                            probe = self.denoise_sequence(
+                                _specs(num_images, alphas), noise, text, controller, config,
+                                STAGE_RESCHEDULE, progress, _FrameEmitter(None, 0), stop,
+                                walk_steps=config.reschedule_probe_steps,
+                            )
+                            all_alphas = self.reschedule(probe, alphas, num_images, metric)
+                            if schedule_key is not None and self.cache is not None:
+                                self.cache.save(schedule_key, {"alphas": torch.tensor(all_alphas, dtype=torch.float64)})
                 # 5-6. endpoints (storing attention) and frames, streamed in order as they finish
                 total = (num_images - 1) * (config.num_frames - 1) + 1
                 with _timed(timings, STAGE_FRAMES):
@@ -210,6 +219,7 @@ class DiffMorpherPipeline:
             seed=config.seed,
             resolution=resolution,
             cache=[key.report() for key in keys],
+            schedule_cache=schedule_state,
         )
 
     # ------------------------------------------------------------------ stage 0: checks
@@ -507,6 +517,23 @@ class DiffMorpherPipeline:
             distances = consecutive_distances(segment_frames, metric)
             per_segment.append(reschedule_alphas(alphas, distances.tolist()))
         return per_segment
+
+    def _schedule_key(self, keys: Sequence[CacheKeys], config: MorphConfig, metric: PerceptualDistance) -> str | None:
+        """The cache key of this morph's rescheduled alphas; None where some image's latent is
+        not cached (a caller-given LoRA, fixed-LoRA mode) or there is no cache."""
+        if self.cache is None or not keys or any(key.latent is None for key in keys):
+            return None
+        options = config.to_dict()
+        options.pop("frame_batch_size")  # how the work is cut into batches, not what it computes
+        return schedule_cache_key([key.latent for key in keys], options, f"{metric.name}:{metric.weights}")  # type: ignore[misc]
+
+    def _cached_schedule(self, key: str | None, num_images: int, num_frames: int) -> list[list[float]] | None:
+        """The cached alphas under `key`, if present and of this morph's shape."""
+        entry = self.cache.load(key) if key and self.cache is not None else None
+        alphas = entry.get("alphas") if entry else None
+        if alphas is None or tuple(alphas.shape) != (num_images - 1, num_frames):
+            return None
+        return [[float(a) for a in row] for row in alphas.tolist()]
 
     # ------------------------------------------------------------------ helpers
     def _predictor(

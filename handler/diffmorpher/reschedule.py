@@ -8,7 +8,9 @@ levels gives alphas whose frames are evenly spaced in perceptual distance.
 
 from __future__ import annotations
 
-from typing import Sequence
+import hashlib
+import json
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -41,3 +43,11 @@ def reschedule_alphas(
 
 def uniform_alphas(num_frames: int) -> list[float]:
     return [float(a) for a in np.linspace(0.0, 1.0, num_frames)]
+
+
+def schedule_cache_key(latent_keys: Sequence[str], options: dict[str, Any], metric: str) -> str:
+    """Content address of a morph's rescheduled alphas: they follow from the images' inverted
+    latents (whose keys cover pixels, prompts, model, LoRAs and steps), every morph option and
+    the distance that measured them. A repeated morph then skips the measuring pass."""
+    settings = {"latents": list(latent_keys), "options": options, "metric": metric, "kind": "schedule", "version": 1}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()

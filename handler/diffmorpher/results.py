@@ -50,3 +50,4 @@ class MorphResult:
     seed: int = 0
     resolution: int = 0
     cache: list[dict[str, str | None]] = field(default_factory=list)  # per input image (CacheKeys.report)
+    schedule_cache: str = "off"  # the rescheduled alphas: "hit" (no measuring pass), "miss" or "off"
