@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from client import wire
-from diffmorpher.config import ConfigError, MorphConfig, OutputOptions, name_list, show
+from diffmorpher.config import ConfigError, MorphConfig, OutputOptions, name_list, show, with_preset
 
 OUTPUT_KEYS = ("format", "frame_duration_ms", "loop")
 # Chosen by the server (they follow from how the pipeline was loaded), never by a request.
@@ -254,7 +254,8 @@ def split_options(
     if len(set(formats)) != len(formats):
         raise ConfigError(f"format lists a format twice: {show(formats)}")
     # One dict, not **options: an option named like a parameter ("options") must be "unknown".
-    config = MorphConfig.from_dict({**defaults.to_dict(), **options})
+    # A preset overrides the server's defaults; the request's own options override the preset.
+    config = MorphConfig.from_dict({**defaults.to_dict(), **with_preset(options)})
     outputs = [OutputOptions(format=f, **output) for f in formats]
     return config, outputs
 

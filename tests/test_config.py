@@ -1,6 +1,6 @@
 import pytest
 
-from diffmorpher.config import ConfigError, MorphConfig, OutputOptions
+from diffmorpher.config import FAST_PRESET_OPTIONS, ConfigError, MorphConfig, OutputOptions
 
 
 def test_defaults_are_the_papers():
@@ -26,6 +26,8 @@ def test_defaults_are_the_papers():
         ({"resolution": 100}, "multiple of 8"),
         ({"fixed_lora_alpha": 2}, "fixed_lora_alpha must be in"),
         ({"frames": 4}, "unknown option(s) ['frames']"),
+        ({"preset": "turbo"}, "preset must be one of ['default', 'fast'], got 'turbo'"),
+        ({"preset": 3}, "preset must be one of"),
     ],
 )
 def test_invalid_options_raise_a_specific_error(options, message):
@@ -49,3 +51,11 @@ def test_output_options_validate():
         OutputOptions(format="bmp")
     with pytest.raises(ConfigError):
         OutputOptions(frame_duration_ms=0)
+
+
+def test_a_preset_sets_its_options_beneath_the_explicit_ones():
+    fast = MorphConfig.from_dict({"preset": "fast"})
+    assert {key: getattr(fast, key) for key in FAST_PRESET_OPTIONS} == FAST_PRESET_OPTIONS
+    assert MorphConfig.from_dict({"preset": "fast", "num_inference_steps": 30}).num_inference_steps == 30
+    assert MorphConfig.from_dict({"preset": "default"}) == MorphConfig()
+

@@ -185,6 +185,14 @@ def test_server_defaults_apply_under_request_options() -> None:
         split_options({"format": ["gif", "gif"]}, defaults)
 
 
+def test_a_requested_preset_overrides_server_defaults_and_request_options_override_it() -> None:
+    defaults = MorphConfig(num_frames=8, lora_steps=10, num_inference_steps=40)
+    config, _ = split_options({"preset": "fast", "num_inference_steps": 20}, defaults)
+    assert (config.num_frames, config.lora_steps, config.num_inference_steps) == (8, 100, 20)
+    with pytest.raises(ConfigError, match="preset must be one of"):
+        split_options({"preset": "slow"}, defaults)
+
+
 def test_a_rest_body_without_fields_says_how_to_send() -> None:
     with pytest.raises(ConfigError, match="multipart/form-data"):
         parse_request({"body": b"..."}, MorphConfig())

@@ -32,12 +32,26 @@ PLAIN_BASELINE_OPTIONS: dict[str, Any] = {
 PAPER_IMPLEMENTATION_OPTIONS: dict[str, Any] = {"frame_batch_size": 1, "reschedule_probe_fraction": 1.0}
 
 # The `fast` preset: half the LoRA steps (twice the learning rate, so steps x lr stays the
-# paper's), 15 DDIM steps and a half-length reschedule measuring pass. Chosen from the speed/quality curve of `make bench --curve`
+# paper's) and 15 DDIM steps. Chosen from the speed/quality curve of `make bench --curve`
 # (benchmarks/results, README "Benchmark"): on the embedded model about 5x faster than the
 # baseline, PPL and PDV lower, endpoint PSNR within 5 %.
-FAST_PRESET_OPTIONS: dict[str, Any] = {
-    "lora_steps": 100, "lora_lr": 4e-4, "num_inference_steps": 15, "reschedule_probe_fraction": 0.5,
-}
+FAST_PRESET_OPTIONS: dict[str, Any] = {"lora_steps": 100, "lora_lr": 4e-4, "num_inference_steps": 15}
+
+# Named option sets a request may ask for (`"preset": "fast"`); options it also sets win.
+PRESETS: dict[str, dict[str, Any]] = {"default": {}, "fast": FAST_PRESET_OPTIONS}
+
+
+def with_preset(options: Mapping[str, Any]) -> dict[str, Any]:
+    """`options` with its `preset` (if any) replaced by the preset's options, beneath the
+    options given explicitly."""
+    options = dict(options)
+    if "preset" not in options:
+        return options
+    preset = options.pop("preset")
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise ConfigError(f"preset must be one of {list(PRESETS)}, got {show(preset)}")
+    return {**PRESETS[preset], **options}
+
 
 # Upper bounds protect a shared server from requests that would run for hours or exhaust memory.
 MAX_FRAMES = 256
@@ -72,11 +86,15 @@ class MorphConfig:
     perceptual_metric: str = "lpips"
     # The reschedule's measuring pass walks this fraction of num_inference_steps (a coarse walk
     # over the same timesteps, from the same z_T: ddim.StepPlan.coarse); 1.0: a full pass, as
-    # the paper. On the fixed pairs 0.5 halves the pass and raises the summed PDV by 11-16 %
-    # (docs/quality.md), so the default keeps the full pass and the `fast` preset takes 0.5.
+    # the paper. On the fixed pairs 0.5 halves the pass but raises the summed PDV by 11-16 %
+    # (docs/quality.md: the embedded model's layout switches move), so the default keeps the
+    # full pass; a repeated morph skips it (its alphas are cached).
     reschedule_probe_fraction: float = 1.0
     # Execution
-    frame_batch_size: int = 8
+    # Rows (endpoints + frames, or images being fitted) per UNet call. 16 runs a 16-frame morph's
+    # pass as one batch: 17 % faster than 8 on the embedded model's CPU path (benchmarks/
+    # results); on a GPU lower it if a morph at 512 px or more runs out of memory (507).
+    frame_batch_size: int = 16
     dtype: str = "float32"
     device: str | None = None  # None: best available (see devices.select_device)
 
@@ -114,12 +132,12 @@ class MorphConfig:
     @classmethod
     def from_dict(cls, options: Mapping[str, Any] | None, **overrides: Any) -> "MorphConfig":
         """Build from request options; unknown keys are an error, never silently dropped."""
-        merged = {**(options or {}), **overrides}
+        merged = with_preset({**(options or {}), **overrides})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(merged) - known)
         if unknown:
             raise ConfigError(
-                f"unknown option(s) {name_list(unknown)}; valid options are {sorted(known)}"
+                f"unknown option(s) {name_list(unknown)}; valid options are {sorted(known | {'preset'})}"
             )
         return cls(**merged)
 
