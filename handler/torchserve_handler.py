@@ -28,7 +28,9 @@ from typing import Any
 import torch
 
 from client import wire
-from diffmorpher.cache import CacheMiss, DiskStore, TensorCache
+from diffmorpher.cache import CacheMiss, CacheStore, DiskStore, TensorCache
+from diffmorpher.cache_redis import RedisStore, RemoteStatus, TieredStore
+from diffmorpher.compile import COMPILE_OFF, compile_unet_blocks
 from diffmorpher.config import ConfigError, MorphConfig
 from diffmorpher.devices import device_for_worker, is_out_of_memory, release_cached_memory, worker_threads
 from diffmorpher.encoding import encode_parts
@@ -45,6 +47,8 @@ DEFAULT_MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 DEFAULT_PROGRESS_INTERVAL_S = 0.5
 DEFAULT_CACHE_MAX_BYTES = 10 * 1024**3
 CACHE_DIR_ENV = "DIFFMORPHER_CACHE_DIR"
+CACHE_REDIS_ENV = "DIFFMORPHER_CACHE_REDIS_URL"
+DEFAULT_REDIS_MAX_ENTRY_BYTES = 512 * 1024**2
 
 
 class DiffMorpherHandler:
@@ -53,7 +57,8 @@ class DiffMorpherHandler:
     Configured by the `handler:` section of the archive's model-config.yaml:
     `model_dir` (weights folder, relative to the extracted archive or absolute), `lpips_weights`,
     `defaults` (MorphConfig fields), `max_response_bytes`, `progress_interval_s`, `torch_threads`,
-    `cache_dir` / `cache_max_bytes` (the LoRA/latent cache shared by the model's workers).
+    `cache_dir` / `cache_max_bytes` (the LoRA/latent cache shared by the model's workers),
+    `cache_redis_url` / `cache_redis_max_entry_bytes` (its tier shared by replicas), `compile`.
     """
 
     def __init__(self) -> None:
@@ -65,6 +70,7 @@ class DiffMorpherHandler:
         self.model_name = "diffmorpher"
         self.control = ControlDir.from_env()
         self.heartbeat = WorkerHeartbeat(self.control)
+        self._remote_errors_seen = 0  # shared cache tier failures already reported as a metric
 
     # ------------------------------------------------------------------ lifecycle
     def initialize(self, context: Any) -> None:
@@ -94,10 +100,14 @@ class DiffMorpherHandler:
         device = device_for_worker(properties.get("gpu_id"))
         cache = _cache(archive_dir, settings)
         logger.info("loading %s on %s (lpips: %s, cache: %s)", weights, device, lpips_path,
-                    cache.store.root if cache else "off")
+                    cache.store if cache else "off")
         self.pipeline = DiffMorpherPipeline.from_pretrained(
             weights, device=device, dtype=self.defaults.dtype, lpips_weights=lpips_path, cache=cache
         )
+        compile_backend = str(settings.get("compile", COMPILE_OFF) or COMPILE_OFF)
+        if compile_backend != COMPILE_OFF:
+            compiled = compile_unet_blocks(self.pipeline.models.unet, backend=compile_backend)
+            logger.info("torch.compile (%s) of %d UNet blocks; the first morph compiles them", compile_backend, compiled)
         if cache is not None:  # hash the weights now, not in the first request
             logger.info("model identity for the cache: %s", self.pipeline.models.identity)
         if self.control is not None:
@@ -173,10 +183,20 @@ class DiffMorpherHandler:
             "encode_output": round(finished - generated, 4),
             "total": round(finished - started, 4),
         }
-        payload = wire.encode_message(wire.TYPE_RESULT, result_metadata(request, result, timings), parts)
+        metadata = result_metadata(request, result, timings)
+        remote = self._remote_cache_status()
+        if remote is not None:  # the shared tier: "ok", or "down" (served from the local tier)
+            metadata["cache_remote"] = remote.state
+            self._emit(context, "CacheRemoteErrors", remote.errors - self._remote_errors_seen, "Count", {}, counter=True)
+            self._remote_errors_seen = remote.errors
+        payload = wire.encode_message(wire.TYPE_RESULT, metadata, parts)
         check_size(payload, self.max_response_bytes, "the result")
         self._observe(context, timings, len(result.frames))
         return payload
+
+    def _remote_cache_status(self) -> RemoteStatus | None:
+        cache = self.pipeline.cache if self.pipeline is not None else None
+        return getattr(cache.store, "status", None) if cache is not None else None
 
     @staticmethod
     def _intermediate_sender(index: int, context: Any):
@@ -248,12 +268,18 @@ class DiffMorpherHandler:
 def _cache(archive_dir: Path, settings: dict[str, Any]) -> TensorCache | None:
     """The LoRA/latent cache from `handler.cache_dir` (relative to the unpacked archive, which
     every worker of the model shares; "off" disables it) or $DIFFMORPHER_CACHE_DIR, capped at
-    `handler.cache_max_bytes`."""
+    `handler.cache_max_bytes`; with `handler.cache_redis_url` (or $DIFFMORPHER_CACHE_REDIS_URL)
+    a Redis tier shared by replicas behind it (cache_redis.py)."""
     location = os.environ.get(CACHE_DIR_ENV) or str(settings.get("cache_dir", "cache") or "off")
     if location == "off":
         return None
     max_bytes = int(settings.get("cache_max_bytes", DEFAULT_CACHE_MAX_BYTES))
-    return TensorCache(DiskStore(_resolve(archive_dir, location), max_bytes=max_bytes))
+    store: CacheStore = DiskStore(_resolve(archive_dir, location), max_bytes=max_bytes)
+    redis_url = os.environ.get(CACHE_REDIS_ENV) or str(settings.get("cache_redis_url", "") or "")
+    if redis_url:
+        max_entry = int(settings.get("cache_redis_max_entry_bytes", DEFAULT_REDIS_MAX_ENTRY_BYTES))
+        store = TieredStore(store, RedisStore(redis_url, max_entry_bytes=max_entry))
+    return TensorCache(store)
 
 
 def _resolve(base: Path, path: str | Path) -> Path:

@@ -162,3 +162,13 @@ def test_lpips_accepts_frames_smaller_than_alexnet_needs(lpips_alex: PerceptualD
     distances = lpips_alex(small, small.flip(0))
     assert distances.shape == (2,) and torch.isfinite(distances).all()
     assert distances[0] > 0
+
+
+def test_two_copies_of_the_weights_name_the_same_distance(weights_path: Path, tmp_path: Path) -> None:
+    """Replicas keep the weights in their own unpack folders; cache keys use the identity."""
+    copy = tmp_path / "elsewhere" / "alex.safetensors"
+    copy.parent.mkdir()
+    copy.write_bytes(weights_path.read_bytes())
+    here, there = (LpipsDistance.from_file(path, torch.device("cpu")) for path in (weights_path, copy))
+    assert here.weights != there.weights and here.identity == there.identity
+    assert here.identity.startswith("sha256:") and PixelDistance().identity == "pixel-l2"

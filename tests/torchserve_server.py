@@ -51,6 +51,7 @@ class TorchServeProcess:
     guard: bool = True  # run the guard (gateway, watchdog, tokens, health) beside TorchServe
     guard_args: tuple[str, ...] = ("--interval", "1")
     overrides: dict[str, str] = field(default_factory=dict)  # more config.properties settings
+    env: dict[str, str] = field(default_factory=dict)  # more environment for TorchServe and its workers
     guard_process: subprocess.Popen | None = None
 
     # ------------------------------------------------------------------ config
@@ -101,6 +102,7 @@ class TorchServeProcess:
             "DIFFMORPHER_CONTROL_DIR": str(self.control_dir),
             "DIFFMORPHER_CACHE_DIR": str(self.cache_dir),
             "PYTHONPATH": f"{REPO_ROOT / 'handler'}{os.pathsep}{REPO_ROOT}",
+            **self.env,
         }
         command = [
             str(Path(sys.executable).with_name("torchserve")),

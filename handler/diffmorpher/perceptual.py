@@ -33,6 +33,7 @@ upsampled bilinearly so that their shorter side is MIN_LPIPS_SIDE.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import logging
 import os
@@ -94,6 +95,7 @@ class PerceptualDistance(Protocol):
 
     name: str  # "lpips-alex" or "pixel-l2" (fallback)
     weights: str  # human-readable source of the weights: a path, or "none"
+    identity: str  # what the distances follow from (a digest of the weights), not where they lie
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """a, b: (N,3,H,W) float images in [0,1]. Returns (N,) float32 distances on cpu."""
@@ -120,6 +122,7 @@ class PixelDistance:
 
     name = "pixel-l2"
     weights = "none"
+    identity = "pixel-l2"
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         _check_pair(a, b)
@@ -137,15 +140,18 @@ class LpipsDistance:
 
     name = "lpips-alex"
 
-    def __init__(self, model: lpips.LPIPS, weights: str, device: torch.device) -> None:
+    def __init__(self, model: lpips.LPIPS, weights: str, device: torch.device, identity: str | None = None) -> None:
         self.model = model.to(device).eval().requires_grad_(False)
         self.weights = weights
+        self.identity = identity or weights
         self.device = device
 
     @classmethod
     def from_file(cls, path: str | Path, device: torch.device) -> LpipsDistance:
-        """Build from a backbone safetensors file written by `prepare_weights`."""
-        return cls(build_lpips_alex(load_file(str(path))), str(path), device)
+        """Build from a backbone safetensors file written by `prepare_weights`; its identity is
+        the file's SHA-256, so every replica (each with its own copy) names the same distance."""
+        identity = "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return cls(build_lpips_alex(load_file(str(path))), str(path), device, identity)
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         _check_pair(a, b)

@@ -525,7 +525,7 @@ class DiffMorpherPipeline:
             return None
         options = config.to_dict()
         options.pop("frame_batch_size")  # how the work is cut into batches, not what it computes
-        return schedule_cache_key([key.latent for key in keys], options, f"{metric.name}:{metric.weights}")  # type: ignore[misc]
+        return schedule_cache_key([key.latent for key in keys], options, f"{metric.name}:{metric.identity}")  # type: ignore[misc]
 
     def _cached_schedule(self, key: str | None, num_images: int, num_frames: int) -> list[list[float]] | None:
         """The cached alphas under `key`, if present and of this morph's shape."""
