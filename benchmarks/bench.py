@@ -9,11 +9,11 @@ Modes (all on the same inputs, 16 frames + reschedule, the server's defaults oth
   frames denoised one at a time (`frame_batch_size=1`), fp32, two full passes for the
   reschedule, no cache.
 - `default_cold`: the service's path with an empty cache: LoRAs fitted together (no weight
-  mix), endpoints and frames in shared batches, inference mode.
+  mix), endpoints and frames in shared batches (16 rows: one batch per pass), inference mode.
 - `default_warm`: the same again on the now-filled cache (LoRAs, inverted latents and the
   rescheduled alphas are hits: no fitting, no inversion, no measuring pass).
-- `fast`: the `fast` preset (config.FAST_PRESET_OPTIONS: 100 LoRA steps, 15 DDIM steps, a
-  half-length reschedule measuring pass), cold (no cache).
+- `fast`: the `fast` preset (config.FAST_PRESET_OPTIONS: 100 LoRA steps, 15 DDIM steps),
+  cold (no cache).
 
 Ratios are measured within this one run (machines here are shared and noisy: compare ratios,
 not absolute seconds across runs). Quality per mode: PPL and PDV (LPIPS-AlexNet, as
@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results"))
     parser.add_argument("--curve", action="store_true", help="also measure the DDIM x LoRA steps curve")
+    parser.add_argument("--curve-only", action="store_true", help="only the curve (no modes, no ratios)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -177,12 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as cache_dir:
         cache = TensorCache(DiskStore(Path(cache_dir)))
-        for pair in (int(p) for p in args.pairs.split(",")):
+        for pair in (int(p) for p in args.pairs.split(",")) if not args.curve_only else ():
             for mode in MODES:
                 runs.append(run_mode(pipe, mode, config, cache, pair))
                 print(f"{mode} pair {pair}: {runs[-1]['wall_s']:.1f} s", flush=True)
-    summary = summarise(runs)
-    curve_rows = curve(pipe, config, [int(p) for p in args.pairs.split(",")]) if args.curve else []
+    summary = summarise(runs) if runs else {}
+    wanted = args.curve or args.curve_only
+    curve_rows = curve(pipe, config, [int(p) for p in args.pairs.split(",")]) if wanted else []
     report = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpus": psutil.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
@@ -192,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / time.strftime("bench-%Y%m%dT%H%M%SZ.json", time.gmtime())
     path.write_text(json.dumps(report, indent=1))
-    print(table(runs, summary))
+    if runs:
+        print(table(runs, summary))
     if curve_rows:
         print("\n| LoRA steps | DDIM steps | pair | wall s | PPL | PDV x1000 | endpoint PSNR dB |\n|---|---|---|---|---|---|---|")
         for row in curve_rows:
