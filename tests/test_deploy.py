@@ -1,0 +1,494 @@
+"""The Kubernetes/KServe manifests in deploy/, checked offline: every object against the real
+schema (kubernetes-validate strict for Kubernetes 1.31, KServe's published InferenceService
+CRD), the validator against broken objects, and the manifests against the project itself
+(config.properties' ports, the guard's CLI and health paths, the metrics TorchServe and our
+handler export, the drain hook against real heartbeat files)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Iterator
+
+import promql_parser
+import pytest
+import yaml
+
+from guard.control import BUSY, IDLE, ControlDir, Heartbeat
+from guard.management import read_properties
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = REPO_ROOT / "deploy"
+TS_JAR = Path(importlib.util.find_spec("ts").origin).parent / "frontend" / "model-server.jar"
+LOOPBACK_LISTENERS = ("inference_address", "management_address", "grpc_inference_address",
+                      "grpc_management_address")
+LOOPBACK_PORTS = (8080, 8081, 7170, 7071)
+
+
+def _load_validate() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("deploy_validate", DEPLOY / "validate.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["deploy_validate"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+validate = _load_validate()
+
+
+@pytest.fixture(scope="module")
+def manifests() -> list[Any]:
+    return validate.load_manifests(validate.manifest_files())
+
+
+def find(manifests: list[Any], kind: str, name: str) -> dict[str, Any]:
+    matches = [m.doc for m in manifests if m.kind == kind and m.name == name]
+    assert len(matches) == 1, f"expected one {kind}/{name}, found {len(matches)}"
+    return matches[0]
+
+
+def container(deployment: dict[str, Any], name: str) -> dict[str, Any]:
+    (found,) = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == name]
+    return found
+
+
+def host_port(value: str) -> tuple[str, int]:
+    """'http://127.0.0.1:8080' or '0.0.0.0:7070' -> (host, port)."""
+    host, _, port = value.split("://")[-1].rpartition(":")
+    return host, int(port)
+
+
+def cluster_properties(manifests: list[Any]) -> dict[str, str]:
+    text = find(manifests, "ConfigMap", "diffmorpher-config")["data"]["config.properties"]
+    return dict(line.split("=", 1) for line in text.splitlines() if line.strip() and not line.startswith("#"))
+
+
+# ---------------------------------------------------------------------------- schemas
+def test_every_manifest_is_valid_against_kubernetes_1_31_strict_and_kserves_crd(manifests) -> None:
+    kinds = sorted({m.kind for m in manifests})
+    assert kinds == ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "InferenceService",
+                     "PersistentVolumeClaim", "Pod", "PodDisruptionBudget", "Service"]
+    assert list(validate.errors(manifests)) == []
+    assert validate.KUBERNETES_VERSION == "1.31"
+
+
+def test_the_command_line_validates_every_manifest() -> None:
+    result = subprocess.run([sys.executable, str(DEPLOY / "validate.py")], capture_output=True, text=True,
+                            timeout=60, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    count = len(validate.load_manifests(validate.manifest_files()))
+    assert f"{count}/{count} manifests valid (Kubernetes 1.31 strict; KServe" in result.stdout
+
+
+def _set(*path: str | int, value: Any) -> Any:
+    """A mutation that sets the field at `path` (keys and list indexes) to `value`."""
+    def mutate(doc: dict[str, Any]) -> None:
+        node: Any = doc
+        for part in path[:-1]:
+            node = node[part]
+        node[path[-1]] = value
+    return mutate
+
+
+POD = ("spec", "template", "spec")
+MODEL = ("spec", "predictor", "model")
+BROKEN = {
+    # id: (kind, name, mutation, words the error must contain)
+    "deployment-string-for-int": ("Deployment", "diffmorpher", _set("spec", "revisionHistoryLimit", value="3"),
+                                  ["spec.revisionHistoryLimit", "'3' is not of type 'integer'"]),
+    "deployment-string-port": ("Deployment", "diffmorpher", _set(*POD, "containers", 1, "ports", 0, "containerPort", value="7070"),
+                               ["spec.template.spec.containers.1.ports.0.containerPort", "not of type 'integer'"]),
+    "deployment-unknown-probe-field": ("Deployment", "diffmorpher",
+                                       _set(*POD, "containers", 0, "livenessProbe", "httpGet", "paht", value="/livez"),
+                                       ["livenessProbe.httpGet", "'paht' was unexpected"]),
+    "deployment-string-for-bool": ("Deployment", "diffmorpher", _set(*POD, "shareProcessNamespace", value="yes"),
+                                   ["spec.template.spec.shareProcessNamespace", "not of type 'boolean'"]),
+    "hpa-string-for-int": ("HorizontalPodAutoscaler", "diffmorpher", _set("spec", "maxReplicas", value="8"),
+                           ["spec.maxReplicas", "not of type 'integer'"]),
+    "hpa-unknown-field": ("HorizontalPodAutoscaler", "diffmorpher", _set("spec", "metrics", 0, "pods", "metric", "nme", value="x"),
+                          ["spec.metrics.0.pods.metric", "'nme' was unexpected"]),
+    "service-string-port": ("Service", "diffmorpher", _set("spec", "ports", 0, "port", value="7070"),
+                            ["spec.ports.0.port", "not of type 'integer'"]),
+    "isvc-unknown-field": ("InferenceService", "diffmorpher", _set(*MODEL, "storageURI", value="pvc://x"),
+                           ["spec.predictor.model", "'storageURI' was unexpected"]),
+    "isvc-string-for-int": ("InferenceService", "diffmorpher", _set("spec", "predictor", "minReplicas", value="1"),
+                            ["spec.predictor.minReplicas", "'1' is not of type 'integer'"]),
+    "isvc-int-for-string": ("InferenceService", "diffmorpher", _set(*MODEL, "protocolVersion", value=2),
+                            ["spec.predictor.model.protocolVersion", "2 is not of type 'string'"]),
+    "isvc-bad-quantity": ("InferenceService", "diffmorpher", _set(*MODEL, "resources", "limits", "nvidia.com/gpu", value="one"),
+                          ["spec.predictor.model.resources.limits.nvidia.com/gpu", "'one' does not match"]),
+    "isvc-unknown-component": ("InferenceService", "diffmorpher", _set("spec", "predictors", value={}),
+                               ["spec", "'predictors' was unexpected"]),
+    "isvc-bad-label": ("InferenceService", "diffmorpher", _set("metadata", "labels", "app.kubernetes.io/name", value=7),
+                       ["metadata.labels.app.kubernetes.io/name", "not of type 'string'"]),
+    "isvc-wrong-version": ("InferenceService", "diffmorpher", _set("apiVersion", value="serving.kserve.io/v1alpha1"),
+                           ["apiVersion must be serving.kserve.io/v1beta1"]),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN.values(), ids=BROKEN.keys())
+def test_the_validator_refuses_a_broken_manifest(manifests, case) -> None:
+    kind, name, mutate, words = case
+    original = next(m for m in manifests if m.kind == kind and m.name == name)
+    doc = copy.deepcopy(original.doc)
+    mutate(doc)
+    with pytest.raises(validate.ManifestError) as raised:
+        validate.validate(validate.Manifest(original.path, original.index, doc))
+    for word in words:
+        assert word in str(raised.value), str(raised.value)
+    validate.validate(original)  # the untouched manifest still passes
+
+
+def test_closing_the_crd_schema_keeps_fields_kserve_leaves_open() -> None:
+    schema = {"type": "object", "properties": {
+        "typed": {"type": "object", "properties": {"a": {"type": "string"}}},
+        "free": {"type": "object", "properties": {"a": {"type": "string"}}, "x-kubernetes-preserve-unknown-fields": True},
+        "map": {"type": "object", "additionalProperties": {"type": "string"}},
+    }}
+    result = validate.closed(schema)
+    assert result["additionalProperties"] is False
+    assert result["properties"]["typed"]["additionalProperties"] is False
+    assert "additionalProperties" not in result["properties"]["free"]
+    assert result["properties"]["map"]["additionalProperties"] == {"type": "string"}
+    assert "additionalProperties" not in result["properties"]["typed"]["properties"]  # a field named so
+
+
+def test_the_vendored_schema_is_kserves_published_crd() -> None:
+    source = validate.schema_source()
+    assert re.fullmatch(r"https://github\.com/kserve/kserve v\d+\.\d+\.\d+ \(commit [0-9a-f]{40}\)", source), source
+    header = validate.KSERVE_SCHEMA.read_text()[:600]
+    assert "# path:   config/crd/full/serving.kserve.io_inferenceservices.yaml" in header
+    schema = validate.read_vendored_schema()
+    assert sorted(schema["properties"]) == ["apiVersion", "kind", "metadata", "spec", "status"]
+    model = schema["properties"]["spec"]["properties"]["predictor"]["properties"]["model"]["properties"]
+    assert {"modelFormat", "runtime", "storageUri", "protocolVersion", "resources"} <= set(model)
+
+
+# ---------------------------------------------------------------------------- kustomize layout
+def test_each_kustomization_lists_its_folders_manifests(manifests) -> None:
+    manual = {DEPLOY / "storage" / "loader-pod.yaml"}  # applied by hand, for one copy
+    listed: set[Path] = set()
+    for kustomization in sorted(DEPLOY.rglob("kustomization.yaml")):
+        doc = yaml.safe_load(kustomization.read_text())
+        assert doc["apiVersion"] == "kustomize.config.k8s.io/v1beta1" and doc["kind"] == "Kustomization"
+        for resource in doc["resources"]:
+            path = kustomization.parent / resource
+            assert path.is_file(), f"{kustomization} lists missing {resource}"
+            listed.add(path)
+    assert {m.path for m in manifests} == listed | manual
+
+
+# ---------------------------------------------------------------------------- agreement with the project
+ALLOWED_DIFFERENCES = {
+    # key: value in the pod's config.properties (why: deploy/base/configmap.yaml's header)
+    "metrics_address": "http://0.0.0.0:8082",
+    "diffmorpher.gateway_address": "0.0.0.0:7070",
+    "diffmorpher.health_address": "0.0.0.0:8090",
+    "model_store": "/models/model-store",
+    "metrics_config": "/srv/diffmorpher/handler/metrics.yaml",
+}
+
+
+def test_the_pods_config_properties_is_the_repositorys_but_for_listeners_and_paths(manifests) -> None:
+    repo = read_properties(REPO_ROOT / "config.properties")
+    pod = cluster_properties(manifests)
+    assert set(pod) == set(repo)
+    differing = {key: pod[key] for key in pod if pod[key] != repo[key]}
+    assert differing == ALLOWED_DIFFERENCES
+    for key in ("metrics_address", "diffmorpher.gateway_address", "diffmorpher.health_address"):
+        assert host_port(pod[key])[1] == host_port(repo[key])[1], key  # same port, reachable host
+    for key in LOOPBACK_LISTENERS:
+        assert pod[key].split("://")[-1].startswith("127.0.0.1"), key
+    assert pod["disable_token_authorization"] == "false"
+
+
+def _port_number(item: dict[str, Any], ports: list[dict[str, Any]]) -> int:
+    """A containerPort, or a port name resolved among `ports`."""
+    value = item["port"] if "port" in item else item["targetPort"]
+    if isinstance(value, int):
+        return value
+    (named,) = [p for p in ports if p["name"] == value]
+    return named["containerPort"]
+
+
+def test_ports_in_the_manifests_are_config_properties_ports(manifests) -> None:
+    pod = cluster_properties(manifests)
+    gateway = host_port(pod["diffmorpher.gateway_address"])[1]
+    health = host_port(pod["diffmorpher.health_address"])[1]
+    metrics = host_port(pod["metrics_address"])[1]
+    assert (gateway, health, metrics) == (7070, 8090, 8082)
+    deployment = find(manifests, "Deployment", "diffmorpher")
+    guard, torchserve = container(deployment, "guard"), container(deployment, "torchserve")
+    assert {(p["name"], p["containerPort"]) for p in guard["ports"]} == {("grpc", gateway), ("health", health)}
+    assert {(p["name"], p["containerPort"]) for p in torchserve["ports"]} == {("metrics", metrics)}
+    assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(metrics)
+    for service in ("diffmorpher", "diffmorpher-pods"):
+        for port in find(manifests, "Service", service)["spec"]["ports"]:
+            assert port["port"] == _port_number({"targetPort": port["targetPort"]}, guard["ports"])
+            assert port["port"] in (gateway, health)
+    assert find(manifests, "Service", "diffmorpher-pods")["spec"]["clusterIP"] == "None"
+    declared = [p["containerPort"] for c in deployment["spec"]["template"]["spec"]["containers"] for p in c["ports"]]
+    assert not set(declared) & set(LOOPBACK_PORTS)  # TorchServe's own ports stay internal
+    assert host_port(pod["grpc_inference_address"] + ":" + pod["grpc_inference_port"])[1] == 7170
+
+
+def test_probes_hit_the_guards_health_endpoints(manifests) -> None:
+    pod = cluster_properties(manifests)
+    health = host_port(pod["diffmorpher.health_address"])[1]
+    deployment = find(manifests, "Deployment", "diffmorpher")
+    guard, torchserve = container(deployment, "guard"), container(deployment, "torchserve")
+    probes = {
+        (name, kind): (probe["httpGet"]["path"], _port_number(probe["httpGet"], c.get("ports", [])))
+        for name, c in (("guard", guard), ("torchserve", torchserve))
+        for kind in ("readinessProbe", "livenessProbe", "startupProbe") if (probe := c.get(kind))
+    }
+    assert probes == {
+        ("guard", "readinessProbe"): ("/healthz", health),  # 503 while a worker is dead/wedged/stalled
+        ("guard", "livenessProbe"): ("/status", health),  # the guard process itself
+        ("torchserve", "startupProbe"): ("/healthz", health),  # model loaded, worker up
+        ("torchserve", "livenessProbe"): ("/livez", health),  # unhealthy 5 min despite repairs
+    }
+    startup = torchserve["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= int(pod["default_startup_timeout"])
+
+
+def test_the_guard_runs_as_the_makefile_runs_it_with_flags_it_has(manifests) -> None:
+    deployment = find(manifests, "Deployment", "diffmorpher")
+    spec = deployment["spec"]["template"]["spec"]
+    guard, torchserve = container(deployment, "guard"), container(deployment, "torchserve")
+    command = guard["command"]
+    assert command[:3] == ["python", "-m", "guard"]
+    help_text = subprocess.run([sys.executable, "-m", "guard", "--help"], capture_output=True, text=True,
+                               timeout=60, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": f"{REPO_ROOT}/handler:{REPO_ROOT}"})
+    assert help_text.returncode == 0, help_text.stderr
+    flags = [arg for arg in command if arg.startswith("--")]
+    assert flags == ["--ts-config", "--key-file", "--interval", "--wedge-after", "--stall-after"]
+    for flag in flags:
+        assert flag in help_text.stdout
+    ts_config = command[command.index("--ts-config") + 1]
+    assert ts_config == torchserve["command"][torchserve["command"].index("--ts-config") + 1]
+    assert torchserve["command"][:3] == ["torchserve", "--start", "--foreground"]
+    # TorchServe writes key_file.json into the directory it starts from; the guard reads it there.
+    key_file = Path(command[command.index("--key-file") + 1])
+    assert key_file.name == "key_file.json" and str(key_file.parent) == torchserve["workingDir"]
+    mounts = {c["name"]: {m["mountPath"]: m["name"] for m in c["volumeMounts"]} for c in (guard, torchserve)}
+    assert mounts["guard"][str(key_file.parent)] == mounts["torchserve"][str(key_file.parent)] == "run"
+    assert Path(ts_config).parent.as_posix() in mounts["guard"] and Path(ts_config).parent.as_posix() in mounts["torchserve"]
+    # One control directory for the gateway/watchdog and the workers, on the shared volume.
+    control = {c["name"]: {e["name"]: e.get("value") for e in c["env"]}["DIFFMORPHER_CONTROL_DIR"] for c in (guard, torchserve)}
+    assert control["guard"] == control["torchserve"] and control["guard"].startswith(str(key_file.parent) + "/")
+    env = {e["name"]: e for e in torchserve["env"]}
+    assert env["DIFFMORPHER_CACHE_DIR"]["value"] in mounts["torchserve"]
+    assert env["DIFFMORPHER_CACHE_REDIS_URL"]["valueFrom"]["secretKeyRef"]["optional"] is True
+    # The watchdog signals worker pids; key_file.json is 0600: one pid namespace, one uid.
+    assert spec["shareProcessNamespace"] is True and spec["securityContext"]["runAsUser"] == 1000
+    assert all("runAsUser" not in c.get("securityContext", {}) for c in (guard, torchserve))
+
+
+def test_one_gpu_per_replica(manifests) -> None:
+    torchserve = container(find(manifests, "Deployment", "diffmorpher"), "torchserve")
+    assert torchserve["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    guard = container(find(manifests, "Deployment", "diffmorpher"), "guard")
+    assert "nvidia.com/gpu" not in guard["resources"].get("limits", {})
+    model = find(manifests, "InferenceService", "diffmorpher")["spec"]["predictor"]["model"]
+    assert model["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+# ---------------------------------------------------------------------------- autoscaling
+def _metric_declarations() -> dict[str, list[str]]:
+    """Metric name -> its dimension names, from handler/metrics.yaml."""
+    config = yaml.safe_load((REPO_ROOT / "handler" / "metrics.yaml").read_text())
+    declared = {}
+    for section in ("ts_metrics", "model_metrics"):
+        for entries in config[section].values():
+            for entry in entries:
+                declared[entry["name"]] = [str(d) for d in entry["dimensions"]]
+    return declared
+
+
+def _selectors(node: Any) -> Iterator[Any]:
+    """Every vector selector in a parsed PromQL expression."""
+    if isinstance(node, promql_parser.VectorSelector):
+        yield node
+        return
+    for attribute in ("lhs", "rhs", "expr", "args", "vector_selector", "param"):
+        child = getattr(node, attribute, None)
+        for item in child if isinstance(child, list) else [child]:
+            if item is not None and not isinstance(item, (str, int, float)):
+                yield from _selectors(item)
+
+
+def _adapter_rules() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    configmap = yaml.safe_load((DEPLOY / "prometheus-adapter" / "configmap.yaml").read_text())
+    values = yaml.safe_load((DEPLOY / "prometheus-adapter" / "values.yaml").read_text())
+    return yaml.safe_load(configmap["data"]["config.yaml"])["rules"], values["rules"]["custom"]
+
+
+def test_the_hpas_scale_on_the_adapter_metric_built_from_exported_metrics(manifests) -> None:
+    rules, helm_rules = _adapter_rules()
+    assert rules == helm_rules  # the ConfigMap and the Helm values serve the same metric
+    (rule,) = rules
+    for name, target in (("diffmorpher", "diffmorpher"), ("diffmorpher-predictor", "diffmorpher-predictor")):
+        hpa = find(manifests, "HorizontalPodAutoscaler", name)
+        assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": target}
+        (metric,) = hpa["spec"]["metrics"]  # work, not CPU
+        assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == rule["name"]["as"]
+        assert metric["pods"]["target"] == {"type": "AverageValue", "averageValue": "800m"}
+    assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+    declared = _metric_declarations()
+    series = promql_parser.parse(rule["seriesQuery"].strip("'"))
+    assert series.name == re.fullmatch(r"\^(\w+)\$", rule["name"]["matches"]).group(1)
+    # The query as the adapter sends it for two pods of one namespace.
+    query = (rule["metricsQuery"].replace("<<.GroupBy>>", "pod")
+             .replace("<<.LabelMatchers>>", 'namespace="ml",pod=~"diffmorpher-a|diffmorpher-b"'))
+    selectors = list(_selectors(promql_parser.parse(query)))
+    assert sorted(s.name for s in selectors) == ["MorphLatencySeconds", "ts_inference_requests_total"]
+    for selector in [*selectors, series]:
+        assert selector.name in declared, f"{selector.name} is not in handler/metrics.yaml"
+        matchers = {m.name: m.value for m in selector.matchers.matchers}
+        for label in set(matchers) - {"namespace", "pod"}:  # namespace/pod come from the scrape
+            assert label in declared[selector.name], f"{selector.name} has no label {label}"
+            assert matchers[label] == "diffmorpher"
+    for selector in selectors:  # scoped to the pods the HPA asks about, not summed over all
+        matchers = {m.name: m.value for m in selector.matchers.matchers}
+        assert matchers["namespace"] == "ml" and matchers["pod"] == "diffmorpher-a|diffmorpher-b"
+
+
+def test_torchserve_counts_grpc_arrivals_in_the_counter_the_adapter_rates() -> None:
+    """Facts of TorchServe 0.12's frontend the adapter rule relies on (read from its classes):
+    ts_inference_requests_total is counted for gRPC calls, the latency counters only for REST."""
+    with zipfile.ZipFile(TS_JAR) as jar:
+        grpc_inference = jar.read("org/pytorch/serve/grpcimpl/InferenceImpl.class")
+        grpc_job = jar.read("org/pytorch/serve/job/GRPCJob.class")
+        rest_job = jar.read("org/pytorch/serve/job/RestJob.class")
+        tokens = jar.read("org/pytorch/serve/util/TokenAuthorization.class")
+    assert b"ts_inference_requests_total" in grpc_inference
+    for counter in (b"ts_inference_latency_microseconds", b"ts_queue_latency_microseconds"):
+        assert counter in rest_job and counter not in grpc_job
+    # Keys are drawn at random by each TorchServe and only ever written to key_file.json:
+    # no Secret can hand the same key to every replica (deploy/README.md, "Tokens").
+    assert b"java/security/SecureRandom" in tokens and b"key_file.json" in tokens
+    assert b"readAllBytes" not in tokens and b"readString" not in tokens
+
+
+# ---------------------------------------------------------------------------- drain hook
+@pytest.fixture()
+def drain(manifests, tmp_path: Path) -> Any:
+    script = tmp_path / "drain.sh"
+    script.write_text(find(manifests, "ConfigMap", "diffmorpher-config")["data"]["drain.sh"])
+    control = ControlDir(tmp_path / "control")
+
+    def run(limit_s: int) -> tuple[subprocess.Popen[str], float]:
+        env = {**os.environ, "DIFFMORPHER_CONTROL_DIR": str(control.root), "DRAIN_TIMEOUT_S": str(limit_s)}
+        return subprocess.Popen(["/bin/sh", str(script)], env=env, stdout=subprocess.PIPE, text=True), time.monotonic()
+
+    return control, run
+
+
+def test_drain_returns_at_once_when_no_live_worker_is_busy(drain) -> None:
+    control, run = drain
+    control.write_heartbeat(Heartbeat(pid=os.getpid(), state=IDLE))
+    no_such_pid = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
+    control.write_heartbeat(Heartbeat(pid=no_such_pid, state=BUSY, call_id="a" * 32))  # a dead worker's
+    process, started = run(limit_s=30)
+    out, _ = process.communicate(timeout=10)
+    assert process.returncode == 0 and time.monotonic() - started < 2
+    assert "waited 0 s" in out
+
+
+def test_drain_waits_while_a_live_worker_is_busy_and_stops_at_its_limit(drain) -> None:
+    control, run = drain
+    worker = subprocess.Popen(["sleep", "30"])
+    try:
+        control.write_heartbeat(Heartbeat(pid=worker.pid, state=BUSY, call_id="b" * 32, beat=time.time()))
+        process, started = run(limit_s=30)
+        time.sleep(3)
+        assert process.poll() is None  # still waiting for the morph
+        control.write_heartbeat(Heartbeat(pid=worker.pid, state=IDLE))
+        out, _ = process.communicate(timeout=10)
+        elapsed = time.monotonic() - started
+        assert process.returncode == 0 and 3 <= elapsed < 6, elapsed
+        assert re.search(r"waited [2-6] s", out), out
+        control.write_heartbeat(Heartbeat(pid=worker.pid, state=BUSY, call_id="c" * 32))
+        process, started = run(limit_s=2)  # a morph that never ends: bounded by the limit
+        out, _ = process.communicate(timeout=10)
+        assert "waited 2 s" in out and 2 <= time.monotonic() - started < 4
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+def test_both_containers_drain_before_stopping_within_the_grace_period(manifests) -> None:
+    deployment = find(manifests, "Deployment", "diffmorpher")
+    for name in ("guard", "torchserve"):
+        hook = container(deployment, name)["lifecycle"]["preStop"]["exec"]["command"]
+        assert hook == ["/bin/sh", "/etc/diffmorpher/drain.sh"]
+    script = find(manifests, "ConfigMap", "diffmorpher-config")["data"]["drain.sh"]
+    limit = int(re.search(r"DRAIN_TIMEOUT_S:-(\d+)", script).group(1))
+    assert limit < deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+
+
+# ---------------------------------------------------------------------------- KServe variant
+def test_kserve_serves_our_archive_from_the_pvc_in_the_layout_its_runtime_reads(manifests) -> None:
+    isvc = find(manifests, "InferenceService", "diffmorpher")
+    predictor = isvc["spec"]["predictor"]
+    model = predictor["model"]
+    assert model["modelFormat"] == {"name": "pytorch"} and model["runtime"] == "kserve-torchserve"
+    assert model["protocolVersion"] in ("v1", "v2")
+    claim = find(manifests, "PersistentVolumeClaim", "diffmorpher-model-store")["metadata"]["name"]
+    assert model["storageUri"] == f"pvc://{claim}"
+    annotations = isvc["metadata"]["annotations"]
+    assert annotations["serving.kserve.io/deploymentMode"] == "Standard"
+    assert annotations["serving.kserve.io/autoscalerClass"] == "external"  # hpa.yaml scales it
+    hpa = find(manifests, "HorizontalPodAutoscaler", "diffmorpher-predictor")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == f"{isvc['metadata']['name']}-predictor"
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (predictor["minReplicas"], predictor["maxReplicas"])
+
+    kserve = read_properties(DEPLOY / "kserve" / "config.properties")
+    repo = read_properties(REPO_ROOT / "config.properties")
+    # KServe mounts the claim at /mnt/models; the runtime passes --model-store=/mnt/models/model-store.
+    assert kserve["model_store"] == "/mnt/models/model-store"
+    assert kserve["metrics_config"] == "/mnt/models/config/metrics.yaml"
+    for key in ("max_request_size", "max_response_size", "default_response_timeout", "default_startup_timeout",
+                "job_queue_size", "enable_model_api", "allowed_urls", "install_py_dep_per_model", "metrics_mode",
+                "grpc_inference_port", "grpc_management_port"):
+        assert kserve[key] == repo[key], key
+    assert host_port(kserve["metrics_address"]) == ("0.0.0.0", 8082)  # the runtime's prometheus.kserve.io/port
+    assert kserve["enable_envvars_config"] == "true"  # TS_SERVICE_ENVELOPE from the runtime
+    assert kserve["disable_token_authorization"] == "true"  # the runtime's wrapper sends no token
+    snapshot = json.loads(kserve["model_snapshot"])
+    (version,) = snapshot["models"]["diffmorpher"].values()
+    mar = repo["load_models"].split("=", 1)[1]
+    assert version["marName"] == mar and snapshot["modelCount"] == 1
+    assert list(snapshot["models"]["diffmorpher"]) == ["1.0"]  # python -m export --version default
+    export_config = yaml.safe_load((REPO_ROOT / "export" / "model-config.yaml").read_text())
+    assert (version["minWorkers"], version["maxWorkers"], version["batchSize"]) == (
+        export_config["minWorkers"], export_config["maxWorkers"], export_config["batchSize"])
+
+
+# ---------------------------------------------------------------------------- image
+def test_the_image_copies_what_the_pod_runs(manifests) -> None:
+    dockerfile = (DEPLOY / "image" / "Dockerfile").read_text()
+    ignore = (DEPLOY / "image" / "Dockerfile.dockerignore").read_text().split()
+    copies = [line.split()[1:-1] for line in dockerfile.splitlines() if line.startswith("COPY ")]
+    sources = [source for sources in copies for source in sources]
+    assert sources == ["requirements.txt", "constraints.txt", "handler/", "guard/", "client/", "export/"]
+    for source in sources:
+        assert (REPO_ROOT / source).exists() and f"!{source}" in ignore, source
+    assert "-c constraints.txt -r requirements.txt" in dockerfile and "python -m client.stubs" in dockerfile
+    workdir = re.search(r"^WORKDIR (\S+)$", dockerfile, re.M).group(1)
+    metrics_config = Path(cluster_properties(manifests)["metrics_config"])
+    assert metrics_config.is_relative_to(workdir)
+    assert (REPO_ROOT / metrics_config.relative_to(workdir)).is_file()
+    assert re.search(r"^USER 1000:1000$", dockerfile, re.M)
+    assert f"PYTHONPATH={workdir}/handler:{workdir}" in dockerfile
