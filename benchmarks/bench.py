@@ -12,7 +12,8 @@ Modes (all on the same inputs, 16 frames + reschedule, the server's defaults oth
   mix), endpoints and frames in shared batches (16 rows: one batch per pass), inference mode.
 - `default_warm`: the same again on the now-filled cache (LoRAs, inverted latents and the
   rescheduled alphas are hits: no fitting, no inversion, no measuring pass).
-- `fast`: the `fast` preset (config.FAST_PRESET_OPTIONS: 100 LoRA steps, 15 DDIM steps),
+- `fast`: the `fast` preset (config.FAST_PRESET_OPTIONS: 100 LoRA steps, 15 DDIM steps, attention
+  interpolated for 0.8 of them),
   cold (no cache).
 
 Ratios are measured within this one run (machines here are shared and noisy: compare ratios,
