@@ -122,8 +122,13 @@ demo: setup export
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Locust's distributed mode: 1 master + LOADTEST_WORKERS workers, against LOADTEST_REPLICAS own
+# replicas, or TARGET= running ones (comma-separated); LOADTEST_ARGS come last and win.
+LOADTEST_WORKERS ?= 2
+LOADTEST_REPLICAS ?= 2
 loadtest: setup
-	$(PY) -m loadtest.run $(if $(TARGET),--target $(TARGET)) $(LOADTEST_ARGS)
+	$(PY) -m loadtest.run --workers $(LOADTEST_WORKERS) $(if $(TARGET),--target $(TARGET)) \
+		$(if $(TARGET)$(findstring --target,$(LOADTEST_ARGS)),,--replicas $(LOADTEST_REPLICAS)) $(LOADTEST_ARGS)
 
 # The same morphs as the paper's implementation runs them (baseline), on the service's path with
 # an empty cache, and again on the filled cache: stage times, ratios, memory, PPL/PDV/PSNR.

@@ -3,7 +3,8 @@
     locust -f loadtest/locustfile.py --headless --host http://127.0.0.1:8080 \
         --grpc-target 127.0.0.1:7070 --key-file key_file.json --request-profile tiny --stages 1,2,4
 
-(`python -m loadtest.run` / `make loadtest` run it with the right options, then write a report.)
+(`python -m loadtest.run` / `make loadtest` run it in Locust's distributed mode, one master and
+N workers, against one or more replicas, then write a report.)
 
 gRPC has no Locust client, so the users call the service through the project's own client
 library (client.morph_client.MorphClient: channel, token metadata, request building) and fire
@@ -12,6 +13,19 @@ the time between streamed frames as their own entries, plus the worker's own mor
 the result's metadata; TorchServe's latency metrics do not cover gRPC). Refusals because the
 queue is full go to "<mode> busy" entries, never into the morph entries (see outcomes.py), and a
 refused user backs off exponentially. Every request is counted in a ledger of sent vs answered.
+
+Several targets (replicas): `--grpc-target`, `--rest-url` and `--key-file` take comma-separated
+lists, one entry per replica; users spread over them round-robin (loadtest/targets.py), and
+every sample and ledger entry names its target.
+
+Distributed mode: the master runs the step shape and collects Locust's statistics (CSV); each
+worker runs users and writes its own samples and ledger (`<name>.worker<i>.<ext>`, i = Locust's
+worker index), which the runner merges. At the end of the schedule the master does not just quit
+(Locust's headless master quits 0.5 s after telling the workers, before their last requests are
+answered and reported): it sends `morph_drain`, every worker stops sending, waits for its
+requests in flight, lets one more statistics report go out and answers `morph_drained`; then
+the master quits. A worker that gets an answer no repetition can change (bad options, bad token,
+unknown model) sends `morph_abort` with the server's message and the run drains at once.
 """
 
 from __future__ import annotations
@@ -31,7 +45,6 @@ import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import IO, Any  # noqa: E402
-from urllib.parse import urlsplit  # noqa: E402
 
 # Locust puts only the locustfile's own directory on sys.path; the client and loadtest packages
 # are imported from the repository root.
@@ -45,6 +58,7 @@ from locust import stats as locust_stats  # noqa: E402
 from locust import LoadTestShape, User, events, task  # noqa: E402
 from locust.env import Environment  # noqa: E402
 from locust.exception import StopUser  # noqa: E402
+from locust.runners import WORKER_REPORT_INTERVAL, MasterRunner, WorkerRunner  # noqa: E402
 
 from client import wire  # noqa: E402
 from client.auth import TokenSource  # noqa: E402
@@ -57,13 +71,14 @@ from loadtest.outcomes import (  # noqa: E402
     UnexpectedAnswer,
     classify_grpc,
     classify_http,
+    refused_for_good,
 )
 from loadtest.profiles import PROFILES_FILE, Profile, load_profile  # noqa: E402
 from loadtest.schedule import StepSchedule  # noqa: E402
+from loadtest.targets import Target, TargetError, build_targets, split_list, target_index  # noqa: E402
 
 logger = logging.getLogger("loadtest")
 
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 SPAWN_RATE = 100.0  # users per second: a step is (nearly) instantaneous
 GRPC = "gRPC"
 REST = "REST"
@@ -81,9 +96,13 @@ def add_arguments(parser: Any) -> None:
     group = parser.add_argument_group("morph service load test")
     group.add_argument("--request-profile", default="tiny", help="request profile (loadtest/profiles.yaml)")
     group.add_argument("--profiles-file", default=str(PROFILES_FILE))
-    group.add_argument("--grpc-target", default="127.0.0.1:7070", help="gRPC inference address")
+    group.add_argument("--grpc-target", default="127.0.0.1:7070",
+                       help="gRPC inference address(es), comma-separated: one per replica")
+    group.add_argument("--rest-url", default="",
+                       help="REST base URL(s), comma-separated, one per gRPC target (default: --host)")
     group.add_argument("--model-name", default="diffmorpher")
-    group.add_argument("--key-file", default="key_file.json", help="TorchServe's key_file.json")
+    group.add_argument("--key-file", default="key_file.json",
+                       help="TorchServe's key_file.json: one for all replicas, or one per replica (comma-separated)")
     group.add_argument("--no-token", action="store_true", help="server runs without token auth")
     group.add_argument("--stages", default="1,2,4", help="users per stage, e.g. 1,2,4")
     group.add_argument("--stage-seconds", type=float, default=60.0)
@@ -96,10 +115,18 @@ def add_arguments(parser: Any) -> None:
     group.add_argument("--ledger-file", default="", help="JSON: sent vs answered, stages, profile")
 
 
-def check_loopback(host: str, what: str) -> None:
-    """This test generates load: it may only ever aim at this machine."""
-    if host not in LOOPBACK_HOSTS:
-        raise SystemExit(f"loadtest: {what} must be a loopback address, got {host!r}")
+def process_file(path: str, runner: Any) -> Path | None:
+    """Where this Locust process writes the file named `path`: as given when it runs alone,
+    `<stem>.worker<i><suffix>` on worker i, `<stem>.master<suffix>` on the master (several
+    processes, one name: the workers take it from the master's options)."""
+    if not path:
+        return None
+    given = Path(path)
+    if isinstance(runner, WorkerRunner):
+        return given.with_name(f"{given.stem}.worker{runner.worker_index}{given.suffix}")
+    if isinstance(runner, MasterRunner):
+        return given.with_name(f"{given.stem}.master{given.suffix}")
+    return given
 
 
 # ---------------------------------------------------------------------------- run state
@@ -114,17 +141,21 @@ class RunState:
     images: list[bytes]
     prompts: list[str]
     schedule: StepSchedule
+    targets: list[Target]
+    worker_index: int = 0  # Locust's index of this worker (0 when running alone)
     ledger: Ledger = field(default_factory=Ledger)
     loop_lag: LoopLagMonitor = field(default_factory=lambda: LoopLagMonitor())
     started_wall: float = field(default_factory=time.time)
     samples: IO[str] | None = None
     stopping: bool = False  # set when Locust starts stopping users: no new request may leave
+    aborted: str = ""  # why the run was cut short (a request refused for good), "" if it was not
+    drain: Drain | None = None  # the master's end-of-run handshake with its workers
     user_ids: itertools.count = field(default_factory=itertools.count)
 
-    def tokens(self) -> TokenSource:
-        if self.options.no_token:
+    def tokens(self, target: Target) -> TokenSource:
+        if self.options.no_token or not target.key_file:
             return TokenSource(enabled=False)
-        return TokenSource(key_file=self.options.key_file)
+        return TokenSource(key_file=target.key_file)
 
     def record(self, request_type: str, name: str, response_time: float, response_length: int,
                exception: BaseException | None = None, context: dict | None = None, **_: Any) -> None:
@@ -132,6 +163,7 @@ class RunState:
         stages exactly (Locust's CSVs only hold whole-run and 10 s rolling percentiles)."""
         if self.samples is None:
             return
+        context = context or {}
         sample = {
             "ts": round(time.time(), 4),
             "type": request_type,
@@ -139,7 +171,9 @@ class RunState:
             "ms": round(float(response_time), 3),
             "bytes": int(response_length or 0),
             "error": None if exception is None else f"{type(exception).__name__}: {exception}",
-            "users": (context or {}).get("users"),
+            "users": context.get("users"),
+            "target": context.get("target"),
+            "worker": self.worker_index,
         }
         self.samples.write(json.dumps(sample) + "\n")
 
@@ -185,9 +219,14 @@ def on_init(environment: Environment, **_: Any) -> None:
     options = environment.parsed_options
     if options is None:  # e.g. imported by a tool, not run by Locust
         return
-    check_loopback(options.grpc_target.rsplit(":", 1)[0].strip("[]"), "--grpc-target")
-    if environment.host:
-        check_loopback(urlsplit(environment.host).hostname or "", "--host")
+    try:
+        targets = build_targets(
+            split_list(options.grpc_target),
+            split_list(options.rest_url) or [environment.host or ""],
+            [] if options.no_token else split_list(options.key_file),
+        )
+    except TargetError as error:
+        raise SystemExit(f"loadtest: {error}") from error
     profile = load_profile(options.request_profile, options.profiles_file)
     images, prompts = profile.inputs()
     schedule = StepSchedule.parse(options.stages, options.stage_seconds, options.max_seconds)
@@ -196,8 +235,17 @@ def on_init(environment: Environment, **_: Any) -> None:
     # process. One thread per possible user, plus slack.
     pool = gevent.get_hub().threadpool
     pool.maxsize = max(pool.maxsize, 2 * max(schedule.users) + 16)
-    environment.morph_run = RunState(options, profile, images, prompts, schedule)  # type: ignore[attr-defined]
-    environment.events.request.add_listener(environment.morph_run.record)
+    runner = environment.runner
+    state = RunState(options, profile, images, prompts, schedule, targets,
+                     worker_index=max(0, getattr(runner, "worker_index", 0)))
+    environment.morph_run = state  # type: ignore[attr-defined]
+    environment.events.request.add_listener(state.record)
+    if isinstance(runner, MasterRunner):
+        state.drain = Drain(expected=max(1, int(options.expect_workers)))
+        runner.register_message("morph_abort", on_abort_message)
+        runner.register_message("morph_drained", on_drained_message)
+    elif isinstance(runner, WorkerRunner):
+        runner.register_message("morph_drain", on_drain_message, concurrent=True)
 
 
 @events.test_start.add_listener
@@ -205,8 +253,10 @@ def on_test_start(environment: Environment, **_: Any) -> None:
     state = run_state(environment)
     state.started_wall = time.time()
     state.loop_lag.start()
-    if state.options.samples_file:
-        state.samples = open(state.options.samples_file, "w", buffering=1)  # noqa: SIM115
+    samples = None if isinstance(environment.runner, MasterRunner) else \
+        process_file(state.options.samples_file, environment.runner)
+    if samples is not None:
+        state.samples = open(samples, "w", buffering=1)  # noqa: SIM115
 
 
 @events.test_stopping.add_listener
@@ -222,37 +272,135 @@ def on_quitting(environment: Environment, **_: Any) -> None:
     """Write the ledger and decide the exit code: refusals are an expected answer past
     capacity; any error, lost or unaccounted request fails the run."""
     state = run_state(environment)
-    # Locust rewrites its CSVs once per CSV_STATS_INTERVAL_SEC and only closes them at exit, so
-    # requests that ended in the last interval (the drain after the last stage) would be missing
-    # from run_stats.csv: give its writer one more turn before the files are closed.
-    gevent.sleep(locust_stats.CSV_STATS_INTERVAL_SEC + 0.5)
+    runner = environment.runner
+    if not isinstance(runner, WorkerRunner):
+        # Locust rewrites its CSVs once per CSV_STATS_INTERVAL_SEC and only closes them at exit,
+        # so requests that ended in the last interval (the drain after the last stage) would be
+        # missing from run_stats.csv: give its writer one more turn before the files are closed.
+        gevent.sleep(locust_stats.CSV_STATS_INTERVAL_SEC + 0.5)
     state.loop_lag.stop()
     if state.samples is not None:
         state.samples.close()
         state.samples = None
     totals = state.ledger.totals()
-    if state.options.ledger_file:
+    ledger_file = process_file(state.options.ledger_file, runner)
+    if ledger_file is not None:
+        role = {MasterRunner: "master", WorkerRunner: "worker"}.get(type(runner), "local")
         state.ledger.write(
-            Path(state.options.ledger_file),
+            ledger_file,
+            role=role,
+            worker_index=state.worker_index if role == "worker" else None,
             started_wall=state.started_wall,
             stopped_wall=time.time(),
             profile=state.profile.to_dict(),
             schedule=state.schedule.to_dict(),
+            targets=[target.name for target in state.targets],
             client_loop_lag=state.loop_lag.summary(),
+            aborted=state.aborted,
+            drain=state.drain.to_dict() if state.drain is not None else None,
         )
     bad = totals["error"] + totals["lost"] + totals["unaccounted"]
+    if state.drain is not None and state.drain.timed_out:
+        bad += 1
     logger.info("ledger: %s", totals)
-    environment.process_exit_code = 1 if bad else 0
+    environment.process_exit_code = 1 if bad or state.aborted else 0
+
+
+# ---------------------------------------------------------------------------- end of a run
+@dataclass
+class Drain:
+    """The master's side of ending a distributed run (see the module docstring): ask every
+    worker to stop sending once, then wait (bounded) until each has answered `morph_drained`."""
+
+    expected: int  # workers the run was started with (--expect-workers)
+    timeout_s: float = 0.0  # set at the first check: Locust's stop timeout + a margin
+    started: float | None = None
+    drained: dict[int, dict[str, Any]] = field(default_factory=dict)
+    timed_out: bool = False
+    seconds: float | None = None
+
+    def finished(self, runner: MasterRunner) -> bool:
+        now = time.monotonic()
+        if self.started is None:
+            self.started = now
+            self.timeout_s = float(runner.environment.stop_timeout or 0.0) + 2 * WORKER_REPORT_INTERVAL + 30.0
+            logger.info("schedule over: asking %d worker(s) to finish their requests", self.expected)
+            runner.send_message("morph_drain")
+        if len(self.drained) >= self.expected:
+            self.seconds = round(now - self.started, 2)
+            return True
+        if now - self.started > self.timeout_s:
+            self.timed_out, self.seconds = True, round(now - self.started, 2)
+            logger.error("workers %s did not finish within %.0f s", sorted(self.drained), self.timeout_s)
+            return True
+        return False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"expected": self.expected, "drained": {str(k): v for k, v in sorted(self.drained.items())},
+                "timed_out": self.timed_out, "seconds": self.seconds}
+
+
+def abort_run(environment: Environment, reason: str) -> None:
+    """Stop the whole run: this process sends nothing more, and the master (or, running alone,
+    the shape) ends the schedule now."""
+    state = run_state(environment)
+    if state.aborted:
+        return
+    state.aborted, state.stopping = reason, True
+    logger.error("stopping the run: %s", reason)
+    if isinstance(environment.runner, WorkerRunner):
+        environment.runner.send_message("morph_abort", {"reason": reason, "worker": state.worker_index})
+
+
+def on_abort_message(environment: Environment, msg: Any, **_: Any) -> None:
+    state = run_state(environment)
+    if not state.aborted:
+        state.aborted = f"worker {msg.data.get('worker')}: {msg.data.get('reason')}"
+        logger.error("stopping the run: %s", state.aborted)
+
+
+def on_drained_message(environment: Environment, msg: Any, **_: Any) -> None:
+    state = run_state(environment)
+    if state.drain is not None:
+        state.drain.drained[int(msg.data["worker"])] = msg.data
+
+
+def on_drain_message(environment: Environment, **_: Any) -> None:
+    """Worker: send nothing new, wait (bounded by the stop timeout) for the requests in flight,
+    then one statistics report interval, so the master has every request before it quits."""
+    state = run_state(environment)
+    state.stopping = True
+    started = time.monotonic()
+    limit = float(environment.stop_timeout or 0.0)
+    while state.ledger.in_flight() > 0 and time.monotonic() - started < limit:
+        gevent.sleep(0.2)
+    in_flight = state.ledger.in_flight()
+    gevent.sleep(WORKER_REPORT_INTERVAL + 0.5)
+    environment.runner.send_message("morph_drained", {
+        "worker": state.worker_index, "in_flight": in_flight, "seconds": round(time.monotonic() - started, 2),
+        "totals": state.ledger.totals(),
+    })  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- load shape
 class StepLoadShape(LoadTestShape):
     """Steps the user count along --stages (see loadtest/schedule.py); returning None at the
-    hard limit ends the run, after which in-flight requests get --stop-timeout to finish."""
+    hard limit ends the run. Running alone, in-flight requests then get --stop-timeout to finish;
+    on a master, the workers drain first (`Drain`)."""
+
+    last_tick: tuple[int, float] | None = None
 
     def tick(self) -> tuple[int, float] | None:
-        users = run_state(self.runner.environment).schedule.users_at(self.get_run_time())
-        return None if users is None else (users, SPAWN_RATE)
+        state = run_state(self.runner.environment)
+        users = None if state.aborted else state.schedule.users_at(self.get_run_time())
+        if users is not None:
+            self.last_tick = (users, SPAWN_RATE)
+            return self.last_tick
+        # Distributed: hold the last stage (new requests are refused by `stopping`) until every
+        # worker has drained; then None makes the master quit.
+        if state.drain is not None and self.last_tick is not None and not state.drain.finished(self.runner):
+            return self.last_tick
+        return None
 
 
 # ---------------------------------------------------------------------------- users
@@ -264,6 +412,7 @@ class MorphUser(User):
     def on_start(self) -> None:
         self.run = run_state(self.environment)
         index = next(self.run.user_ids)
+        self.target = self.run.targets[target_index(index, self.run.worker_index, len(self.run.targets))]
         self.rng = random.Random(f"{self.run.options.seed}:{type(self).__name__}:{index}")
         options = self.run.options
         self.backoff = Backoff(options.think_seconds, options.backoff_seconds, options.backoff_max_seconds, self.rng)
@@ -275,7 +424,7 @@ class MorphUser(User):
         """Count a request as sent (or stop the user if the run is ending); its start time."""
         if self.run.stopping:
             raise StopUser()
-        self.run.ledger.send(mode)
+        self.run.ledger.send(mode, self.target.name)
         return time.perf_counter()
 
     # ------------------------------------------------------------------ event helpers
@@ -284,13 +433,14 @@ class MorphUser(User):
         elapsed_ms = ((ended if ended is not None else time.perf_counter()) - started) * 1000.0
         self.environment.events.request.fire(
             request_type=request_type, name=name, response_time=elapsed_ms, response_length=length,
-            exception=exception, context={"users": self.environment.runner.user_count},
+            exception=exception, context={"users": self.environment.runner.user_count, "target": self.target.name},
         )  # fmt: skip
 
     def settle(self, request_type: str, mode: str, started: float, outcome: Outcome,
-               message: str = "", length: int = 0) -> None:
+               message: str = "", length: int = 0, *, status: str | int | None = None) -> None:
         """Fire the request's Locust event under the series its outcome belongs to, count it
-        in the ledger, and set the backoff."""
+        (and its status: gRPC code name, HTTP status, None = no answer) in the ledger, set the
+        backoff; an answer that every repetition would get too ends the run."""
         if outcome is Outcome.OK:
             self.fire(request_type, series(mode, "morph"), started, length)
         elif outcome is Outcome.BUSY:
@@ -298,8 +448,11 @@ class MorphUser(User):
         else:
             self.fire(request_type, series(mode, "morph"), started, length,
                       UnexpectedAnswer(f"{outcome.value}: {message}"))
-        self.run.ledger.settle(mode, outcome)
+        code = f"{'HTTP' if request_type == REST else request_type} {status if status is not None else 'no answer'}"
+        self.run.ledger.settle(mode, outcome, self.target.name, code)
         self.backoff.answered(outcome)
+        if outcome is Outcome.ERROR and refused_for_good(status):
+            abort_run(self.environment, f"{self.target.name} refused a {mode} request: {message}")
 
     def observe_worker_time(self, header: dict[str, Any]) -> None:
         """The handler's own time for the morph (decode + morph + encode), as reported in the
@@ -328,7 +481,7 @@ class GrpcMorphUser(MorphUser):
         super().on_start()
         options = self.run.options
         # retries=0: UNAVAILABLE is a result to measure here, not something to hide.
-        self.client = MorphClient(options.grpc_target, options.model_name, tokens=self.run.tokens(), retries=0)
+        self.client = MorphClient(self.target.grpc, options.model_name, tokens=self.run.tokens(self.target), retries=0)
 
     def on_stop(self) -> None:
         self.client.close()
@@ -349,7 +502,7 @@ class GrpcMorphUser(MorphUser):
         except MorphClientError as error:
             self.settle_error("unary", started, error)
             return
-        self.settle(GRPC, "unary", started, Outcome.OK, length=result_size(result))
+        self.settle(GRPC, "unary", started, Outcome.OK, length=result_size(result), status="OK")
         self.observe_worker_time(result.metadata)
 
     def stream_morph(self) -> None:
@@ -364,13 +517,13 @@ class GrpcMorphUser(MorphUser):
         except MorphClientError as error:
             self.settle_error("stream", started, error)
             return
-        self.settle(GRPC, "stream", started, Outcome.OK, length=result_size(result))
+        self.settle(GRPC, "stream", started, Outcome.OK, length=result_size(result), status="OK")
         self.observe_worker_time(result.metadata)
 
     def settle_error(self, mode: str, started: float, error: MorphClientError) -> None:
         code = error.code.name if error.code is not None else None
         outcome = classify_grpc(code, error.details) if code else Outcome.ERROR
-        self.settle(GRPC, mode, started, outcome, short(f"{code or 'CLIENT'}: {error.details}"))
+        self.settle(GRPC, mode, started, outcome, short(f"{code or 'CLIENT'}: {error.details}"), status=code)
 
 
 class FrameTimer:
@@ -402,8 +555,8 @@ class RestMorphUser(MorphUser):
     def on_start(self) -> None:
         super().on_start()
         self.session = requests.Session()
-        self.tokens = self.run.tokens()
-        self.url = f"{self.host.rstrip('/')}/predictions/{self.run.options.model_name}"
+        self.tokens = self.run.tokens(self.target)
+        self.url = f"{self.target.rest_url.rstrip('/')}/predictions/{self.run.options.model_name}"
 
     def on_stop(self) -> None:
         self.session.close()
@@ -425,15 +578,15 @@ class RestMorphUser(MorphUser):
             return
         outcome = classify_http(response.status_code)
         if outcome is not Outcome.OK:
-            self.settle(REST, "predictions", started, outcome,
-                        short(f"HTTP {response.status_code}: {response.text}"), len(response.content))
+            self.settle(REST, "predictions", started, outcome, short(f"HTTP {response.status_code}: {response.text}"),
+                        len(response.content), status=response.status_code)
             return
         try:
             message = wire.decode_message(response.content)
         except wire.WireError as error:
-            self.settle(REST, "predictions", started, Outcome.ERROR, short(f"bad body: {error}"))
+            self.settle(REST, "predictions", started, Outcome.ERROR, short(f"bad body: {error}"), status=200)
             return
-        self.settle(REST, "predictions", started, Outcome.OK, length=len(response.content))
+        self.settle(REST, "predictions", started, Outcome.OK, length=len(response.content), status=200)
         self.observe_worker_time(message.header)
 
     def post(self, files: dict, deadline_s: float) -> requests.Response:

@@ -10,7 +10,9 @@ handler failure is also INTERNAL, so on gRPC only that message makes a refusal "
 
 Why a ledger: "every sent request was answered" cannot be read from Locust's statistics (a user
 killed mid-request fires no event). Each user counts a request as sent before calling and as
-answered / lost after; sent - answered - lost is what was never accounted for.
+answered / lost after; sent - answered - lost is what was never accounted for. It counts per
+mode and per target (replica), with the status codes each target answered, so a run over several
+replicas shows that each one served.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from client.morph_client import BUSY_MESSAGE
+
 BUSY_SUFFIX = "busy"  # Locust series of refusals: "<mode> busy"
 
 
@@ -67,24 +70,48 @@ def classify_http(status: int | None) -> Outcome:
     return Outcome.ERROR
 
 
+# Answers that every further request would get too (bad options, bad token, no such model):
+# the run stops at the first one instead of sending thousands of them.
+REFUSED_FOR_GOOD_GRPC = frozenset({"INVALID_ARGUMENT", "UNAUTHENTICATED", "PERMISSION_DENIED", "NOT_FOUND"})
+REFUSED_FOR_GOOD_HTTP = frozenset({400, 401, 403, 404})
+
+
+def refused_for_good(status: str | int | None) -> bool:
+    """True for a gRPC code name or HTTP status that repeating the request cannot change."""
+    return status in REFUSED_FOR_GOOD_GRPC or status in REFUSED_FOR_GOOD_HTTP
+
+
+OUTCOME_KEYS = tuple(outcome.value for outcome in Outcome)
+
+
 @dataclass
 class Ledger:
-    """Per-mode counts of sent requests and how each ended. One per Locust process."""
+    """Per-mode and per-target counts of sent requests and how each ended, plus the status codes
+    each target answered with ("gRPC OK", "HTTP 503", ...). One per Locust process; the runner
+    merges the workers' ledgers (`merge`)."""
 
     sent: Counter = field(default_factory=Counter)
     outcomes: dict[str, Counter] = field(default_factory=dict)
+    target_sent: Counter = field(default_factory=Counter)
+    target_outcomes: dict[str, Counter] = field(default_factory=dict)
+    target_codes: dict[str, Counter] = field(default_factory=dict)
 
-    def send(self, mode: str) -> None:
+    def send(self, mode: str, target: str = "") -> None:
         self.sent[mode] += 1
+        self.target_sent[target] += 1
 
-    def settle(self, mode: str, outcome: Outcome) -> None:
+    def settle(self, mode: str, outcome: Outcome, target: str = "", code: str = "") -> None:
         self.outcomes.setdefault(mode, Counter())[outcome.value] += 1
+        self.target_outcomes.setdefault(target, Counter())[outcome.value] += 1
+        if code:
+            self.target_codes.setdefault(target, Counter())[code] += 1
 
-    def totals(self) -> dict[str, int]:
-        sent = sum(self.sent.values())
-        ended = Counter()
-        for counts in self.outcomes.values():
-            ended.update(counts)
+    def in_flight(self) -> int:
+        """Requests sent and not yet answered or lost."""
+        return self.totals()["unaccounted"]
+
+    @staticmethod
+    def _totals(sent: int, ended: Counter) -> dict[str, int]:
         answered = ended[Outcome.OK.value] + ended[Outcome.BUSY.value] + ended[Outcome.ERROR.value]
         lost = ended[Outcome.LOST.value]
         return {
@@ -97,6 +124,12 @@ class Ledger:
             "unaccounted": sent - answered - lost,
         }
 
+    def totals(self) -> dict[str, int]:
+        ended: Counter = Counter()
+        for counts in self.outcomes.values():
+            ended.update(counts)
+        return self._totals(sum(self.sent.values()), ended)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "totals": self.totals(),
@@ -104,7 +137,39 @@ class Ledger:
                 mode: {"sent": self.sent[mode], **dict(self.outcomes.get(mode, {}))}
                 for mode in sorted(self.sent)
             },
+            "by_target": {
+                target: {
+                    **self._totals(self.target_sent[target], self.target_outcomes.get(target, Counter())),
+                    "codes": dict(sorted(self.target_codes.get(target, Counter()).items())),
+                }
+                for target in sorted(self.target_sent)
+            },
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Ledger":
+        """The inverse of `to_dict` (what a Locust worker wrote)."""
+        ledger = cls()
+        for mode, counts in (data.get("by_mode") or {}).items():
+            ledger.sent[mode] += int(counts.get("sent", 0))
+            ledger.outcomes[mode] = Counter({k: int(counts[k]) for k in OUTCOME_KEYS if counts.get(k)})
+        for target, counts in (data.get("by_target") or {}).items():
+            ledger.target_sent[target] += int(counts.get("sent", 0))
+            ledger.target_outcomes[target] = Counter({k: int(counts[k]) for k in OUTCOME_KEYS if counts.get(k)})
+            ledger.target_codes[target] = Counter({k: int(v) for k, v in (counts.get("codes") or {}).items()})
+        return ledger
+
+    @classmethod
+    def merge(cls, ledgers: list["Ledger"]) -> "Ledger":
+        merged = cls()
+        for ledger in ledgers:
+            merged.sent.update(ledger.sent)
+            merged.target_sent.update(ledger.target_sent)
+            for mine, theirs in ((merged.outcomes, ledger.outcomes), (merged.target_outcomes, ledger.target_outcomes),
+                                 (merged.target_codes, ledger.target_codes)):
+                for key, counts in theirs.items():
+                    mine.setdefault(key, Counter()).update(counts)
+        return merged
 
     def write(self, path: Path, **extra: Any) -> None:
         path.write_text(json.dumps({**self.to_dict(), **extra}, indent=2) + "\n")

@@ -1,9 +1,11 @@
 """Request profiles (loadtest/profiles.yaml): what one simulated user asks the service for.
 
 Profiles live in a data file so a capacity run can be re-sized without touching code. Loading
-only reads YAML and the demo images (no torch): the locustfile imports this module in every
-Locust process. Option *names* are checked against the morph core's MorphConfig by the runner
-(`check_options`), which has the core on its path; the server checks the values anyway.
+only reads YAML and the demo images: the load generator imports nothing of the morph core (no
+torch in any Locust process). The options are checked where they are used, by the server: an
+unknown name or a bad value is refused as INVALID_ARGUMENT / HTTP 400, and the locustfile ends
+the run at the first such answer with the server's message (see `outcomes.refused_for_good`),
+instead of sending thousands of them.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROFILES_FILE = Path(__file__).resolve().parent / "profiles.yaml"
 DEMO_DIR = REPO_ROOT / "assets" / "demo"
-OUTPUT_KEYS = ("format", "frame_duration_ms", "loop")
 
 
 class ProfileError(ValueError):
@@ -96,19 +97,3 @@ def load_profile(name: str, path: str | Path = PROFILES_FILE) -> Profile:
     if name not in profiles:
         raise ProfileError(f"unknown profile {name!r}; {path} defines {sorted(profiles)}")
     return profiles[name]
-
-
-def check_options(profile: Profile) -> None:
-    """Validate the profile's options with the morph core's own MorphConfig (needs handler/ on
-    sys.path), so a typo fails before a load run instead of as thousands of 400s."""
-    from diffmorpher.config import ConfigError, MorphConfig, OutputOptions
-
-    options = dict(profile.options)
-    output = {key: options.pop(key) for key in OUTPUT_KEYS if key in options}
-    formats = output.pop("format", "gif")
-    try:
-        MorphConfig.from_dict(options, seed=0)
-        for fmt in [formats] if isinstance(formats, str) else list(formats):
-            OutputOptions(format=fmt, **output)
-    except (ConfigError, TypeError) as error:
-        raise ProfileError(f"profile {profile.name!r}: {error}") from error

@@ -11,6 +11,11 @@ during the run) and `run.json` (machine and server settings).
 
 Latencies per stage are exact nearest-rank percentiles over that stage's samples; Locust's own
 percentiles (whole-run table) are rounded by Locust to two significant digits.
+
+Goodput is successful morphs per minute: per stage, the morphs that ended in the stage's window;
+per target (replica) and combined, the morphs that ended within the schedule, over its length.
+Both count the same samples, so the combined goodput is the sum of the targets' goodputs, and
+the runs's load generators (Locust workers) are listed with what each sent.
 """
 
 from __future__ import annotations
@@ -193,8 +198,15 @@ def series_values(data: RunData, key: tuple[str, str]) -> list[float]:
     return [s["ms"] / 1000.0 for s in data.samples if (s["type"], s["name"]) == key and s["error"] is None]
 
 
-def counter_deltas(scrapes: list[dict[str, Any]]) -> dict[str, float]:
-    """Change of every counter-like metric between the first and the last scrape."""
+def scrapes_by_target(scrapes: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for scrape in scrapes:
+        grouped.setdefault(str(scrape.get("target") or ""), []).append(scrape)
+    return grouped
+
+
+def counter_deltas_of(scrapes: list[dict[str, Any]]) -> dict[str, float]:
+    """Change of every counter-like metric between the first and the last scrape of one server."""
     with_metrics = [s["metrics"] for s in scrapes if s.get("metrics")]
     if not with_metrics:
         return {}
@@ -208,15 +220,132 @@ def counter_deltas(scrapes: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
+def counter_deltas(scrapes: list[dict[str, Any]]) -> dict[str, float]:
+    """Counter changes per server; with several, each key is prefixed with the server's target."""
+    grouped = scrapes_by_target(scrapes)
+    prefix = len(grouped) > 1
+    return {f"{target} {key}" if prefix else key: value
+            for target, group in sorted(grouped.items())
+            for key, value in counter_deltas_of(group).items()}
+
+
 def gauge_summary(scrapes: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Mean and max of the gauges scraped during the run (each scrape sees the latest value)."""
+    """Mean and max of the gauges scraped during the run (each scrape sees the latest value),
+    per server as in `counter_deltas`."""
     names = ("QueueTime", "WorkerThreadTime", "MorphLatencySeconds", "CPUUtilization", "MemoryUsed")
+    grouped = scrapes_by_target(scrapes)
     values: dict[str, list[float]] = {}
-    for scrape in scrapes:
-        for key, value in (scrape.get("metrics") or {}).items():
-            if key.split("{")[0] in names:
-                values.setdefault(key, []).append(value)
+    for target, group in sorted(grouped.items()):
+        for scrape in group:
+            for key, value in (scrape.get("metrics") or {}).items():
+                if key.split("{")[0] in names:
+                    values.setdefault(f"{target} {key}" if len(grouped) > 1 else key, []).append(value)
     return {key: {"mean": statistics.fmean(v), "max": max(v)} for key, v in sorted(values.items())}
+
+
+# ---------------------------------------------------------------------------- targets, workers
+@dataclass
+class TargetStats:
+    """One target (replica), or all of them combined (name "combined")."""
+
+    name: str
+    sent: int
+    ok: int
+    busy: int
+    error: int
+    lost: int
+    codes: dict[str, int]
+    goodput_per_min: float  # morphs that ended within the schedule / its minutes
+    stage_goodput_per_min: list[float]  # the same per stage (as the per-stage table counts them)
+    p50_s: float | None
+    p95_s: float | None
+
+
+def target_stats(data: RunData, stages: list[StageStats]) -> tuple[list[TargetStats], TargetStats]:
+    """Per target from the ledger (counts, status codes) and the samples (goodput, latency); the
+    combined row from all samples, independently of the per-target rows."""
+    windows = data.windows()
+    minutes = windows[-1][2] / 60.0 if windows else 0.0
+    by_target = data.ledger.get("by_target") or {}
+    names = sorted(set(by_target) | {str(s["target"]) for s in data.samples if is_morph(s) and s.get("target")})
+
+    def stats_for(name: str, samples: list[dict[str, Any]], counts: dict[str, Any]) -> TargetStats:
+        per_stage = [0] * len(stages)
+        latencies = []
+        for sample in samples:
+            if not is_morph(sample) or sample["error"] is not None:
+                continue
+            t = sample["ts"] - data.started
+            index = stage_index(t, windows)
+            latencies.append(sample["ms"] / 1000.0)
+            if t < stages[index].end_s:
+                per_stage[index] += 1
+        return TargetStats(
+            name=name, sent=int(counts.get("sent", 0)), ok=int(counts.get("ok", 0)),
+            busy=int(counts.get("busy", 0)), error=int(counts.get("error", 0)), lost=int(counts.get("lost", 0)),
+            codes=dict(counts.get("codes") or {}),
+            goodput_per_min=sum(per_stage) / minutes if minutes else 0.0,
+            stage_goodput_per_min=[n / s.minutes if s.minutes else 0.0 for n, s in zip(per_stage, stages)],
+            p50_s=percentile(latencies, 50), p95_s=percentile(latencies, 95),
+        )  # fmt: skip
+
+    rows = [stats_for(name, [s for s in data.samples if str(s.get("target")) == name], by_target.get(name, {}))
+            for name in names]
+    codes: dict[str, int] = {}
+    for row in rows:
+        for code, count in row.codes.items():
+            codes[code] = codes.get(code, 0) + count
+    combined = stats_for("combined", data.samples, {**data.ledger["totals"], "codes": dict(sorted(codes.items()))})
+    return rows, combined
+
+
+def codes_text(codes: dict[str, int]) -> str:
+    return ", ".join(f"{code}: {count}" for code, count in sorted(codes.items())) or "-"
+
+
+def load_generator_lines(data: RunData) -> list[str]:
+    """Who generated the load: Locust's master and workers, what each worker sent."""
+    generator = data.ledger.get("load_generator") or {"mode": "single process", "workers": 1}
+    targets = data.ledger.get("targets") or []
+    drain = data.ledger.get("drain") or {}
+    if generator.get("mode") == "distributed":
+        head = (f"Locust distributed mode: 1 master (runs the step shape, aggregates the statistics) + "
+                f"{generator['workers']} worker(s) (run the users), users spread round-robin over "
+                f"{len(targets)} target(s).")
+        if drain.get("seconds") is not None:
+            head += (f" After the schedule the workers finished their requests in flight within "
+                     f"{drain['seconds']:g} s" + (" (**timed out**)." if drain.get("timed_out") else "."))
+    else:
+        head = f"One Locust process, {len(targets) or '?'} target(s)."
+    lines = [head]
+    if data.ledger.get("aborted"):
+        lines += ["", f"**The run was stopped early: {data.ledger['aborted']}**"]
+    workers = data.ledger.get("workers") or []
+    if workers:
+        lines += [""] + table(
+            ["worker", "sent", "morphs", "busy", "errors", "lost", "unaccounted", "sent per target", "loop lag max ms"],
+            [[w["index"], w["totals"]["sent"], w["totals"]["ok"], w["totals"]["busy"], w["totals"]["error"],
+              w["totals"]["lost"], w["totals"]["unaccounted"],
+              ", ".join(f"{t}: {c['sent']}" for t, c in sorted((w.get("by_target") or {}).items())) or "-",
+              fmt(((w.get("client_loop_lag") or {}).get("max_s") or 0) * 1000, 0)]
+             for w in workers],
+        )
+    return lines
+
+
+def target_lines(rows: list[TargetStats], combined: TargetStats, stages: list[StageStats]) -> list[str]:
+    lines = table(
+        ["target", "sent", "morphs", "busy", "errors", "lost", "status codes", "goodput/min", "p50 s", "p95 s"],
+        [[r.name if r is not combined else "**combined**", r.sent, r.ok, r.busy, r.error, r.lost, codes_text(r.codes),
+          fmt(r.goodput_per_min, 2), fmt(r.p50_s), fmt(r.p95_s)] for r in [*rows, combined]],
+    )
+    lines += ["", "Goodput per stage (morphs/min):", ""]
+    lines += table(
+        ["users", *(r.name for r in rows), "combined"],
+        [[stage.users, *(fmt(r.stage_goodput_per_min[i], 1) for r in rows), fmt(combined.stage_goodput_per_min[i], 1)]
+         for i, stage in enumerate(stages)],
+    )
+    return lines
 
 
 # ---------------------------------------------------------------------------- capacity
@@ -356,7 +485,8 @@ def client_health(ledger: dict[str, Any]) -> str:
             f"(p99 {lag['p99_s'] * 1000:.0f} ms): {verdict}.")
 
 
-def render(data: RunData, stages: list[StageStats], cap: Capacity, png_name: str) -> str:
+def render(data: RunData, stages: list[StageStats], cap: Capacity, png_name: str,
+           targets: tuple[list[TargetStats], TargetStats]) -> str:
     run, ledger, totals = data.run, data.ledger, data.ledger["totals"]
     profile = ledger["profile"]
     machine = run.get("machine", {})
@@ -372,7 +502,8 @@ def render(data: RunData, stages: list[StageStats], cap: Capacity, png_name: str
         f"- Host: {machine.get('cpu_model', '?')}, {run.get('cpu_count', '?')} vCPU, "
         f"{machine.get('memory_gb', '?')} GB RAM, {machine.get('gpu', 'no GPU')}; "
         f"load average at start {machine.get('loadavg', '?')} (other processes share these cores).",
-        f"- TorchServe: {run.get('workers', '?')} worker(s), {run.get('threads_per_worker', '?')} torch "
+        f"- TorchServe: {run.get('replicas', 1)} replica(s), {run.get('workers', '?')} worker(s) in all, "
+        f"{run.get('threads_per_worker', '?')} torch "
         f"thread(s) per worker (OMP_NUM_THREADS), job queue size {run.get('job_queue_size', '?')}, "
         f"batch size 1; server {run.get('server', '?')}.",
         f"- Model: {run.get('model', '?')}.",
@@ -392,6 +523,19 @@ def render(data: RunData, stages: list[StageStats], cap: Capacity, png_name: str
         "",
         client_health(ledger),
         "",
+        "## Load generator",
+        "",
+        *load_generator_lines(data),
+        "",
+        "## Per target (replica)",
+        "",
+        "Goodput = successful morphs per minute that ended within the schedule "
+        f"({data.windows()[-1][2] if data.windows() else 0:g} s; morphs answered in the drain after it are "
+        "counted, not rated); combined is computed from all samples and equals the sum of the targets'. "
+        "Status codes as the load generator saw them (gRPC code, HTTP status).",
+        "",
+        *target_lines(*targets, stages),
+        "",
         "## Per stage (concurrency = users)",
         "",
         "Latencies are those of successful morphs (all modes); refusals are counted separately. "
@@ -401,7 +545,7 @@ def render(data: RunData, stages: list[StageStats], cap: Capacity, png_name: str
     ]
     lines += table(
         ["users", "sent", "morphs", "busy", "failed", "offered/min", "goodput/min", "p50 s", "p95 s",
-         "max s", "TTFF p50 s", "frame gap p50 s", "worker morph s", "busy p95 ms", "queue mean/max",
+         "max s", "TTFF p50 s", "frame gap p50 s", "worker morph s", "busy p95 ms", "queue mean/max" + (" per replica" if run.get("replicas", 1) > 1 else ""),
          "CPU %"],
         [[s.users, s.sent, s.ok, s.busy, s.failed, fmt(s.offered_per_min, 1), fmt(s.goodput_per_min, 1),
           fmt(s.p50_s), fmt(s.p95_s), fmt(s.max_s), fmt(s.ttff_p50_s), fmt(s.frame_interval_p50_s, 3),
@@ -475,15 +619,17 @@ def plot(data: RunData, stages: list[StageStats], path: Path) -> None:
         axis.set_xticks(users, [str(u) for u in users])
         axis.grid(alpha=0.3)
         axis.legend()
-    times = [s["ts"] - data.started for s in data.scrapes if (s.get("queue") or {}).get("pending") is not None]
-    pending = [s["queue"]["pending"] for s in data.scrapes if (s.get("queue") or {}).get("pending") is not None]
-    timeline.step(times, pending, where="post", label="queued requests (TorchServe)")
+    for name, scrapes in sorted(scrapes_by_target(data.scrapes).items()):
+        queued = [s for s in scrapes if (s.get("queue") or {}).get("pending") is not None]
+        timeline.step([s["ts"] - data.started for s in queued], [s["queue"]["pending"] for s in queued],
+                      where="post", label=f"queued requests {name}".strip())
     timeline.step([w[1] for w in data.windows()] + [data.windows()[-1][2]],
                   users + [users[-1]], where="post", label="users", linestyle="--")
     timeline.set(title="TorchServe queue during the run", xlabel="seconds since start", ylabel="count")
     timeline.grid(alpha=0.3)
     timeline.legend()
-    figure.suptitle(f"profile {data.ledger['profile']['name']}: {data.run.get('workers', '?')} worker(s), "
+    figure.suptitle(f"profile {data.ledger['profile']['name']}: {data.run.get('replicas', 1)} replica(s), "
+                    f"{data.run.get('workers', '?')} worker(s) in all, "
                     f"queue {data.run.get('job_queue_size', '?')}")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -512,8 +658,9 @@ def write_report(directory: Path, p95_target_s: float | None = None) -> dict[str
     stages = stage_stats(data)
     target = p95_target_s if p95_target_s is not None else float(data.ledger["profile"]["p95_target_s"])
     cap = capacity(data, stages, target)
+    targets = target_stats(data, stages)
     plot(data, stages, directory / "report.png")
-    text = render(data, stages, cap, "report.png")
+    text = render(data, stages, cap, "report.png", targets)
     problems = consistency(data)
     if problems:
         text += "\n## Consistency warnings\n\n" + "\n".join(f"- {p}" for p in problems) + "\n"
@@ -522,6 +669,11 @@ def write_report(directory: Path, p95_target_s: float | None = None) -> dict[str
         "ledger": data.ledger["totals"],
         "stages": [asdict(s) for s in stages],
         "capacity": asdict(cap),
+        "targets": [asdict(row) for row in targets[0]],
+        "combined": asdict(targets[1]),
+        "load_generator": data.ledger.get("load_generator"),
+        "workers": data.ledger.get("workers") or [],
+        "aborted": data.ledger.get("aborted") or "",
         "whole_run": [dict(zip(["type", "name", *WHOLE_RUN_COLUMNS], row)) for row in whole_run_rows(data)],
         "consistency_problems": problems,
     }

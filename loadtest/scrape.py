@@ -4,7 +4,8 @@ and the management API's model description (worker states, job queue depth).
 Why both: the Prometheus text has the frontend's counters and gauges (QueueTime, Requests5XX,
 CPU, memory) and the handler's morph metrics (MorphLatencySeconds, MorphRequests, ...), but no
 queue depth; `GET /models/<name>` reports `jobQueueStatus.pendingRequests` and each worker's
-status, which is what "is the queue full / did a worker die" needs. One JSON line per sample.
+status, which is what "is the queue full / did a worker die" needs. One JSON line per sample and
+replica, named by the replica's `target`.
 """
 
 from __future__ import annotations
@@ -52,30 +53,39 @@ def _get(url: str, headers: dict[str, str], timeout_s: float) -> bytes:
         return response.read()
 
 
-@dataclass
-class Scraper:
-    """Samples `metrics_url` and `describe_url` every `interval_s` seconds on a thread, appending
-    JSON lines to `out`; `management_token` is called for each sample (keys rotate)."""
+@dataclass(frozen=True)
+class ScrapeSource:
+    """One replica to sample: its metrics and model-description URLs and its management token
+    (called for each sample: keys rotate)."""
 
+    target: str  # the replica's name in the run (its gRPC address)
     metrics_url: str
     describe_url: str
-    out: Path
     management_token: Callable[[], str | None] = lambda: None
+
+
+@dataclass
+class Scraper:
+    """Samples every source every `interval_s` seconds on one thread, appending one JSON line
+    per source and round to `out` (one writer, so lines never interleave)."""
+
+    sources: list[ScrapeSource]
+    out: Path
     interval_s: float = 2.0
     timeout_s: float = 5.0
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
-    def sample(self) -> dict[str, Any]:
-        record: dict[str, Any] = {"ts": round(time.time(), 3)}
+    def sample(self, source: ScrapeSource) -> dict[str, Any]:
+        record: dict[str, Any] = {"ts": round(time.time(), 3), "target": source.target}
         try:
-            record["metrics"] = parse_prometheus(_get(self.metrics_url, {}, self.timeout_s).decode())
+            record["metrics"] = parse_prometheus(_get(source.metrics_url, {}, self.timeout_s).decode())
         except (OSError, urllib.error.URLError, ValueError) as error:
             record["metrics_error"] = f"{type(error).__name__}: {error}"
         try:
-            token = self.management_token()
+            token = source.management_token()
             headers = {"Authorization": f"Bearer {token}"} if token else {}
-            model = json.loads(_get(self.describe_url, headers, self.timeout_s))[0]
+            model = json.loads(_get(source.describe_url, headers, self.timeout_s))[0]
             queue = model.get("jobQueueStatus") or {}
             record["queue"] = {
                 "pending": queue.get("pendingRequests"),
@@ -91,7 +101,8 @@ class Scraper:
     def _loop(self) -> None:
         with self.out.open("a") as sink:
             while True:
-                sink.write(json.dumps(self.sample()) + "\n")
+                for source in self.sources:
+                    sink.write(json.dumps(self.sample(source)) + "\n")
                 sink.flush()
                 if self._stop.wait(self.interval_s):
                     return
@@ -104,7 +115,7 @@ class Scraper:
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=self.timeout_s * 3)
+            self._thread.join(timeout=self.timeout_s * 3 * max(1, len(self.sources)))
 
 
 def read_samples(path: Path) -> list[dict[str, Any]]:
