@@ -6,9 +6,6 @@ NOT_FOUND and a malformed one INVALID_ARGUMENT, with messages that say what to s
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from concurrent import futures
 
 import pytest
@@ -19,7 +16,7 @@ from client import wire
 from client.auth import TokenSource
 from client.morph_client import MorphClient, MorphClientError
 from reliability.corpus import PROMPTS, circle, encode, request, square
-from tests.conftest import EMBEDDED_MODEL, REPO_ROOT
+from tests.conftest import export_model, served_model
 from tests.torchserve_server import TorchServeProcess
 
 pytestmark = pytest.mark.slow
@@ -30,12 +27,7 @@ OPTIONS = {"num_frames": 3, "lora_steps": 40, "num_inference_steps": 4, "use_res
 @pytest.fixture(scope="module")
 def two_workers(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
     root = tmp_path_factory.mktemp("cache-e2e")
-    model = EMBEDDED_MODEL if (EMBEDDED_MODEL / "unet").is_dir() else request.getfixturevalue("tiny_sd_dir")
-    subprocess.run(
-        [sys.executable, "-m", "export", "--model", str(model), "--export-path", str(root / "store"),
-         "--workers", "2"],
-        cwd=REPO_ROOT, check=True, env={**os.environ, "PYTHONPATH": f"{REPO_ROOT / 'handler'}:{REPO_ROOT}"},
-    )
+    export_model(root / "store", served_model(request), "--workers", "2")
     with TorchServeProcess(root / "server", root / "store") as server:
         yield server
 

@@ -5,9 +5,6 @@ through the shared tier, with identical frames. Then Redis dies: both replicas k
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,6 @@ import pytest
 from client.auth import TokenSource
 from client.morph_client import MorphClient, MorphResult
 from reliability.corpus import PROMPTS, circle, encode, square
-from tests.conftest import EMBEDDED_MODEL, REPO_ROOT
 from tests.redis_server import RedisProcess
 from tests.torchserve_server import TorchServeProcess
 
@@ -25,17 +21,12 @@ OPTIONS = {"num_frames": 3, "lora_steps": 40, "num_inference_steps": 4, "use_res
 
 
 @pytest.fixture(scope="module")
-def replicas(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
+def replicas(tmp_path_factory: pytest.TempPathFactory, model_store: Path):
     root = tmp_path_factory.mktemp("replicas")
-    model = EMBEDDED_MODEL if (EMBEDDED_MODEL / "unet").is_dir() else request.getfixturevalue("tiny_sd_dir")
-    subprocess.run(
-        [sys.executable, "-m", "export", "--model", str(model), "--export-path", str(root / "store")],
-        cwd=REPO_ROOT, check=True, env={**os.environ, "PYTHONPATH": f"{REPO_ROOT / 'handler'}:{REPO_ROOT}"},
-    )
     with RedisProcess(root / "redis") as redis:
         env = {"DIFFMORPHER_CACHE_REDIS_URL": redis.url}
-        with TorchServeProcess(root / "a", root / "store", env=env) as a, \
-                TorchServeProcess(root / "b", root / "store", env=env) as b:
+        with TorchServeProcess(root / "a", model_store, env=env) as a, \
+                TorchServeProcess(root / "b", model_store, env=env) as b:
             assert a.cache_dir != b.cache_dir and a.grpc_target != b.grpc_target
             yield a, b, redis
 
