@@ -28,10 +28,12 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HANDLER_DIR = REPO_ROOT / "handler"
 HANDLER_FILE = HANDLER_DIR / "torchserve_handler.py"
-HANDLER_MODULES = ("morph_request.py", "morph_response.py", "request_stop.py")
+HANDLER_MODULES = ("morph_request.py", "morph_response.py", "request_stop.py", "oip.py")
 CORE_PACKAGE = HANDLER_DIR / "diffmorpher"
 WIRE_FILES = ("__init__.py", "wire.py")  # the client's stdlib-only message format
-CONTROL_FILES = ("__init__.py", "control.py")  # guard/: the control directory's layout (stdlib only)
+# guard/ (stdlib only): the control directory's layout, and the names the gateway and the handler
+# share for Open Inference Protocol calls.
+CONTROL_FILES = ("__init__.py", "control.py", "oip.py")
 TEMPLATE = Path(__file__).resolve().parent / "model-config.yaml"
 DEFAULT_LPIPS = REPO_ROOT / ".cache" / "lpips" / "lpips_alex_backbone.safetensors"
 DEFAULT_MAX_RESPONSE = 268435456

@@ -14,6 +14,13 @@ The gateway sits in front of TorchServe's (loopback-only) gRPC port and, per cal
 - returns errors without the Java class, the queue-full refusal as UNAVAILABLE "server busy",
   out-of-memory as RESOURCE_EXHAUSTED, and a worker that died mid-morph as ABORTED with a
   message saying what happened (TorchServe: "Worker died.", as INTERNAL or RESOURCE_EXHAUSTED).
+It also serves the Open Inference Protocol (KServe v2) as `inference.GRPCInferenceService`, the
+name KServe v2 clients call, forwarding each method to the same service inside TorchServe
+(`ts_open_inference_protocol=true`, another package name); ModelInfer gets the same deadline,
+call_id, cancel marker and error mapping, and guard/oip.py adapts what TorchServe drops or encodes
+its own way (raw contents, parameters, BYTES outputs). A ModelInfer call to TorchServe is never
+cancelled by the gateway: TorchServe 0.12 restarts the worker when an OIP job's error meets a
+closed call, so the worker, stopped by the deadline or cancel marker, ends it.
 Only the `authorization` metadata is forwarded; TorchServe checks the token.
 """
 
@@ -33,6 +40,7 @@ from google.protobuf import empty_pb2
 from client import stubs, wire
 from client.morph_client import BUSY_MESSAGE, clean_details
 
+from . import oip, oip_proto
 from .control import ControlDir
 
 logger = logging.getLogger(__name__)
@@ -50,6 +58,12 @@ WORKER_DIED_DETAILS = (
     "fewer frames, a smaller frame_batch_size or a lower resolution"
 )
 NO_DEADLINE_S = 10**8  # grpcio reports "no deadline" as a huge time_remaining()
+# How long a ModelInfer call to TorchServe may outlive its client's deadline. TorchServe 0.12
+# answers an OIP job whose call has ended with onError on the closed call, which throws in the
+# worker's thread and restarts the worker ("call already closed"); so the gateway never ends that
+# call itself: the worker stops the job at its deadline or cancel marker, within a step, and
+# answers the still-open call. The same bound as the watchdog's default --wedge-after.
+OIP_UPSTREAM_GRACE_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -75,6 +89,21 @@ def translate_error(code: grpc.StatusCode, details: str) -> tuple[grpc.StatusCod
     return code, details
 
 
+def translate_oip_error(code: grpc.StatusCode, details: str) -> tuple[grpc.StatusCode, str]:
+    """As translate_error, plus what TorchServe's OIP service answers its own way."""
+    code, details = translate_error(code, details)
+    if code == grpc.StatusCode.INTERNAL and details.startswith("Model not found"):
+        return grpc.StatusCode.NOT_FOUND, details
+    if code == grpc.StatusCode.INTERNAL and details.startswith("Parameter ") and "required" in details:
+        return grpc.StatusCode.INVALID_ARGUMENT, details  # e.g. "Parameter model_name is required."
+    if code == grpc.StatusCode.UNIMPLEMENTED and "Method not found" in details:
+        return code, (
+            "the model server does not serve the Open Inference Protocol: start TorchServe with "
+            "ts_open_inference_protocol=true (config.properties)"
+        )
+    return code, details
+
+
 class Gateway:
     """The servicer; `server()` builds the grpc.Server around it."""
 
@@ -90,6 +119,15 @@ class Gateway:
             ],
         )
         self.stub = self.pb2_grpc.InferenceAPIsServiceStub(self.channel)
+        self.oip = oip_proto.load()
+        self.oip_upstream = {
+            method: self.channel.unary_unary(
+                f"/{oip_proto.TORCHSERVE_SERVICE}/{method}",
+                request_serializer=self.oip[request].SerializeToString,
+                response_deserializer=self.oip[response].FromString,
+            )
+            for method, request, response in oip_proto.METHODS
+        }
         self.calls_cancelled = 0
         self._lock = threading.Lock()
 
@@ -121,7 +159,17 @@ class Gateway:
             ),
         }
         service = self.pb2.DESCRIPTOR.services_by_name["InferenceAPIsService"].full_name
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+        oip_handlers = {
+            method: grpc.unary_unary_rpc_method_handler(
+                self.model_infer if method == "ModelInfer" else self._oip_passthrough(method),
+                self.oip[request].FromString, self.oip[response].SerializeToString,
+            )
+            for method, request, response in oip_proto.METHODS
+        }
+        server.add_generic_rpc_handlers((
+            grpc.method_handlers_generic_handler(service, handlers),
+            grpc.method_handlers_generic_handler(oip_proto.SERVICE, oip_handlers),
+        ))
         server.add_insecure_port(self.config.listen)
         return server
 
@@ -139,7 +187,7 @@ class Gateway:
                 "invalid request: field 'stream' asks for streaming on a unary Predictions call; "
                 "call StreamPredictions for progress and frames, or drop the field",
             )
-        call = _Call(self, request, context)
+        call = self._native_call(request, context)
         future = self.stub.Predictions.future(request, timeout=call.timeout_s, metadata=_forwarded(context))
         call.watch(future)
         try:
@@ -155,7 +203,7 @@ class Gateway:
         # intermediate response); a value that is no boolean is left for the handler to refuse.
         if _boolean(request.input.get(wire.INPUT_STREAM, b"true")) is not None:
             request.input[wire.INPUT_STREAM] = b"true"
-        call = _Call(self, request, context)
+        call = self._native_call(request, context)
         upstream = self.stub.StreamPredictions(request, timeout=call.timeout_s, metadata=_forwarded(context))
         call.watch(upstream)
         try:
@@ -172,6 +220,57 @@ class Gateway:
             "StreamPredictions2 (sequence batching) is not offered; use StreamPredictions",
         )
 
+    def _native_call(self, request: Any, context: grpc.ServicerContext) -> "_Call":
+        """The call's deadline and call_id, written into the request's input map."""
+        call = _Call(self, context, request.input.get(wire.INPUT_DEADLINE))
+        if call.deadline is not None:
+            request.input[wire.INPUT_DEADLINE] = f"{call.deadline:.3f}".encode()
+        request.input[wire.INPUT_CALL_ID] = call.call_id.encode()
+        return call
+
+    # ------------------------------------------------------------------ Open Inference Protocol
+    def model_infer(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """ModelInfer (unary; the handler never streams into it), with the deadline, call_id and
+        cancel marker of Predictions, but the call to TorchServe is left for the stopped worker
+        to answer (OIP_UPSTREAM_GRACE_S); guard/oip.py adapts request and response."""
+        sent = request.parameters.get(oip.PARAM_DEADLINE)
+        call = _Call(self, context, None if sent is None else oip.parameter_value(sent))
+        try:
+            oip.upstream_request(request, deadline=call.deadline, call_id=call.call_id)
+        except oip.OipError as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid request: {error}")
+        timeout = None if call.timeout_s is None else call.timeout_s + OIP_UPSTREAM_GRACE_S
+        future = self.oip_upstream["ModelInfer"].future(request, timeout=timeout, metadata=_forwarded(context))
+        call.watch(future, cancel_upstream=False)  # see OIP_UPSTREAM_GRACE_S
+        try:
+            response = future.result()
+        except grpc.RpcError as error:
+            call.upstream_done = True
+            context.abort(*translate_oip_error(error.code(), error.details() or ""))
+        call.upstream_done = True
+        try:
+            oip.client_response(response)
+        except oip.UpstreamFormatError as error:
+            logger.error("unexpected ModelInfer answer from TorchServe: %s", error)
+            context.abort(grpc.StatusCode.INTERNAL, f"the model server's answer could not be read: {error}")
+        return response
+
+    def _oip_passthrough(self, method: str):
+        """ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata: forwarded as they
+        are (ModelMetadata gets this model's tensors, which TorchServe leaves empty)."""
+        upstream = self.oip_upstream[method]
+
+        def forward(request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                response = upstream(request, timeout=10, metadata=_forwarded(context))
+            except grpc.RpcError as error:
+                context.abort(*translate_oip_error(error.code(), error.details() or ""))
+            if method == "ModelMetadata" and not response.inputs and not response.outputs:
+                _describe_tensors(response)
+            return response
+
+        return forward
+
     # ------------------------------------------------------------------ cancellation
     def cancel(self, call_id: str, reason: str) -> None:
         with self._lock:
@@ -187,7 +286,8 @@ class _Call:
     """One proxied morph call: its deadline and call_id in the request, and what happens when
     the client's side of the call ends before TorchServe answered."""
 
-    def __init__(self, gateway: Gateway, request: Any, context: grpc.ServicerContext) -> None:
+    def __init__(self, gateway: Gateway, context: grpc.ServicerContext, sent_deadline: Any = None) -> None:
+        """`sent_deadline`: the client's own deadline (field or parameter), if it sent one."""
         self.gateway = gateway
         self.context = context
         self.call_id = uuid.uuid4().hex
@@ -195,24 +295,26 @@ class _Call:
         remaining = context.time_remaining()
         self.timeout_s = None if remaining is None or remaining > NO_DEADLINE_S else max(remaining, 0.0)
         deadlines = [] if self.timeout_s is None else [time.time() + self.timeout_s]
-        if wire.INPUT_DEADLINE in request.input:
-            sent = _float(request.input[wire.INPUT_DEADLINE])
+        if sent_deadline is not None:
+            sent = _float(sent_deadline)
             if sent is None:
                 deadlines = []  # not a number: left as sent, for the handler to refuse (400)
             else:
-                deadlines.append(sent)  # the client's own deadline field, if earlier
-        if deadlines:
-            request.input[wire.INPUT_DEADLINE] = f"{min(deadlines):.3f}".encode()
-        request.input[wire.INPUT_CALL_ID] = self.call_id.encode()
+                deadlines.append(sent)  # the client's own deadline, if earlier
+        # The deadline the request carries to the worker (None: leave what the client sent).
+        self.deadline: float | None = min(deadlines) if deadlines else None
 
-    def watch(self, upstream: Any) -> None:
+    def watch(self, upstream: Any, *, cancel_upstream: bool = True) -> None:
+        """When the client's side ends first: the cancel marker, and (unless told not to) the
+        upstream call cancelled too."""
         def on_end() -> None:
             if self.upstream_done:
                 return
             expired = self.timeout_s is not None and (self.context.time_remaining() or 0) <= 0
             reason = "past its deadline" if expired else "cancelled by the client"
             self.gateway.cancel(self.call_id, reason)
-            upstream.cancel()
+            if cancel_upstream:
+                upstream.cancel()
 
         self.context.add_callback(on_end)
 
@@ -232,11 +334,21 @@ def _boolean(value: bytes) -> bool | None:
     return True if text in wire.STREAM_TRUE else False if text in wire.STREAM_FALSE else None
 
 
-def _float(value: bytes) -> float | None:
-    """A client-sent deadline, if it is a finite number."""
+def _float(value: Any) -> float | None:
+    """A client-sent deadline (field bytes, or an OIP parameter's value), if it is a finite number."""
+    if isinstance(value, bool):
+        return None
     try:
-        number = float(value.decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
+        number = float(value.decode("ascii") if isinstance(value, bytes) else value)
+    except (UnicodeDecodeError, ValueError, TypeError, OverflowError):
         return None
     return number if number == number and abs(number) != float("inf") else None
+
+
+def _describe_tensors(response: Any) -> None:
+    """The morph's tensors in a ModelMetadataResponse (-1: any size)."""
+    for name, shape in ((oip.INPUT_IMAGES, [-1]), (oip.INPUT_PROMPTS, [-1])):
+        response.inputs.add(name=name, datatype=oip.BYTES, shape=shape)
+    for name, shape in ((oip.OUTPUT_FRAMES, [-1]), (oip.OUTPUT_METADATA, [1])):
+        response.outputs.add(name=name, datatype=oip.BYTES, shape=shape)
 

@@ -12,6 +12,11 @@ a unary call kill the worker; so the guard's gateway (guard/gateway.py) sets the
 StreamPredictions and refuses it on Predictions, and its watchdog replaces a worker killed by a
 client that bypassed the gateway.
 
+Open Inference Protocol: a KServe v2 ModelInfer call (through the gateway, served by TorchServe
+with ts_open_inference_protocol=true) arrives as one JSON `body`; oip.py turns it into the native
+fields, so the same parser checks it, and writes the answer as the JSON TorchServe turns into a
+ModelInferResponse. ModelInfer is unary: it never gets intermediate responses.
+
 Stopping: every request may carry a `deadline`, and the gateway marks cancelled calls in the
 control directory (guard/control.py); request_stop.CallStop turns both into the core's StopCheck,
 asked at every LoRA and denoising step, and writes this worker's heartbeat for the watchdog.
@@ -39,6 +44,8 @@ from diffmorpher.pipeline import DiffMorpherPipeline
 from guard.control import ControlDir
 from morph_request import parse_request
 from morph_response import ResponseTooLarge, StreamSender, check_size, result_metadata
+from oip import CONTENT_TYPE as OIP_CONTENT_TYPE
+from oip import InferRequest, parse_infer_request, response_body, tensor_names
 from request_stop import CallStop, WorkerHeartbeat, parse_call_control
 
 logger = logging.getLogger(__name__)
@@ -68,6 +75,7 @@ class DiffMorpherHandler:
         self.max_response_bytes = DEFAULT_MAX_RESPONSE_BYTES
         self.progress_interval_s = DEFAULT_PROGRESS_INTERVAL_S
         self.model_name = "diffmorpher"
+        self.model_version = ""  # the archive's, for ModelInfer responses
         self.control = ControlDir.from_env()
         self.heartbeat = WorkerHeartbeat(self.control)
         self._remote_errors_seen = 0  # shared cache tier failures already reported as a metric
@@ -83,6 +91,8 @@ class DiffMorpherHandler:
         archive_dir = Path(properties.get("model_dir", "."))
         settings = dict((context.model_yaml_config or {}).get("handler", {}) or {})
         self.model_name = getattr(context, "model_name", None) or self.model_name
+        manifest = getattr(context, "manifest", None) or {}
+        self.model_version = str((manifest.get("model") or {}).get("modelVersion") or "")
         self.defaults = MorphConfig.from_dict(settings.get("defaults") or {})
         self.max_response_bytes = int(settings.get("max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES))
         self.progress_interval_s = float(settings.get("progress_interval_s", DEFAULT_PROGRESS_INTERVAL_S))
@@ -139,29 +149,37 @@ class DiffMorpherHandler:
     # ------------------------------------------------------------------ one request
     def _serve_one(self, index: int, request_data: Any, context: Any) -> bytes:
         """One request, stopped at its deadline or when the gateway marks it cancelled; the
-        heartbeat says busy for its duration."""
-        call = parse_call_control(request_data)
+        heartbeat says busy for its duration. A ModelInfer request is served as the native
+        fields oip.py makes of it, its errors named by its tensors."""
+        infer = parse_infer_request(request_data)
+        fields = request_data if infer is None else infer.fields
+        call = parse_call_control(fields)
         self.heartbeat.busy(call.call_id)
         try:
-            return self._morph_one(index, request_data, context, CallStop(call, self.control, self.heartbeat))
+            return self._morph_one(index, fields, context, CallStop(call, self.control, self.heartbeat), infer)
+        except ConfigError as error:
+            if infer is None:
+                raise
+            raise ConfigError(tensor_names(str(error))) from error
         finally:
             self.heartbeat.idle()
             if call.call_id and self.control is not None:
                 self.control.forget(call.call_id)
 
-    def _morph_one(self, index: int, request_data: Any, context: Any, stop: CallStop) -> bytes:
+    def _morph_one(self, index: int, request_data: Any, context: Any, stop: CallStop,
+                   infer: InferRequest | None = None) -> bytes:
         started = time.perf_counter()
-        context.set_response_content_type(index, wire.CONTENT_TYPE)
+        context.set_response_content_type(index, wire.CONTENT_TYPE if infer is None else OIP_CONTENT_TYPE)
         not_started = stop.check_before_start()
         if not_started is not None:
             raise MorphStopped(not_started, "queue")
         request = parse_request(request_data, self.defaults)
         decoded = time.perf_counter()
-        self._count("MorphRequests", context, mode="stream" if request.stream else "unary")
+        self._count("MorphRequests", context, mode="oip" if infer else "stream" if request.stream else "unary")
         if self.pipeline is None:
             raise RuntimeError("the handler was not initialized")
         progress = None
-        if request.stream:
+        if request.stream and infer is None:  # ModelInfer is unary: no intermediate responses
             progress = StreamSender(
                 self._intermediate_sender(index, context), self.max_response_bytes, self.progress_interval_s
             )
@@ -189,7 +207,10 @@ class DiffMorpherHandler:
             metadata["cache_remote"] = remote.state
             self._emit(context, "CacheRemoteErrors", remote.errors - self._remote_errors_seen, "Count", {}, counter=True)
             self._remote_errors_seen = remote.errors
-        payload = wire.encode_message(wire.TYPE_RESULT, metadata, parts)
+        if infer is None:
+            payload = wire.encode_message(wire.TYPE_RESULT, metadata, parts)
+        else:
+            payload = response_body(infer, self.model_name, self.model_version, metadata, parts)
         check_size(payload, self.max_response_bytes, "the result")
         self._observe(context, timings, len(result.frames))
         return payload
