@@ -175,6 +175,9 @@ class MorphClient:
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
+                # A name that resolves to several replicas (e.g. dns:///diffmorpher-pods...:7070,
+                # a headless Service) gets its calls spread over them, not pinned to the first.
+                ("grpc.lb_policy_name", "round_robin"),
             ],
         )
         self._pb2, pb2_grpc = stubs.load()

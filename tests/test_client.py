@@ -251,6 +251,17 @@ def test_unavailable_is_retried_then_succeeds(local_server) -> None:
     assert servicer.auth == ["Bearer k"] * 3
 
 
+def test_calls_spread_over_every_address_a_target_resolves_to(local_server) -> None:
+    """Several replicas behind one name (a headless Service): round_robin, not the first only."""
+    replicas = [FlakyInference(failures=0), FlakyInference(failures=0)]
+    addresses = [local_server(replica).removeprefix("127.0.0.1:") for replica in replicas]
+    target = "ipv4:" + ",".join(f"127.0.0.1:{port}" for port in addresses)
+    with MorphClient(target, tokens=TokenSource(token="k")) as client:
+        for _ in range(6):
+            client.morph([b"a", b"b"], ["x", "y"], {})
+    assert [replica.calls for replica in replicas] == [3, 3]
+
+
 def test_other_errors_are_not_retried_and_carry_the_message(local_server) -> None:
     servicer = FlakyInference(failures=5, code=grpc.StatusCode.INVALID_ARGUMENT)
     with MorphClient(local_server(servicer), tokens=TokenSource(token="k"), backoff_s=0.01) as client:
