@@ -36,8 +36,8 @@ def build_guard(args: argparse.Namespace) -> Guard:
     health_address = _host_port(args.health or props.get("diffmorpher.health_address", "127.0.0.1:8090"))
     control_dir = args.control_dir or os.environ.get(CONTROL_DIR_ENV)
     control = ControlDir(Path(control_dir)) if control_dir else None
-    api = ManagementApi(management_url, Path(args.key_file))
     token_auth = props.get("disable_token_authorization", "false").lower() != "true"
+    api = ManagementApi(management_url, Path(args.key_file) if token_auth else None)
     lifetime_s = float(props.get("token_expiration_min", "60")) * 60
     gateway = Gateway(
         GatewayConfig(

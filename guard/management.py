@@ -31,13 +31,14 @@ class ManagementError(RuntimeError):
 @dataclass
 class ManagementApi:
     url: str  # e.g. http://127.0.0.1:8081
-    key_file: Path  # TorchServe's key_file.json (management and API keys)
+    # TorchServe's key_file.json (management and API keys); None where the server runs with
+    # disable_token_authorization=true: it then writes no key file and wants no header.
+    key_file: Path | None
     timeout_s: float = 10.0
 
-    def _request(self, method: str, path: str, key: str, timeout_s: float | None = None) -> Any:
-        request = urllib.request.Request(
-            self.url.rstrip("/") + path, method=method, headers={"Authorization": f"Bearer {key}"}
-        )
+    def _request(self, method: str, path: str, key: str | None, timeout_s: float | None = None) -> Any:
+        headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+        request = urllib.request.Request(self.url.rstrip("/") + path, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=timeout_s or self.timeout_s) as response:
                 body = response.read()
@@ -50,7 +51,9 @@ class ManagementApi:
         except json.JSONDecodeError:
             return {"text": body.decode("utf-8", "replace")}
 
-    def _key(self, api: str) -> str:
+    def _key(self, api: str) -> str | None:
+        if self.key_file is None:
+            return None
         try:
             return read_key_file(self.key_file, api)
         except TokenError as error:  # e.g. TorchServe has not written the file yet

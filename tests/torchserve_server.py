@@ -231,9 +231,10 @@ class TorchServeProcess:
         return f"http://127.0.0.1:{self.ports[api]}{path}"
 
     def describe(self) -> dict:
+        tokens = self.overrides.get("disable_token_authorization", "false") != "true"
         request = urllib.request.Request(
             self.url("management", f"/models/{self.model_name}"),
-            headers={"Authorization": f"Bearer {self.key('management')}"},
+            headers={"Authorization": f"Bearer {self.key('management')}"} if tokens else {},
         )
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())[0]
