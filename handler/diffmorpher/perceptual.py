@@ -52,7 +52,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 from .config import ConfigError
 from .devices import select_device
@@ -150,8 +151,9 @@ class LpipsDistance:
     def from_file(cls, path: str | Path, device: torch.device) -> LpipsDistance:
         """Build from a backbone safetensors file written by `prepare_weights`; its identity is
         the file's SHA-256, so every replica (each with its own copy) names the same distance."""
-        identity = "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
-        return cls(build_lpips_alex(load_file(str(path))), str(path), device, identity)
+        data = Path(path).read_bytes()  # read once: hashed and parsed from the same bytes
+        identity = "sha256:" + hashlib.sha256(data).hexdigest()
+        return cls(build_lpips_alex(load_safetensors(data)), str(path), device, identity)
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         _check_pair(a, b)
