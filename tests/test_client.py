@@ -259,7 +259,9 @@ def test_calls_spread_over_every_address_a_target_resolves_to(local_server) -> N
     with MorphClient(target, tokens=TokenSource(token="k")) as client:
         for _ in range(6):
             client.morph([b"a", b"b"], ["x", "y"], {})
-    assert [replica.calls for replica in replicas] == [3, 3]
+    # round_robin sends to the replicas that are connected; while the second connects the first
+    # may take a call more (seen: 4/2), pick_first sends all 6 to one.
+    assert sum(replica.calls for replica in replicas) == 6 and min(replica.calls for replica in replicas) >= 2
 
 
 def test_other_errors_are_not_retried_and_carry_the_message(local_server) -> None:
