@@ -45,6 +45,7 @@ help:
 	@echo "make bench     baseline vs default (cold, warm cache): stage times, ratios, quality -> benchmarks/results/"
 	@echo "make soak      30-minute soak: mixed good/hostile requests, worker RSS/fd trends (SOAK_MINUTES=...)"
 	@echo "make train-model  retrain the embedded model into models/tiny-shapes-sd"
+	@echo "make eval      MorphBench with MODEL=<sd folder> BENCH=<MorphBench folder>: PPL, PDV, endpoint PSNR/LPIPS, FID (EVAL_ARGS=\"--device cuda --dtype float16\")"
 
 # ---------------------------------------------------------------------------- setup
 setup: $(STAMP) $(STUBS) $(LPIPS)
@@ -146,3 +147,15 @@ train-model: setup
 
 clean:
 	rm -rf out logs client/_generated model_store/*.mar key_file.json
+
+# ---------------------------------------------------------------------------- MorphBench
+# The paper's benchmark on any SD folder (benchmarks/morphbench.py, docs/quality.md "MorphBench"):
+# per pair and overall PPL/PDV (17 frames), endpoint PSNR/LPIPS, and FID where Inception weights
+# are given (EVAL_ARGS="--inception-weights PATH" or $$DIFFMORPHER_INCEPTION_WEIGHTS); results in
+# benchmarks/results/morphbench-<time>/. On a GPU: EVAL_ARGS="--device cuda --dtype float16".
+BENCH ?=
+EVAL_ARGS ?=
+.PHONY: eval
+eval: setup
+	@test -n "$(BENCH)" || { echo "make eval needs BENCH=<MorphBench folder> (Metamorphosis/ and Animation/ holding <name>_0.png, <name>_1.png)"; exit 2; }
+	$(PY) benchmarks/morphbench.py --model "$(MODEL)" --bench "$(BENCH)" $(EVAL_ARGS)
