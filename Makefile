@@ -38,6 +38,7 @@ help:
 	@echo "make setup     venv with pinned deps (torch 2.14.1 via constraints.txt), gRPC stubs, LPIPS weights"
 	@echo "make export    model_store/$(MODEL_NAME).mar from MODEL=$(MODEL) (ARCHIVE_FORMAT=default|zip-store|no-archive, WEIGHTS=copy|external)"
 	@echo "make serve     start TorchServe in the background (config.properties), wait until the model is ready"
+	@echo "               CLIENT_TOKENS=<file|dir>: the guard checks clients' tokens itself (guard/client_auth.py)"
 	@echo "make stop      stop it"
 	@echo "make demo      setup + export + serve + streamed gRPC morph of the demo images -> out/morph.gif, out/morph.mp4 + stop"
 	@echo "make test      all tests (unit, core, end to end on a real TorchServe)"
@@ -89,7 +90,8 @@ serve: setup
 		PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/torchserve --start --ncs --ts-config config.properties >>logs/torchserve.out 2>&1; \
 		echo "TorchServe starting (log: logs/torchserve.out, logs/model_log.log)"; \
 		if ! { test -f $(GUARD_PID) && kill -0 $$(cat $(GUARD_PID)) 2>/dev/null; }; then \
-			nohup $(PY) -m guard --ts-config config.properties --key-file key_file.json >>logs/guard.out 2>&1 & \
+			nohup $(PY) -m guard --ts-config config.properties --key-file key_file.json \
+				$(if $(CLIENT_TOKENS),--client-tokens $(CLIENT_TOKENS)) >>logs/guard.out 2>&1 & \
 			echo $$! > $(GUARD_PID); \
 			echo "guard started (gateway $(GRPC_TARGET), health http://127.0.0.1:8090/healthz, log: logs/guard.out)"; \
 		fi; \

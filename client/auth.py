@@ -60,30 +60,36 @@ class TokenSource:
 
     Precedence: explicit `token`, then the env var, then the key file (explicit path, the
     DIFFMORPHER_KEY_FILE env var, or ./key_file.json). `enabled=False` sends no token (for
-    servers with token authorization disabled).
+    servers with token authorization disabled). `use_env=False` ignores both env vars (the
+    guard reading its own TorchServe's key file, whatever its environment says).
     """
 
     token: str | None = None
     key_file: str | Path | None = None
     enabled: bool = True
+    use_env: bool = True
     _cached: str | None = None
     _cached_stamp: tuple[int, int] | None = None  # the key file's (mtime_ns, size) when read
 
     def _key_file_path(self) -> Path:
-        return Path(self.key_file or os.environ.get(KEY_FILE_ENV) or DEFAULT_KEY_FILE)
+        from_env = os.environ.get(KEY_FILE_ENV) if self.use_env else None
+        return Path(self.key_file or from_env or DEFAULT_KEY_FILE)
+
+    def _env_token(self) -> str | None:
+        return os.environ.get(TOKEN_ENV) if self.use_env else None
 
     @property
     def refreshable(self) -> bool:
         """Only a key-file token can change behind our back."""
-        return self.enabled and not self.token and not os.environ.get(TOKEN_ENV)
+        return self.enabled and not self.token and not self._env_token()
 
     def get(self) -> str | None:
         if not self.enabled:
             return None
         if self.token:
             return self.token
-        if os.environ.get(TOKEN_ENV):
-            return os.environ[TOKEN_ENV]
+        if self._env_token():
+            return self._env_token()
         if self._cached is None or self._stamp() != self._cached_stamp:
             self._read()
         return self._cached

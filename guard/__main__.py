@@ -15,6 +15,7 @@ import signal
 import threading
 from pathlib import Path
 
+from .client_auth import admission_from_args
 from .control import CONTROL_DIR_ENV, ControlDir
 from .gateway import Gateway, GatewayConfig
 from .management import ManagementApi, read_properties
@@ -37,7 +38,8 @@ def build_guard(args: argparse.Namespace) -> Guard:
     control_dir = args.control_dir or os.environ.get(CONTROL_DIR_ENV)
     control = ControlDir(Path(control_dir)) if control_dir else None
     token_auth = props.get("disable_token_authorization", "false").lower() != "true"
-    api = ManagementApi(management_url, Path(args.key_file) if token_auth else None)
+    key_file = Path(args.key_file) if token_auth else None
+    api = ManagementApi(management_url, key_file)
     lifetime_s = float(props.get("token_expiration_min", "60")) * 60
     gateway = Gateway(
         GatewayConfig(
@@ -46,6 +48,7 @@ def build_guard(args: argparse.Namespace) -> Guard:
             max_response_bytes=int(props.get("max_response_size", str(256 * 1024 * 1024))) + (1 << 20),
         ),
         control,
+        admission_from_args(args.client_tokens, key_file),
     )
     watchdog = Watchdog(
         api, control,
@@ -59,6 +62,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m guard", description=__doc__)
     parser.add_argument("--ts-config", default="config.properties", help="TorchServe's config.properties")
     parser.add_argument("--key-file", default="key_file.json", help="the key file TorchServe wrote")
+    parser.add_argument(
+        "--client-tokens", metavar="PATH",
+        help="check clients' bearer tokens against this file (one per line) or directory (a mounted "
+             "Secret: one token per file), re-read when it changes, and call TorchServe with its own "
+             "key; without it the client's token is passed to TorchServe (guard/client_auth.py)")
     parser.add_argument("--model", default="diffmorpher")
     parser.add_argument("--listen", help="gateway host:port (default: diffmorpher.gateway_address)")
     parser.add_argument("--health", help="health host:port (default: diffmorpher.health_address)")

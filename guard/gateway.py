@@ -21,7 +21,10 @@ call_id, cancel marker and error mapping, and guard/oip.py adapts what TorchServ
 its own way (raw contents, parameters, BYTES outputs). A ModelInfer call to TorchServe is never
 cancelled by the gateway: TorchServe 0.12 restarts the worker when an OIP job's error meets a
 closed call, so the worker, stopped by the deadline or cancel marker, ends it.
-Only the `authorization` metadata is forwarded; TorchServe checks the token.
+Who may call: by default only the `authorization` metadata is forwarded and TorchServe checks
+the token; with client tokens (guard/client_auth.py) the gateway checks the client's token
+itself and calls TorchServe with its own key, retried once with the renewed key when TorchServe
+refused it mid-rotation (before any work ran: TorchServe checks the key first).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from client import stubs, wire
 from client.morph_client import BUSY_MESSAGE, clean_details
 
 from . import oip, oip_proto
+from .client_auth import UPSTREAM_KEY_REFUSED, Admission, PassThrough
 from .control import ControlDir
 
 logger = logging.getLogger(__name__)
@@ -107,9 +111,10 @@ def translate_oip_error(code: grpc.StatusCode, details: str) -> tuple[grpc.Statu
 class Gateway:
     """The servicer; `server()` builds the grpc.Server around it."""
 
-    def __init__(self, config: GatewayConfig, control: ControlDir | None) -> None:
+    def __init__(self, config: GatewayConfig, control: ControlDir | None, admission: Admission | None = None) -> None:
         self.config = config
         self.control = control
+        self.admission: Admission = admission or PassThrough()
         self.pb2, self.pb2_grpc = stubs.load()
         self.channel = grpc.insecure_channel(
             config.upstream,
@@ -175,12 +180,14 @@ class Gateway:
 
     # ------------------------------------------------------------------ RPCs
     def ping(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._admit(context, "Ping")
         try:
-            return self.stub.Ping(request, timeout=10, metadata=_forwarded(context))
+            return self._with_own_key(context, lambda metadata: self.stub.Ping(request, timeout=10, metadata=metadata))
         except grpc.RpcError as error:
             _abort(context, error)
 
     def predictions(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._admit(context, "Predictions")
         if _boolean(request.input.get(wire.INPUT_STREAM, b"false")):
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -188,10 +195,14 @@ class Gateway:
                 "call StreamPredictions for progress and frames, or drop the field",
             )
         call = self._native_call(request, context)
-        future = self.stub.Predictions.future(request, timeout=call.timeout_s, metadata=_forwarded(context))
-        call.watch(future)
+
+        def invoke(metadata: list[tuple[str, str]]) -> Any:
+            future = self.stub.Predictions.future(request, timeout=call.timeout_s, metadata=metadata)
+            call.watch(future)
+            return future.result()
+
         try:
-            response = future.result()
+            response = self._with_own_key(context, invoke)
         except grpc.RpcError as error:
             call.upstream_done = True
             _abort(context, error)
@@ -199,14 +210,22 @@ class Gateway:
         return response
 
     def stream_predictions(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        self._admit(context, "StreamPredictions")
         # Always "true" (TorchServe 0.12 kills the worker when a StreamPredictions call gets no
         # intermediate response); a value that is no boolean is left for the handler to refuse.
         if _boolean(request.input.get(wire.INPUT_STREAM, b"true")) is not None:
             request.input[wire.INPUT_STREAM] = b"true"
         call = self._native_call(request, context)
-        upstream = self.stub.StreamPredictions(request, timeout=call.timeout_s, metadata=_forwarded(context))
-        call.watch(upstream)
+
+        def open_stream(metadata: list[tuple[str, str]]) -> tuple[Any, Any]:
+            upstream = self.stub.StreamPredictions(request, timeout=call.timeout_s, metadata=metadata)
+            call.watch(upstream)
+            return upstream, next(upstream, None)  # a refused key shows on the first message
+
         try:
+            upstream, first = self._with_own_key(context, open_stream)
+            if first is not None:
+                yield first
             for response in upstream:
                 yield response
         except grpc.RpcError as error:
@@ -233,6 +252,7 @@ class Gateway:
         """ModelInfer (unary; the handler never streams into it), with the deadline, call_id and
         cancel marker of Predictions, but the call to TorchServe is left for the stopped worker
         to answer (OIP_UPSTREAM_GRACE_S); guard/oip.py adapts request and response."""
+        self._admit(context, "ModelInfer")
         sent = request.parameters.get(oip.PARAM_DEADLINE)
         call = _Call(self, context, None if sent is None else oip.parameter_value(sent))
         try:
@@ -240,10 +260,14 @@ class Gateway:
         except oip.OipError as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid request: {error}")
         timeout = None if call.timeout_s is None else call.timeout_s + OIP_UPSTREAM_GRACE_S
-        future = self.oip_upstream["ModelInfer"].future(request, timeout=timeout, metadata=_forwarded(context))
-        call.watch(future, cancel_upstream=False)  # see OIP_UPSTREAM_GRACE_S
+
+        def invoke(metadata: list[tuple[str, str]]) -> Any:
+            future = self.oip_upstream["ModelInfer"].future(request, timeout=timeout, metadata=metadata)
+            call.watch(future, cancel_upstream=False)  # see OIP_UPSTREAM_GRACE_S
+            return future.result()
+
         try:
-            response = future.result()
+            response = self._with_own_key(context, invoke)
         except grpc.RpcError as error:
             call.upstream_done = True
             context.abort(*translate_oip_error(error.code(), error.details() or ""))
@@ -261,8 +285,9 @@ class Gateway:
         upstream = self.oip_upstream[method]
 
         def forward(request: Any, context: grpc.ServicerContext) -> Any:
+            self._admit(context, method)
             try:
-                response = upstream(request, timeout=10, metadata=_forwarded(context))
+                response = self._with_own_key(context, lambda metadata: upstream(request, timeout=10, metadata=metadata))
             except grpc.RpcError as error:
                 context.abort(*translate_oip_error(error.code(), error.details() or ""))
             if method == "ModelMetadata" and not response.inputs and not response.outputs:
@@ -270,6 +295,32 @@ class Gateway:
             return response
 
         return forward
+
+    # ------------------------------------------------------------------ authentication
+    def _admit(self, context: grpc.ServicerContext, method: str) -> None:
+        refused = self.admission.refusal(context, method)
+        if refused is not None:
+            context.abort(*refused)
+
+    def _with_own_key(self, context: grpc.ServicerContext, invoke: Any) -> Any:
+        """`invoke(metadata)` with the upstream credentials; when TorchServe refused the gateway's
+        own key (renewed meanwhile), once more with the new one. A client's own key is its business."""
+        try:
+            return invoke(self.admission.upstream_metadata(context))
+        except grpc.RpcError as error:
+            if not self._own_key_refused(error):
+                raise
+        if not self.admission.renew_upstream_key():
+            context.abort(grpc.StatusCode.UNAVAILABLE, UPSTREAM_KEY_REFUSED)
+        try:
+            return invoke(self.admission.upstream_metadata(context))
+        except grpc.RpcError as error:
+            if self._own_key_refused(error):
+                context.abort(grpc.StatusCode.UNAVAILABLE, UPSTREAM_KEY_REFUSED)
+            raise
+
+    def _own_key_refused(self, error: grpc.RpcError) -> bool:
+        return self.admission.enabled and error.code() == grpc.StatusCode.PERMISSION_DENIED
 
     # ------------------------------------------------------------------ cancellation
     def cancel(self, call_id: str, reason: str) -> None:
@@ -322,10 +373,6 @@ class _Call:
 def _abort(context: grpc.ServicerContext, error: grpc.RpcError) -> None:
     code, details = translate_error(error.code(), error.details() or "")
     context.abort(code, details)
-
-
-def _forwarded(context: grpc.ServicerContext) -> list[tuple[str, str]]:
-    return [(k, v) for k, v in context.invocation_metadata() if k == "authorization"]
 
 
 def _boolean(value: bytes) -> bool | None:

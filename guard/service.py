@@ -2,7 +2,8 @@
 
 Health endpoint (HTTP, for a load balancer or Kubernetes probes):
   GET /healthz  readiness: 200 while every worker is alive and making progress, else 503
-                (a worker is dead or wedged, fewer workers than minWorkers, TorchServe silent)
+                (a worker is dead or wedged, fewer workers than minWorkers, TorchServe silent,
+                or client tokens are on and none is usable)
   GET /livez    liveness: 503 only when the service has been unhealthy for `liveness_grace_s`
                 despite repairs (restart the pod then)
   GET /status   200 always: the last report, repairs with their durations, token rotations
@@ -36,9 +37,13 @@ class Guard:
 
     def status(self) -> dict[str, Any]:
         report = self.watchdog.report
+        reasons = list(report.reasons)
+        auth = self.gateway.admission.status() if self.gateway else {}
+        if auth.get("valid_tokens") == 0:  # it would refuse every client: out of the Service
+            reasons.append(f"no usable client token: {'; '.join(auth.get('problems', []))}")
         return {
-            "healthy": report.healthy,
-            "reasons": report.reasons,
+            "healthy": report.healthy and not reasons,
+            "reasons": reasons,
             "checked": report.checked,
             "workers": [
                 {key: worker.get(key) for key in ("id", "pid", "status", "startTime")} for worker in report.workers
@@ -47,6 +52,7 @@ class Guard:
             "token_rotations": self.rotator.rotations if self.rotator else {},
             "token_error": self.rotator.last_error if self.rotator else "",
             "calls_cancelled": self.gateway.calls_cancelled if self.gateway else 0,
+            "client_auth": auth,
         }
 
     def live(self, now: float) -> bool:

@@ -272,7 +272,7 @@ def test_the_guard_runs_as_the_makefile_runs_it_with_flags_it_has(manifests) -> 
                                timeout=60, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": f"{REPO_ROOT}/handler:{REPO_ROOT}"})
     assert help_text.returncode == 0, help_text.stderr
     flags = [arg for arg in command if arg.startswith("--")]
-    assert flags == ["--ts-config", "--key-file", "--interval", "--wedge-after", "--stall-after"]
+    assert flags == ["--ts-config", "--key-file", "--client-tokens", "--interval", "--wedge-after", "--stall-after"]
     for flag in flags:
         assert flag in help_text.stdout
     ts_config = command[command.index("--ts-config") + 1]
@@ -290,6 +290,14 @@ def test_the_guard_runs_as_the_makefile_runs_it_with_flags_it_has(manifests) -> 
     env = {e["name"]: e for e in torchserve["env"]}
     assert env["DIFFMORPHER_CACHE_DIR"]["value"] in mounts["torchserve"]
     assert env["DIFFMORPHER_CACHE_REDIS_URL"]["valueFrom"]["secretKeyRef"]["optional"] is True
+    # Client tokens: the required Secret, mounted whole (a subPath mount would never be updated).
+    tokens_path = command[command.index("--client-tokens") + 1]
+    tokens_mount = next(m for m in guard["volumeMounts"] if m["mountPath"] == tokens_path)
+    assert tokens_mount["readOnly"] is True and "subPath" not in tokens_mount
+    volume = next(v for v in spec["volumes"] if v["name"] == tokens_mount["name"])
+    assert volume["secret"]["secretName"] == "diffmorpher-client-tokens"
+    assert volume["secret"].get("optional", False) is False
+    assert all(m["name"] != tokens_mount["name"] for m in torchserve["volumeMounts"])  # the guard's alone
     # The watchdog signals worker pids; key_file.json is 0600: one pid namespace, one uid.
     assert spec["shareProcessNamespace"] is True and spec["securityContext"]["runAsUser"] == 1000
     assert all("runAsUser" not in c.get("securityContext", {}) for c in (guard, torchserve))
