@@ -52,7 +52,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO_ROOT / "handler"), str(REPO_ROOT)]
 
 from benchmarks.fid import FidAccumulator, FidUnavailable, InceptionFeatures, resolve_inception_weights  # noqa: E402
-from diffmorpher.config import MorphConfig  # noqa: E402
+from diffmorpher.config import ConfigError, MorphConfig  # noqa: E402
 from diffmorpher.metrics import psnr, sequence_quality  # noqa: E402
 from diffmorpher.perceptual import PerceptualDistance  # noqa: E402
 from diffmorpher.pipeline import DiffMorpherPipeline  # noqa: E402
@@ -350,13 +350,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(pairs)} pairs from {args.bench}; {defaulted} of {2 * len(pairs)} ends use the default prompt "
           f"{args.default_prompt!r} (no prompts file entry)")
     overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
-    config = MorphConfig.from_dict({**overrides, "num_frames": args.frames, "dtype": args.dtype, "device": args.device})
-    pipe = DiffMorpherPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                               lpips_weights=_lpips_weights())
-    inception, fid_reason = load_inception(args.inception_weights, pipe.models.device)
-    out = Path(args.out) if args.out else REPO_ROOT / "benchmarks" / "results" / time.strftime("morphbench-%Y%m%dT%H%M%SZ", time.gmtime())
-    out.mkdir(parents=True, exist_ok=True)
-    report = evaluate(pipe, pairs, config, inception, frames_dir=out / "frames" if args.save_frames else None)
+    try:
+        config = MorphConfig.from_dict({**overrides, "num_frames": args.frames, "dtype": args.dtype, "device": args.device})
+        pipe = DiffMorpherPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                                   lpips_weights=_lpips_weights())
+        inception, fid_reason = load_inception(args.inception_weights, pipe.models.device)
+        out = Path(args.out) if args.out else REPO_ROOT / "benchmarks" / "results" / time.strftime("morphbench-%Y%m%dT%H%M%SZ", time.gmtime())
+        out.mkdir(parents=True, exist_ok=True)
+        report = evaluate(pipe, pairs, config, inception, frames_dir=out / "frames" if args.save_frames else None)
+    except ConfigError as error:  # a bad option, a folder that is not an SD model, fp16 on a CPU
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     report.fid_reason, report.fid_weights = fid_reason, inception.weights if inception else None
     if report.summary["metric"] != "lpips-alex":
         print(f"WARNING: PPL/PDV/endpoint LPIPS used {report.summary['metric']}, not LPIPS-alex (weights missing): "
