@@ -1,0 +1,338 @@
+"""The morph web page (web/) in a real headless browser against a real TorchServe + guard.
+
+Debian's chromium and chromium-driver are installed with apt where missing (skipped, saying so,
+only where apt cannot reach its archive); Selenium drives them. One TorchServe and one web
+process serve both browser cases; the morphs are tiny (5 frames, 4 LoRA steps, 6 DDIM steps on
+top of the `fast` preset), so the module takes about a minute beyond the server's start. The
+finished page is saved as out/test-web/web-screenshot.png (the README's docs/web-screenshot.png
+is a copy of it).
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from client.auth import TokenSource
+from client.morph_client import MorphClient, MorphClientError
+from tests.conftest import DEMO_DIR, REPO_ROOT
+from tests.torchserve_server import TorchServeProcess, free_ports
+
+pytestmark = pytest.mark.slow
+
+OUT_DIR = REPO_ROOT / "out" / "test-web"
+SCREENSHOT = OUT_DIR / "web-screenshot.png"
+DEMO_NAMES = ("red_circle.png", "blue_triangle.png")
+FRAMES = 5
+SEED = 3
+# On top of the page's default preset (fast): a morph of a few seconds on 2 CPU cores.
+ADVANCED = {"lora_steps": "4", "num_inference_steps": "6"}
+STAGES = ("lora", "inversion", "frames", "reschedule")
+MORPH_TIMEOUT_S = 300
+
+
+# ---------------------------------------------------------------------------- no torch
+def test_web_process_imports_no_torch() -> None:
+    """The page is a client: importing it and building its app loads neither torch nor the core."""
+    code = (
+        "import json, sys\n"
+        "import web.__main__\n"
+        "from web.app import WebSettings, create_app\n"
+        "from web.limits import page_limits\n"
+        "create_app(WebSettings(page_limits()))\n"
+        "print(json.dumps(sorted(m for m in sys.modules\n"
+        "    if m.split('.')[0] in ('torch', 'diffmorpher', 'diffusers', 'transformers', 'lpips'))))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, check=True)
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+def test_limits_come_from_the_service_sources(tmp_path: Path) -> None:
+    """Frames, image count and upload size are the service's: MorphConfig, client.wire and the
+    config.properties it runs with (a changed max_request_size changes the page's limit)."""
+    from diffmorpher import config
+    from client import wire
+    from web.limits import page_limits
+
+    properties = tmp_path / "config.properties"
+    properties.write_text((REPO_ROOT / "config.properties").read_text().replace(
+        "max_request_size=104857600", "max_request_size=12345"))
+    limits = page_limits(properties)
+    assert limits.max_request_bytes == 12345
+    assert (limits.min_frames, limits.max_frames, limits.default_frames) == (2, config.MAX_FRAMES, 16)
+    assert (limits.min_images, limits.max_images) == (2, wire.MAX_IMAGES)
+    assert limits.presets["fast"] == config.FAST_PRESET_OPTIONS and limits.default_preset == "fast"
+    names = [option["name"] for option in limits.options]
+    assert "lora_steps" in names and "device" not in names and "num_frames" not in names
+    assert page_limits().max_request_bytes == 104857600
+    assert limits.known_prompts["red_circle.png"] == json.loads((DEMO_DIR / "prompts.json").read_text())["red_circle.png"]
+
+
+# ---------------------------------------------------------------------------- fixtures
+def ensure_chromium() -> tuple[str, str]:
+    """Paths of chromium and chromedriver, installed from Debian's archive where missing."""
+    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if browser and driver:
+        return browser, driver
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        pytest.skip("chromium/chromium-driver are missing and apt-get cannot install them here (not root)")
+    update = subprocess.run(["apt-get", "update"], capture_output=True, text=True)
+    install = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "chromium", "chromium-driver"],
+                             capture_output=True, text=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (browser and driver):
+        pytest.skip("apt could not install chromium and chromium-driver (archive unreachable?):\n"
+                    + (update.stderr + install.stderr)[-2000:])
+    return browser, driver
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, model_store: Path):
+    with TorchServeProcess(tmp_path_factory.mktemp("torchserve-web") / "server", model_store) as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def web_url(server: TorchServeProcess):
+    """`python -m web` against the server, with its config.properties and key file."""
+    (port,) = free_ports(1)
+    log = open(server.workdir / "web.out", "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "web", "--port", str(port), "--target", server.grpc_target,
+         "--key-file", str(server.key_file), "--ts-config", str(server.workdir / "config.properties")],
+        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(url + "api/limits", timeout=5) as response:
+                    assert response.status == 200
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the web page did not start:\n{(server.workdir / 'web.out').read_text()}")
+                time.sleep(0.3)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary, driver_path = ensure_chromium()
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                     "--window-size=1280,1000", "--force-device-scale-factor=1"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+# ---------------------------------------------------------------------------- page helpers
+def open_page(driver, url: str) -> None:
+    driver.get(url)
+    wait_for_state(driver, ("idle",), 30)
+
+
+def wait_for_state(driver, states: tuple[str, ...], timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = driver.find_element("tag name", "body").get_attribute("data-state")
+        if state in states:
+            return state
+        if time.monotonic() > deadline:
+            raise AssertionError(f"page state {state!r} after {timeout_s:.0f}s; error box: {error_text(driver)!r}")
+        time.sleep(0.2)
+
+
+def error_text(driver) -> str:
+    box = driver.find_element("id", "error")
+    return box.text if box.is_displayed() else ""
+
+
+def upload(driver, *paths: Path) -> None:
+    driver.find_element("id", "file-input").send_keys("\n".join(str(path) for path in paths))
+
+
+def image_names(driver) -> list[str]:
+    return [item.find_element("css selector", ".name").text for item in driver.find_elements("css selector", "#images li")]
+
+
+def set_field(driver, element_id: str, value: str) -> None:
+    field = driver.find_element("id", element_id)
+    field.clear()
+    field.send_keys(value)
+
+
+def fill_fast_settings(driver) -> None:
+    set_field(driver, "frames", str(FRAMES))
+    set_field(driver, "seed", str(SEED))
+    driver.find_element("css selector", "#advanced summary").click()
+    for name, value in ADVANCED.items():
+        set_field(driver, f"opt-{name}", value)
+
+
+def download(driver, link_id: str) -> bytes:
+    """The bytes behind a download link (a blob: URL of the page), fetched by the page itself."""
+    script = (
+        "const done = arguments[arguments.length - 1];"
+        f"fetch(document.getElementById('{link_id}').href).then(r => r.arrayBuffer()).then(b => {{"
+        "  let s = ''; const a = new Uint8Array(b);"
+        "  for (let i = 0; i < a.length; i += 8192) s += String.fromCharCode(...a.subarray(i, i + 8192));"
+        "  done(btoa(s)); }).catch(e => done('error:' + e));"
+    )
+    data = driver.execute_async_script(script)
+    assert not data.startswith("error:"), data
+    return base64.b64decode(data)
+
+
+def save_full_page(driver, path: Path) -> None:
+    """A screenshot of the whole page, not just the window's viewport."""
+    width = int(driver.execute_script("return document.documentElement.clientWidth"))
+    height = int(driver.execute_script("return document.documentElement.scrollHeight"))
+    metrics = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+    try:
+        driver.save_screenshot(str(path))
+    finally:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def gif_frame_count(data: bytes) -> int:
+    with Image.open(io.BytesIO(data)) as gif:
+        assert gif.format == "GIF"
+        return gif.n_frames
+
+
+def morph_and_wait(driver) -> str:
+    driver.find_element("id", "morph").click()
+    return wait_for_state(driver, ("done", "error"), MORPH_TIMEOUT_S)
+
+
+# ---------------------------------------------------------------------------- browser cases
+def test_morph_in_the_browser(browser, web_url: str) -> None:
+    driver = browser
+    driver.set_script_timeout(60)
+    open_page(driver, web_url)
+    prompts = json.loads((DEMO_DIR / "prompts.json").read_text())
+    upload(driver, *(DEMO_DIR / name for name in DEMO_NAMES))
+    assert [name.split(" ")[1] for name in image_names(driver)] == list(DEMO_NAMES)
+    prompt_values = [p.get_attribute("value") for p in driver.find_elements("css selector", "#images input.prompt")]
+    assert prompt_values == [prompts[name] for name in DEMO_NAMES]
+    # Reorderable: move the first image down and back up.
+    driver.find_element("css selector", "#images li:first-child .down").click()
+    assert [name.split(" ")[1] for name in image_names(driver)] == list(reversed(DEMO_NAMES))
+    driver.find_element("css selector", "#images li:last-child .up").click()
+    assert [name.split(" ")[1] for name in image_names(driver)] == list(DEMO_NAMES)
+    assert driver.find_element("id", "preset").get_attribute("value") == "fast"
+    assert driver.find_element("id", "frames").get_attribute("max") == "256"
+    fill_fast_settings(driver)
+
+    started = time.monotonic()
+    state = morph_and_wait(driver)
+    assert state == "done", error_text(driver)
+    seconds = time.monotonic() - started
+
+    # Every stage's bar reached its end, driven by the streamed progress (a cold cache: all ran).
+    for stage in STAGES:
+        bar = driver.find_element("id", f"progress-{stage}")
+        value, maximum = float(bar.get_attribute("value")), float(bar.get_attribute("max"))
+        assert maximum >= 1 and value == maximum, (stage, value, maximum)
+        label = driver.find_element("id", f"label-{stage}").text
+        if stage in ("frames", "reschedule"):  # frames done (the service counts those between the images)
+            assert label == f"{value:.0f} / {maximum:.0f} frames", label
+        else:  # steps (of each image: the images are fitted and inverted together)
+            assert re.fullmatch(r"\d+ / \d+ steps( \(2 images\))?", label), label
+    # Frames appeared as they were streamed, then the result.
+    assert len(driver.find_elements("css selector", "#frames-strip img")) == FRAMES
+    gif = download(driver, "download-gif")
+    assert gif_frame_count(gif) == FRAMES
+    assert download(driver, "download-mp4")[4:8] == b"ftyp"
+    with zipfile.ZipFile(io.BytesIO(download(driver, "download-zip"))) as frames_zip:
+        assert len([n for n in frames_zip.namelist() if n.endswith(".png")]) == FRAMES
+    assert driver.execute_script("return document.getElementById('result-gif').naturalWidth") > 0
+    rows = {row.get_attribute("data-field"): row.find_element("tag name", "td").text
+            for row in driver.find_elements("css selector", "#metadata tr")}
+    assert rows["frames"] == str(FRAMES) and rows["seed"] == str(SEED)
+    assert "LoRA miss" in rows["cache"] and "total" in rows["timings"] and len(rows["alphas"].split()) >= FRAMES
+    metadata = json.loads(driver.find_element("id", "metadata-json").get_attribute("textContent"))
+    assert metadata["config"]["lora_steps"] == 4 and metadata["config"]["lora_lr"] == 4e-4  # fast + advanced
+
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    save_full_page(driver, SCREENSHOT)
+    print(f"web morph: {FRAMES} frames in {seconds:.1f} s; screenshot {SCREENSHOT}")
+
+
+def test_service_error_is_shown_and_the_page_still_works(browser, web_url: str, server: TorchServeProcess,
+                                                         tmp_path: Path) -> None:
+    driver = browser
+    driver.set_script_timeout(60)
+    open_page(driver, web_url)
+    not_an_image = tmp_path / "notes.txt"
+    not_an_image.write_bytes(b"this is not an image, just text")
+    upload(driver, DEMO_DIR / DEMO_NAMES[0], not_an_image)
+    fill_fast_settings(driver)
+    assert morph_and_wait(driver) == "error"
+    # The service's own words, as a direct client call gets them.
+    prompts = [p.get_attribute("value") for p in driver.find_elements("css selector", "#images input.prompt")]
+    with MorphClient(server.grpc_target, tokens=TokenSource(key_file=server.key_file), retries=0) as client:
+        with pytest.raises(MorphClientError) as refused:
+            client.morph([(DEMO_DIR / DEMO_NAMES[0]).read_bytes(), not_an_image.read_bytes()], prompts,
+                         {"num_frames": FRAMES})
+    shown = driver.find_element("css selector", "#error .message").text
+    assert driver.find_element("css selector", "#error .code").text == "INVALID_ARGUMENT"
+    assert shown == refused.value.details and "field 'image_1' is not a readable image" in shown
+    assert "Traceback" not in driver.find_element("tag name", "body").text
+
+    # Still usable: replace the bad file and morph.
+    driver.find_element("css selector", "#images li:last-child .remove").click()
+    upload(driver, DEMO_DIR / DEMO_NAMES[1])
+    assert morph_and_wait(driver) == "done", error_text(driver)
+    assert not driver.find_element("id", "error").is_displayed()
+    assert gif_frame_count(download(driver, "download-gif")) == FRAMES
+
+
+def test_upload_over_the_service_limit_is_refused_before_reading(web_url: str) -> None:
+    """An upload larger than max_request_size is answered 413 from its Content-Length alone."""
+    host, port = web_url.split("//")[1].strip("/").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    connection.putrequest("POST", "/api/morph")
+    connection.putheader("Content-Type", "multipart/form-data; boundary=x")
+    connection.putheader("Content-Length", str(200 * 1024 * 1024))
+    connection.endheaders()
+    connection.send(b"--x\r\n")
+    response = connection.getresponse()
+    answer = json.loads(response.read())
+    connection.close()
+    assert response.status == 413
+    assert "at most 104857600 bytes" in answer["message"]

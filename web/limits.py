@@ -1,0 +1,141 @@
+"""What the page may ask for, read from the service's own sources of truth (never copied here).
+
+- Option names, defaults, presets and the frame limit: `MorphConfig` in
+  handler/diffmorpher/config.py. That module is standard library only, but importing it as
+  `diffmorpher.config` runs the core package's `__init__`, which imports torch; so it is loaded
+  from its file under a private module name. The web process stays torch-free (tested).
+- The image count: `client.wire.MAX_IMAGES`, which the service's request parser uses.
+- The upload size: `max_request_size` of the config.properties TorchServe and the guard run
+  with (the guard's gateway refuses larger requests with RESOURCE_EXHAUSTED).
+- Prompts for the demo images: assets/demo/prompts.json, as `make demo` uses them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from client import wire
+from guard.management import read_properties
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_MODULE = REPO_ROOT / "handler" / "diffmorpher" / "config.py"
+DEFAULT_TS_CONFIG = REPO_ROOT / "config.properties"
+DEMO_PROMPTS = REPO_ROOT / "assets" / "demo" / "prompts.json"
+# The guard's own fallback when config.properties has no max_request_size (guard/__main__.py).
+FALLBACK_MAX_REQUEST_BYTES = 100 * 1024 * 1024
+MIN_IMAGES = 2  # a morph is between at least two images
+
+# Options the page sets in its main form, and those that belong to the server (refused when a
+# request sends them): neither goes into the "advanced" fold.
+MAIN_OPTIONS = ("num_frames", "seed")
+SERVER_OPTIONS = ("device", "dtype")
+# The page's preset when the user picks none: a shared CPU server answers it in seconds.
+DEFAULT_PRESET = "fast"
+# One morph, every encoding the page offers: the GIF plays, MP4 and ZIP are downloads.
+FORMATS = ["gif", "mp4", "frames-zip"]
+
+
+def load_morph_config(path: Path = CONFIG_MODULE) -> ModuleType:
+    """handler/diffmorpher/config.py as a module of its own, without the core package."""
+    name = "web._morph_config"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"cannot load the morph options from {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve the module's annotations through it
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def _option_kind(annotation: str) -> tuple[str, bool]:
+    """('int' | 'float' | 'bool' | 'str', optional) from a field's annotation text."""
+    parts = [part.strip() for part in str(annotation).split("|")]
+    optional = "None" in parts
+    kinds = [part for part in parts if part != "None"]
+    return (kinds[0] if kinds else "str"), optional
+
+
+def _lowest_valid(config: ModuleType, name: str, candidates: range) -> int:
+    """The smallest value of `name` MorphConfig accepts (its validate() holds the bound)."""
+    for value in candidates:
+        try:
+            config.MorphConfig(**{name: value})
+            return value
+        except config.ConfigError:
+            continue
+    raise RuntimeError(f"MorphConfig accepts no {name} in {candidates}")
+
+
+@dataclass(frozen=True)
+class PageLimits:
+    """Everything the page's form needs: bounds, defaults, presets and the advanced options."""
+
+    max_request_bytes: int
+    max_images: int = wire.MAX_IMAGES
+    min_images: int = MIN_IMAGES
+    min_frames: int = 2
+    max_frames: int = 256
+    default_frames: int = 16
+    default_seed: int = 0
+    presets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    default_preset: str = DEFAULT_PRESET
+    options: list[dict[str, Any]] = field(default_factory=list)
+    known_prompts: dict[str, str] = field(default_factory=dict)
+    formats: list[str] = field(default_factory=lambda: list(FORMATS))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def read_max_request_bytes(ts_config: Path) -> int:
+    """`max_request_size` of the service's config.properties."""
+    props = read_properties(ts_config)
+    return int(props.get("max_request_size", str(FALLBACK_MAX_REQUEST_BYTES)))
+
+
+def read_known_prompts(path: Path = DEMO_PROMPTS) -> dict[str, str]:
+    try:
+        prompts = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {str(name): str(prompt) for name, prompt in prompts.items()} if isinstance(prompts, dict) else {}
+
+
+def page_limits(ts_config: Path = DEFAULT_TS_CONFIG) -> PageLimits:
+    config = load_morph_config()
+    defaults = config.MorphConfig()
+    options = []
+    for spec in dataclasses.fields(config.MorphConfig):
+        if spec.name in MAIN_OPTIONS or spec.name in SERVER_OPTIONS:
+            continue
+        kind, optional = _option_kind(spec.type)
+        entry: dict[str, Any] = {
+            "name": spec.name, "kind": kind, "optional": optional, "default": getattr(defaults, spec.name),
+        }
+        if spec.name == "perceptual_metric":
+            entry["choices"] = list(config.PERCEPTUAL_METRICS)
+        options.append(entry)
+    return PageLimits(
+        max_request_bytes=read_max_request_bytes(ts_config),
+        min_frames=_lowest_valid(config, "num_frames", range(0, config.MAX_FRAMES + 1)),
+        max_frames=config.MAX_FRAMES,
+        default_frames=defaults.num_frames,
+        default_seed=defaults.seed,
+        presets={name: dict(values) for name, values in config.PRESETS.items()},
+        default_preset=DEFAULT_PRESET if DEFAULT_PRESET in config.PRESETS else next(iter(config.PRESETS)),
+        options=options,
+        known_prompts=read_known_prompts(),
+    )
