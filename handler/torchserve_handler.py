@@ -78,7 +78,8 @@ class DiffMorpherHandler:
         self.model_version = ""  # the archive's, for ModelInfer responses
         self.control = ControlDir.from_env()
         self.heartbeat = WorkerHeartbeat(self.control)
-        self._remote_errors_seen = 0  # shared cache tier failures already reported as a metric
+        # Shared cache tier counts already reported as metrics (the counters are cumulative).
+        self._remote_seen = {"CacheRemoteErrors": 0, "CacheRemoteHits": 0}
 
     # ------------------------------------------------------------------ lifecycle
     def initialize(self, context: Any) -> None:
@@ -205,8 +206,9 @@ class DiffMorpherHandler:
         remote = self._remote_cache_status()
         if remote is not None:  # the shared tier: "ok", or "down" (served from the local tier)
             metadata["cache_remote"] = remote.state
-            self._emit(context, "CacheRemoteErrors", remote.errors - self._remote_errors_seen, "Count", {}, counter=True)
-            self._remote_errors_seen = remote.errors
+            for name, total in (("CacheRemoteErrors", remote.errors), ("CacheRemoteHits", remote.hits)):
+                self._emit(context, name, total - self._remote_seen[name], "Count", {}, counter=True)
+                self._remote_seen[name] = total
         if infer is None:
             payload = wire.encode_message(wire.TYPE_RESULT, metadata, parts)
         else:

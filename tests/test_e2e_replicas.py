@@ -28,6 +28,7 @@ from guard.gateway import Gateway, GatewayConfig
 from reliability.corpus import PROMPTS, circle, encode, square
 from tests.redis_server import RedisProcess
 from tests.test_client_auth import TOKEN_A, TOKEN_B, mount_secret
+from tests.test_e2e_torchserve import metric_values
 from tests.torchserve_server import TorchServeProcess, free_ports
 
 pytestmark = pytest.mark.slow
@@ -90,6 +91,9 @@ def test_replica_b_reuses_what_replica_a_fitted(replicas) -> None:
     assert on_a.metadata["cache_remote"] == on_b.metadata["cache_remote"] == "ok"
     assert [p.data for p in on_b.parts] == [p.data for p in on_a.parts]  # identical frames
     assert on_b.metadata["timings"]["lora"] < 0.25 * on_a.metadata["timings"]["lora"]
+    # The LoRAs, latents and schedule (at least) came from the shared tier: B's metrics say so, A's do not.
+    assert sum(metric_values(b, "CacheRemoteHits").values()) >= 5
+    assert sum(metric_values(a, "CacheRemoteHits").values()) == 0
     print(f"\nreplica A fitted in {on_a.metadata['timings']['lora']:.2f} s; replica B "
           f"{on_b.metadata['timings']['lora']:.3f} s (shared tier)")
 
