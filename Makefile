@@ -32,7 +32,7 @@ PYTEST_ARGS ?=
 
 export PYTHONPATH := $(CURDIR)/handler:$(CURDIR)
 
-.PHONY: help setup stubs export serve stop demo test loadtest soak bench train-model clean
+.PHONY: help setup stubs export serve stop demo test loadtest soak bench train-model clean web
 
 help:
 	@echo "make setup     venv with pinned deps (torch 2.14.1 via constraints.txt), gRPC stubs, LPIPS weights"
@@ -47,6 +47,7 @@ help:
 	@echo "make soak      30-minute soak: mixed good/hostile requests, worker RSS/fd trends (SOAK_MINUTES=...)"
 	@echo "make train-model  retrain the embedded model into models/tiny-shapes-sd"
 	@echo "make eval      MorphBench with MODEL=<sd folder> BENCH=<MorphBench folder>: PPL, PDV, endpoint PSNR/LPIPS, FID (EVAL_ARGS=\"--device cuda --dtype float16\")"
+	@echo "make web       the morph web page on http://127.0.0.1:$(WEB_PORT)/ against make serve's TorchServe (started if needed)"
 
 # ---------------------------------------------------------------------------- setup
 setup: $(STAMP) $(STUBS) $(LPIPS)
@@ -161,3 +162,12 @@ EVAL_ARGS ?=
 eval: setup
 	@test -n "$(BENCH)" || { echo "make eval needs BENCH=<MorphBench folder> (Metamorphosis/ and Animation/ holding <name>_0.png, <name>_1.png)"; exit 2; }
 	$(PY) benchmarks/morphbench.py --model "$(MODEL)" --bench "$(BENCH)" $(EVAL_ARGS)
+
+# ---------------------------------------------------------------------------- web page
+# A client of the service (python -m web, no torch): `make serve` first (a no-op when it already
+# runs), then the page in the foreground until Ctrl-C; `make stop` stops the service.
+WEB_PORT ?= 7860
+WEB_ARGS ?=
+web: setup
+	@$(MAKE) --no-print-directory serve
+	$(PY) -m web --port $(WEB_PORT) --target $(GRPC_TARGET) --key-file key_file.json --ts-config config.properties $(WEB_ARGS)
