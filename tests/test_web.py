@@ -336,3 +336,28 @@ def test_upload_over_the_service_limit_is_refused_before_reading(web_url: str) -
     connection.close()
     assert response.status == 413
     assert "at most 104857600 bytes" in answer["message"]
+
+
+def test_cancel_stops_the_morph_on_the_service(browser, web_url: str, server: TorchServeProcess) -> None:
+    """Cancel in the page closes the stream; the web process then cancels its gRPC call, and the
+    guard stops the morph: the next morph is served at once, not after minutes of LoRA steps."""
+    driver = browser
+    driver.set_script_timeout(60)
+    open_page(driver, web_url)
+    upload(driver, *(DEMO_DIR / name for name in DEMO_NAMES))
+    fill_fast_settings(driver)
+    set_field(driver, "opt-lora_steps", "2000")  # minutes of fitting on a CPU
+    driver.find_element("id", "morph").click()
+    deadline = time.monotonic() + MORPH_TIMEOUT_S
+    while float(driver.find_element("id", "progress-lora").get_attribute("value")) < 1:
+        assert time.monotonic() < deadline and driver.find_element("tag name", "body").get_attribute("data-state") == "running"
+        time.sleep(0.2)
+    driver.find_element("id", "cancel").click()
+    assert wait_for_state(driver, ("error",), 30) == "error"
+    assert driver.find_element("css selector", "#error .code").text == "CANCELLED"
+
+    set_field(driver, "opt-lora_steps", ADVANCED["lora_steps"])
+    started = time.monotonic()
+    assert morph_and_wait(driver) == "done", error_text(driver)
+    assert time.monotonic() - started < 120
+    assert "call cancelled" in (server.workdir / "web.out").read_text()
