@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=QUALITY_OPTIONS["num_frames"])
     parser.add_argument("--steps", type=int, default=QUALITY_OPTIONS["num_inference_steps"])
     parser.add_argument("--lora-steps", type=int, default=QUALITY_OPTIONS["lora_steps"])
+    parser.add_argument("--set", action="append", default=[], help="extra MorphConfig key=value for every setting (e.g. seed=1)")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/sweep-<time>.json)")
     parser.add_argument("--plot", default=None, help="PNG path of the plot (none by default)")
@@ -172,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = [(float(x), r == "on") for r in args.reschedule.split(",") for x in args.lambdas.split(",")]
-    base = MorphConfig(num_frames=args.frames, num_inference_steps=args.steps, lora_steps=args.lora_steps)
+    extra = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
+    base = MorphConfig(num_frames=args.frames, num_inference_steps=args.steps, lora_steps=args.lora_steps, **extra)
     pipe = DiffMorpherPipeline.from_pretrained(args.model, device="cpu")
     metric = pipe.perceptual_metric(base)
     out = Path(args.out) if args.out else REPO_ROOT / "benchmarks" / "results" / time.strftime("sweep-%Y%m%dT%H%M%SZ.json", time.gmtime())
