@@ -11,6 +11,7 @@ is a copy of it).
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import io
 import json
@@ -93,7 +94,7 @@ def ensure_chromium() -> tuple[str, str]:
     if shutil.which("apt-get") is None or os.geteuid() != 0:
         pytest.skip("chromium/chromium-driver are missing and apt-get cannot install them here (not root)")
     update = subprocess.run(["apt-get", "update"], capture_output=True, text=True)
-    install = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "chromium", "chromium-driver"],
+    install = subprocess.run(["apt-get", "install", "-y", "chromium", "chromium-driver"],
                              capture_output=True, text=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
     browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (browser and driver):
@@ -108,14 +109,15 @@ def server(tmp_path_factory: pytest.TempPathFactory, model_store: Path):
         yield process
 
 
-@pytest.fixture(scope="module")
-def web_url(server: TorchServeProcess):
-    """`python -m web` against the server, with its config.properties and key file."""
+@contextlib.contextmanager
+def web_process(server: TorchServeProcess, log_name: str, *args: str):
+    """`python -m web` against the server, with its config.properties and key file; its URL."""
     (port,) = free_ports(1)
-    log = open(server.workdir / "web.out", "wb")
+    log_path = server.workdir / log_name
+    log = open(log_path, "wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "web", "--port", str(port), "--target", server.grpc_target,
-         "--key-file", str(server.key_file), "--ts-config", str(server.workdir / "config.properties")],
+         "--key-file", str(server.key_file), "--ts-config", str(server.workdir / "config.properties"), *args],
         cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}/"
@@ -128,7 +130,7 @@ def web_url(server: TorchServeProcess):
                 break
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the web page did not start:\n{(server.workdir / 'web.out').read_text()}")
+                    raise RuntimeError(f"the web page did not start:\n{log_path.read_text()}")
                 time.sleep(0.3)
         yield url
     finally:
@@ -138,6 +140,12 @@ def web_url(server: TorchServeProcess):
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def web_url(server: TorchServeProcess):
+    with web_process(server, "web.out") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -361,3 +369,21 @@ def test_cancel_stops_the_morph_on_the_service(browser, web_url: str, server: To
     assert morph_and_wait(driver) == "done", error_text(driver)
     assert time.monotonic() - started < 120
     assert "call cancelled" in (server.workdir / "web.out").read_text()
+
+
+def test_deadline_is_shown_in_the_service_words(browser, server: TorchServeProcess) -> None:
+    """A web process with a 3 s deadline: a long morph ends with DEADLINE_EXCEEDED in the page,
+    not a trace (the service stops the morph at the deadline). The message is gRPC's own: the
+    client's gRPC timeout and the request's deadline are the same instant, so the local timer
+    fires before the service's answer arrives."""
+    driver = browser
+    with web_process(server, "web-deadline.out", "--deadline", "3") as url:
+        open_page(driver, url)
+        upload(driver, *(DEMO_DIR / name for name in DEMO_NAMES))
+        fill_fast_settings(driver)
+        set_field(driver, "opt-lora_steps", "2000")
+        assert morph_and_wait(driver) == "error"
+        assert driver.find_element("css selector", "#error .code").text == "DEADLINE_EXCEEDED"
+        assert "Deadline Exceeded" in driver.find_element("css selector", "#error .message").text
+        assert "longer than the deadline" in driver.find_element("css selector", "#error .hint").text
+        assert "Traceback" not in driver.find_element("tag name", "body").text
