@@ -28,6 +28,11 @@ from .auth import TokenSource
 DEFAULT_TARGET = "127.0.0.1:7070"
 DEFAULT_MODEL = "diffmorpher"
 DEFAULT_MAX_MESSAGE_MB = 256
+# How much longer the gRPC call waits than the morph's own deadline (the request's `deadline`
+# field): the worker stops at its deadline within a step and answers DEADLINE_EXCEEDED in the
+# service's words (where it stopped, what to change); a transport timer firing first would hide
+# that behind grpc's bare "Deadline Exceeded".
+DEADLINE_GRACE_S = 5.0
 
 # What to tell a user for each status TorchServe (or the transport) can return.
 STATUS_HINTS: dict[grpc.StatusCode, str] = {
@@ -208,7 +213,8 @@ class MorphClient:
         deadline_s: float | None = None,
     ) -> MorphResult:
         """Unary Predictions: one response holding the final result."""
-        message = self._unary(self._request(images, prompts, options, stream=False, deadline_s=deadline_s), deadline_s)
+        request = self._request(images, prompts, options, stream=False, deadline_s=deadline_s)
+        message = self._unary(request, _with_grace(deadline_s))
         if message.type != wire.TYPE_RESULT:
             raise MorphClientError(None, f"expected a result message, got {message.type!r}")
         return MorphResult(message.header, message.parts)
@@ -233,7 +239,7 @@ class MorphClient:
         request = self._request(images, prompts, options, stream=True, deadline_s=deadline_s)
         streamed: list[bytes] = []
         progress: list[dict[str, Any]] = []
-        for message in self._stream(request, deadline_s):
+        for message in self._stream(request, _with_grace(deadline_s)):
             if on_event is not None:
                 on_event(message)
             if message.type == wire.TYPE_PROGRESS:
@@ -245,9 +251,9 @@ class MorphClient:
         raise MorphClientError(None, "the stream ended without a result message")
 
     # ------------------------------------------------------------------ plumbing
-    def _unary(self, request, deadline_s: float | None) -> wire.Message:
+    def _unary(self, request, timeout_s: float | None) -> wire.Message:
         """One Predictions call (token refresh, UNAVAILABLE retries), decoded."""
-        response = self._call(lambda md: self._stub.Predictions(request, timeout=deadline_s, metadata=md))
+        response = self._call(lambda md: self._stub.Predictions(request, timeout=timeout_s, metadata=md))
         return _decode(response.prediction)
 
     def _request(self, images, prompts, options, *, stream: bool, deadline_s: float | None):
@@ -272,7 +278,7 @@ class MorphClient:
                     continue
                 raise MorphClientError(code, error.details() or "") from error
 
-    def _stream(self, request, deadline_s: float | None) -> Iterator[wire.Message]:
+    def _stream(self, request, timeout_s: float | None) -> Iterator[wire.Message]:
         """Iterate a StreamPredictions call. Retries/refresh only before the first message, so
         a morph is never silently restarted half-way."""
         refreshed = False
@@ -281,7 +287,7 @@ class MorphClient:
             received = False
             try:
                 call = self._stub.StreamPredictions(
-                    request, timeout=deadline_s, metadata=self.tokens.metadata()
+                    request, timeout=timeout_s, metadata=self.tokens.metadata()
                 )
                 for response in call:
                     received = True
@@ -298,6 +304,11 @@ class MorphClient:
                         time.sleep(self.backoff_s * 2 ** (attempt - 1))
                         continue
                 raise MorphClientError(code, error.details() or "") from error
+
+
+def _with_grace(deadline_s: float | None) -> float | None:
+    """The gRPC timeout of a call whose request carries `deadline_s` as its own deadline."""
+    return None if deadline_s is None else deadline_s + DEADLINE_GRACE_S
 
 
 def _decode(payload: bytes) -> wire.Message:

@@ -170,6 +170,8 @@ def test_a_unary_deadline_frees_the_worker_within_5_s(server: TorchServeProcess)
         with pytest.raises(MorphClientError) as raised:
             morph.morph(*_pair(), LONG, deadline_s=3)
     assert raised.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    # The service's answer, not the transport timer's (the client waits DEADLINE_GRACE_S longer).
+    assert raised.value.details.startswith("deadline exceeded: the morph was stopped"), raised.value.details
     freed = wait_for_state(server, IDLE, timeout_s=30) - (started + 3)
     print(f"\nunary deadline: worker free {freed:.2f} s after the 3 s deadline")
     assert freed <= 5.0
