@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from diffmorpher.config import FAST_PRESET_OPTIONS, ConfigError, MorphConfig, OutputOptions
@@ -59,3 +61,16 @@ def test_a_preset_sets_its_options_beneath_the_explicit_ones():
     assert MorphConfig.from_dict({"preset": "fast", "num_inference_steps": 30}).num_inference_steps == 30
     assert MorphConfig.from_dict({"preset": "default"}) == MorphConfig()
 
+
+
+def test_the_options_import_without_torch() -> None:
+    """Torch-free processes (the web page, clients) read MorphConfig itself, not a copy."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from diffmorpher import MorphConfig; from diffmorpher.config import PRESETS; "
+            "print('torch' in sys.modules, MorphConfig().num_frames > 0, bool(PRESETS))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent / "handler"), "PATH": ""})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True", "True"]
