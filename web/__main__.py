@@ -47,7 +47,11 @@ def main(argv: list[str] | None = None) -> None:
         tokens.get()
     except TokenError as error:  # TorchServe may still be starting: the key file comes later
         logging.getLogger("web").warning("%s (the page will retry on each morph)", error)
-    settings = WebSettings(page_limits(args.ts_config), target=args.target, model=args.model, tokens=tokens,
+    try:
+        limits = page_limits(args.ts_config)
+    except (RuntimeError, OSError) as error:  # no options module, no config.properties
+        raise SystemExit(f"error: {error}") from error
+    settings = WebSettings(limits, target=args.target, model=args.model, tokens=tokens,
                            deadline_s=args.deadline, retries=args.retries)
     print(f"Morph web page: http://{args.host}:{args.port}/  (service {args.target}; Ctrl-C stops it)",
           flush=True)

@@ -1,9 +1,8 @@
 """What the page may ask for, read from the service's own sources of truth (never copied here).
 
-- Option names, defaults, presets and the frame limit: `MorphConfig` in
-  handler/diffmorpher/config.py. That module is standard library only, but importing it as
-  `diffmorpher.config` runs the core package's `__init__`, which imports torch; so it is loaded
-  from its file under a private module name. The web process stays torch-free (tested).
+- Option names, defaults, presets and the frame limit: `MorphConfig` (`diffmorpher.config`,
+  handler/ on the path as everywhere in this project: `make web` sets PYTHONPATH). The core
+  package imports its options without torch, so the web process stays torch-free (tested).
 - The image count: `client.wire.MAX_IMAGES`, which the service's request parser uses.
 - The upload size: `max_request_size` of the config.properties TorchServe and the guard run
   with (the guard's gateway refuses larger requests with RESOURCE_EXHAUSTED).
@@ -13,9 +12,8 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+import importlib
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -25,7 +23,6 @@ from client import wire
 from guard.management import read_properties
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_MODULE = REPO_ROOT / "handler" / "diffmorpher" / "config.py"
 DEFAULT_TS_CONFIG = REPO_ROOT / "config.properties"
 DEMO_PROMPTS = REPO_ROOT / "assets" / "demo" / "prompts.json"
 # The guard's own fallback when config.properties has no max_request_size (guard/__main__.py).
@@ -42,22 +39,15 @@ DEFAULT_PRESET = "fast"
 FORMATS = ["gif", "mp4", "frames-zip"]
 
 
-def load_morph_config(path: Path = CONFIG_MODULE) -> ModuleType:
-    """handler/diffmorpher/config.py as a module of its own, without the core package."""
-    name = "web._morph_config"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise RuntimeError(f"cannot load the morph options from {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve the module's annotations through it
+def load_morph_config() -> ModuleType:
+    """`diffmorpher.config`, with a message saying how to run when handler/ is not importable."""
     try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
+        return importlib.import_module("diffmorpher.config")
+    except ModuleNotFoundError as error:
+        raise RuntimeError(
+            f"cannot import the morph options (diffmorpher.config): run with "
+            f"PYTHONPATH={REPO_ROOT / 'handler'}:{REPO_ROOT} (make web sets it)"
+        ) from error
 
 
 def _option_kind(annotation: str) -> tuple[str, bool]:
