@@ -29,7 +29,7 @@ from .architecture import make_scheduler
 from .export import WEIGHTS_DTYPE, save_pipeline
 from .model_card import write_model_card
 from .tokenizer import build_tokenizer
-from .train_unet import train_unet
+from .train_unet import BlendBatch, train_unet
 from .train_vae import encode_latents, refine_decoder, round_trip_psnr, train_vae
 
 PSNR_IMAGES = 256
@@ -67,9 +67,11 @@ def train(args: argparse.Namespace) -> None:
     log(f"latents: {tuple(latents.shape)}, scaling_factor {scaling_factor:.5f} "
         f"({latent_seconds:.0f}s)")
 
+    blends, blend_stats = _blends(vae_result.vae, args, args.seed, log)
     unet_result = train_unet(
         latents, captions, tokenizer, scaling_factor, steps=args.unet_steps,
         batch_size=args.unet_batch, seed=args.seed, log=log,
+        blends=blends, blend_fraction=args.blend_fraction,
     )
     log(f"unet: final eps-mse {unet_result.final_loss:.4f} after {unet_result.steps} steps")
     decoder_stats = _refine(vae_result.vae, images, args, log)
@@ -97,9 +99,30 @@ def train(args: argparse.Namespace) -> None:
         "unet_final_eps_mse": round(unet_result.final_loss, 5),
         "total_train_seconds": round(train_seconds),
         **decoder_stats,
+        **blend_stats,
     }
     _record(out, stats, evaluate=not args.skip_eval, log=log)
     log(f"done in {time.perf_counter() - started:.0f}s")
+
+
+def _blends(vae, args: argparse.Namespace, seed: int, log) -> tuple[BlendBatch | None, dict]:
+    """The blend scenes (blends.py) and their latents when --blend-fraction > 0, else nothing
+    (and `train` is exactly what it was without the option)."""
+    if args.blend_fraction <= 0:
+        return None, {}
+    from .blends import generate_blends
+
+    t = time.perf_counter()
+    images, captions_a, captions_b, ts = generate_blends(seed, args.blend_images)
+    latents = encode_latents(vae, images)
+    seconds = time.perf_counter() - t
+    log(f"blends: {len(images)} blend scenes and latents in {seconds:.0f}s, "
+        f"{args.blend_fraction:g} of each batch")
+    return BlendBatch(latents, captions_a, captions_b, torch.from_numpy(ts)), {
+        "blend_fraction": args.blend_fraction,
+        "blend_images": args.blend_images,
+        "blend_seconds": round(seconds),
+    }
 
 
 def _refine(vae, images: np.ndarray, args: argparse.Namespace, log) -> dict:
@@ -157,6 +180,7 @@ def continue_unet(args: argparse.Namespace) -> None:
     tokenizer = CLIPTokenizer.from_pretrained(str(out), subfolder="tokenizer")
     images, captions = dataset.generate(stats["seed"], stats["images"])
     latents = encode_latents(vae, images)
+    blends, blend_stats = _blends(vae, args, stats["seed"], print)
     if args.from_scratch:
         training = dict(seed=stats["seed"])  # train_unet's defaults, as `train` uses them
     else:
@@ -166,8 +190,10 @@ def continue_unet(args: argparse.Namespace) -> None:
                         init=(unet, text_encoder), warmup=50)
     result = train_unet(
         latents, captions, tokenizer, vae.config.scaling_factor, steps=args.unet_steps,
-        batch_size=stats["unet_batch"], **training,
+        batch_size=stats["unet_batch"], blends=blends, blend_fraction=args.blend_fraction,
+        **training,
     )
+    stats.update(blend_stats)
     result.unet.to(WEIGHTS_DTYPE).save_pretrained(out / "unet", safe_serialization=True)
     save_text_encoder(result.text_encoder, out / "text_encoder")
     if args.from_scratch:
@@ -182,7 +208,9 @@ def continue_unet(args: argparse.Namespace) -> None:
                                            + round(result.seconds))
         stats["total_train_seconds"] += round(result.seconds)
         stats["command"] += (f"; python -m embedded_model continue-unet --out {out} "
-                             f"--unet-steps {args.unet_steps} --lr {args.lr}")
+                             f"--unet-steps {args.unet_steps} --lr {args.lr}"
+                             + (f" --blend-fraction {args.blend_fraction:g} --blend-images "
+                                f"{args.blend_images}" if blends is not None else ""))
     stats["unet_final_eps_mse"] = round(result.final_loss, 5)
     _record(out, stats, evaluate=not args.skip_eval)
 
@@ -234,6 +262,14 @@ def demo_assets(args: argparse.Namespace) -> None:
     (args.out / "prompts.json").write_text(json.dumps(prompts, indent=2) + "\n")
 
 
+def _blend_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--blend-fraction", type=float, default=0.0,
+                   help="share of each UNet batch that is blend scenes on lerped text "
+                   "(embedded_model/blends.py); 0 trains on pure scenes only")
+    p.add_argument("--blend-images", type=int, default=4000,
+                   help="number of blend scenes generated when --blend-fraction > 0")
+
+
 def _folder_command(sub, name: str, help: str, func, skip_eval: bool = True):
     """A subcommand that works on a model folder: --out, --threads and (optionally) --skip-eval."""
     p = sub.add_parser(name, help=help)
@@ -260,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--unet-steps", type=int, default=3000)
     p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--decoder-steps", type=int, default=200)
+    _blend_options(p)
     p = _folder_command(sub, "refine-decoder", "decoder-only refinement of a trained folder",
                         refine)
     p.add_argument("--decoder-steps", type=int, default=200)
@@ -270,6 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--from-scratch", action="store_true",
                    help="train a new UNet + text encoder as `train` does (its seed and learning "
                    "rates; --lr is for continuing), keeping the VAE")
+    _blend_options(p)
     _folder_command(sub, "evaluate", "re-evaluate a folder, rewrite its model card", evaluate_cmd,
                     skip_eval=False)
     p = sub.add_parser("demo-assets", help="write the demo input images")

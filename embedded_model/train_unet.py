@@ -44,6 +44,19 @@ class UnetResult:
     steps: int
 
 
+@dataclass
+class BlendBatch:
+    """Blend scenes (blends.py) for training: unscaled VAE latents, the captions of each blend's
+    two ends and its t. A blend is conditioned on lerp(text(a), text(b), t) of the text
+    encoder's outputs, the hidden states that both cross-attention and the UNet's
+    `addition_embed_type="text"` pooling read, which is what the morph's lerped text is."""
+
+    latents: torch.Tensor
+    captions_a: list[str]
+    captions_b: list[str]
+    ts: torch.Tensor  # (N,) float
+
+
 def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
     """Token ids exactly as StableDiffusionPipeline.encode_prompt makes them."""
     return tokenizer(
@@ -82,12 +95,18 @@ def train_unet(
     init: tuple[UNet2DConditionModel, CLIPTextModel] | None = None,
     warmup: int = 100,
     offset_noise: float = OFFSET_NOISE,
+    blends: BlendBatch | None = None,
+    blend_fraction: float = 0.0,
 ) -> UnetResult:
     """Train for `steps` steps, or (if `steps` is None) for as many as fit in `seconds`; the
     learning-rate schedule is then laid out over the step count the first 20 steps predict.
 
     `latents` are the VAE's unscaled latent means; they are multiplied by `scaling_factor`
     (unit variance) as in SD.
+
+    With `blends` and `blend_fraction` > 0, round(batch_size * blend_fraction) samples of each
+    batch are blend scenes on lerped text (caption dropout empties both ends); with either off,
+    every random draw is the same as without them.
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -96,8 +115,12 @@ def train_unet(
     snr = alphas_cumprod / (1.0 - alphas_cumprod)
     loss_weight = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr  # Min-SNR for epsilon prediction
 
-    unique = sorted(set(captions)) + [""]
-    caption_ids = torch.tensor([unique.index(c) for c in captions])
+    n_blend = round(batch_size * blend_fraction) if blends is not None else 0
+    n_plain = batch_size - n_blend
+    blend_captions = set(blends.captions_a) | set(blends.captions_b) if n_blend else set()
+    unique = sorted(set(captions) | blend_captions) + [""]
+    index_of = {c: i for i, c in enumerate(unique)}
+    caption_ids = torch.tensor([index_of[c] for c in captions])
     empty_id = len(unique) - 1
     all_tokens = tokenize(tokenizer, unique).to(device)
 
@@ -119,6 +142,11 @@ def train_unet(
         weight_decay=1e-2,
     )
     data = latents * scaling_factor
+    if n_blend:
+        blend_data = blends.latents * scaling_factor
+        blend_a = torch.tensor([index_of[c] for c in blends.captions_a])
+        blend_b = torch.tensor([index_of[c] for c in blends.captions_b])
+        blend_t = blends.ts.float()
     planned = steps if steps is not None else 10**9
     recent: list[float] = []
     start = time.perf_counter()
@@ -130,12 +158,22 @@ def train_unet(
             log(f"unet: {per_step:.3f}s/step -> {planned} steps in {seconds:.0f}s")
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * _lr_scale(step, planned, warmup)
-        idx = torch.randint(0, data.shape[0], (batch_size,), generator=generator)
+        idx = torch.randint(0, data.shape[0], (n_plain,), generator=generator)
         x0 = data[idx].to(device)
         cap = caption_ids[idx].clone()
-        cap[torch.rand(batch_size, generator=generator) < CAPTION_DROPOUT] = empty_id
+        cap[torch.rand(n_plain, generator=generator) < CAPTION_DROPOUT] = empty_id
+        if n_blend:
+            bidx = torch.randint(0, blend_data.shape[0], (n_blend,), generator=generator)
+            ends = torch.stack([blend_a[bidx], blend_b[bidx]])  # (2, n_blend)
+            ends[:, torch.rand(n_blend, generator=generator) < CAPTION_DROPOUT] = empty_id
+            cap = torch.cat([cap, ends[0], ends[1]])
+            x0 = torch.cat([x0, blend_data[bidx].to(device)])
         used, inverse = torch.unique(cap, return_inverse=True)
         embeddings = text_encoder(all_tokens[used.to(device)])[0][inverse.to(device)]
+        if n_blend:
+            plain, end_a, end_b = embeddings.split([n_plain, n_blend, n_blend])
+            t_blend = blend_t[bidx].to(device)[:, None, None]
+            embeddings = torch.cat([plain, torch.lerp(end_a, end_b, t_blend)])
         noise = torch.randn(x0.shape, generator=generator)
         noise += offset_noise * torch.randn((*x0.shape[:2], 1, 1), generator=generator)
         noise = noise.to(device)
