@@ -392,8 +392,7 @@ def test_torchserve_counts_grpc_arrivals_in_the_counter_the_adapter_rates() -> N
 # ---------------------------------------------------------------------------- drain hook
 @pytest.fixture()
 def drain(manifests, tmp_path: Path) -> Any:
-    script = tmp_path / "drain.sh"
-    script.write_text(find(manifests, "ConfigMap", "diffmorpher-config")["data"]["drain.sh"])
+    script = DEPLOY / "image" / "drain.sh"
     control = ControlDir(tmp_path / "control")
 
     def run(limit_s: int) -> tuple[subprocess.Popen[str], float]:
@@ -436,14 +435,17 @@ def test_drain_waits_while_a_live_worker_is_busy_and_stops_at_its_limit(drain) -
         worker.wait()
 
 
-def test_both_containers_drain_before_stopping_within_the_grace_period(manifests) -> None:
+def test_every_container_drains_before_stopping_within_the_grace_period(manifests) -> None:
+    """Both containers of a deploy/base pod and the KServe predictor run the image's drain.sh."""
+    limit = int(re.search(r"DRAIN_TIMEOUT_S:-(\d+)", (DEPLOY / "image" / "drain.sh").read_text()).group(1))
     deployment = find(manifests, "Deployment", "diffmorpher")
-    for name in ("guard", "torchserve"):
-        hook = container(deployment, name)["lifecycle"]["preStop"]["exec"]["command"]
-        assert hook == ["/bin/sh", "/etc/diffmorpher/drain.sh"]
-    script = find(manifests, "ConfigMap", "diffmorpher-config")["data"]["drain.sh"]
-    limit = int(re.search(r"DRAIN_TIMEOUT_S:-(\d+)", script).group(1))
-    assert limit < deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    predictor = find(manifests, "InferenceService", "diffmorpher")["spec"]["predictor"]
+    hooks = [container(deployment, name)["lifecycle"] for name in ("guard", "torchserve")] + [predictor["model"]["lifecycle"]]
+    for hook in hooks:
+        assert hook["preStop"]["exec"]["command"] == ["/bin/sh", image_path("deploy/image/drain.sh")]
+    for grace in (deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"],
+                  predictor["terminationGracePeriodSeconds"]):
+        assert limit < grace
 
 
 # ---------------------------------------------------------------------------- KServe variant
@@ -452,7 +454,6 @@ def test_kserve_serves_our_archive_from_the_pvc_in_the_layout_its_runtime_reads(
     predictor = isvc["spec"]["predictor"]
     model = predictor["model"]
     assert model["modelFormat"] == {"name": "pytorch"} and model["runtime"] == "kserve-torchserve"
-    assert model["protocolVersion"] in ("v1", "v2")
     claim = find(manifests, "PersistentVolumeClaim", "diffmorpher-model-store")["metadata"]["name"]
     assert model["storageUri"] == f"pvc://{claim}"
     annotations = isvc["metadata"]["annotations"]
@@ -461,27 +462,55 @@ def test_kserve_serves_our_archive_from_the_pvc_in_the_layout_its_runtime_reads(
     hpa = find(manifests, "HorizontalPodAutoscaler", "diffmorpher-predictor")
     assert hpa["spec"]["scaleTargetRef"]["name"] == f"{isvc['metadata']['name']}-predictor"
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (predictor["minReplicas"], predictor["maxReplicas"])
-
-    kserve = read_properties(DEPLOY / "kserve" / "config.properties")
+    # The config in the image: the repository's, with the pod's listeners and KServe's mount.
     repo = read_properties(REPO_ROOT / "config.properties")
-    # KServe mounts the claim at /mnt/models; the runtime passes --model-store=/mnt/models/model-store.
-    assert kserve["model_store"] == "/mnt/models/model-store"
-    assert kserve["metrics_config"] == "/mnt/models/config/metrics.yaml"
-    for key in ("max_request_size", "max_response_size", "default_response_timeout", "default_startup_timeout",
-                "job_queue_size", "enable_model_api", "allowed_urls", "install_py_dep_per_model", "metrics_mode",
-                "grpc_inference_port", "grpc_management_port"):
-        assert kserve[key] == repo[key], key
-    assert host_port(kserve["metrics_address"]) == ("0.0.0.0", 8082)  # the runtime's prometheus.kserve.io/port
-    assert kserve["enable_envvars_config"] == "true"  # TS_SERVICE_ENVELOPE from the runtime
-    assert kserve["disable_token_authorization"] == "true"  # the runtime's wrapper sends no token
-    snapshot = json.loads(kserve["model_snapshot"])
-    (version,) = snapshot["models"]["diffmorpher"].values()
-    mar = repo["load_models"].split("=", 1)[1]
-    assert version["marName"] == mar and snapshot["modelCount"] == 1
-    assert list(snapshot["models"]["diffmorpher"]) == ["1.0"]  # python -m export --version default
-    export_config = yaml.safe_load((REPO_ROOT / "export" / "model-config.yaml").read_text())
-    assert (version["minWorkers"], version["maxWorkers"], version["batchSize"]) == (
-        export_config["minWorkers"], export_config["maxWorkers"], export_config["batchSize"])
+    kserve = read_properties(DEPLOY / "kserve" / "config.properties")
+    assert set(kserve) == set(repo)
+    differing = {key: kserve[key] for key in kserve if kserve[key] != repo[key]}
+    assert differing == {**ALLOWED_DIFFERENCES, "model_store": "/mnt/models/model-store"}
+    assert kserve["disable_token_authorization"] == "false"
+
+
+def test_the_kserve_predictor_is_a_replica_like_the_deployments(manifests) -> None:
+    """Our image and entrypoint on the runtime: gRPC v2 on the gateway's port, the guard's probes,
+    the client-token Secret, the same environment paths the entrypoint reads."""
+    model = find(manifests, "InferenceService", "diffmorpher")["spec"]["predictor"]["model"]
+    deployment = find(manifests, "Deployment", "diffmorpher")
+    guard = container(deployment, "guard")
+    kserve = read_properties(DEPLOY / "kserve" / "config.properties")
+    entrypoint = (DEPLOY / "image" / "kserve-entrypoint.sh").read_text()
+    assert model["protocolVersion"] == "grpc-v2"
+    assert model["image"].split(":")[0] == container(deployment, "torchserve")["image"] == "diffmorpher-serving"
+    assert model["command"] == ["/bin/sh", image_path("deploy/image/kserve-entrypoint.sh")]
+    assert image_path("deploy/kserve/config.properties") in entrypoint
+    assert model["ports"] == [{"name": "h2c", "containerPort": host_port(kserve["diffmorpher.gateway_address"])[1],
+                               "protocol": "TCP"}]
+    health = host_port(kserve["diffmorpher.health_address"])[1]
+    for probe, path in (("startupProbe", "/healthz"), ("readinessProbe", "/healthz"), ("livenessProbe", "/livez")):
+        assert (model[probe]["httpGet"]["path"], model[probe]["httpGet"]["port"]) == (path, health), probe
+    env = {e["name"]: e for e in model["env"]}
+    for name in ("DIFFMORPHER_MODEL_ROOT", "DIFFMORPHER_RUN_DIR", "DIFFMORPHER_CONTROL_DIR", "DIFFMORPHER_CLIENT_TOKENS"):
+        assert name in entrypoint, name
+    assert env["DIFFMORPHER_MODEL_ROOT"]["value"] + "/model-store" == kserve["model_store"]  # KServe's mount
+    assert env["DIFFMORPHER_CONTROL_DIR"]["value"].startswith(env["DIFFMORPHER_RUN_DIR"]["value"] + "/")
+    mounts = {m["mountPath"]: m for m in model["volumeMounts"]}
+    assert env["DIFFMORPHER_RUN_DIR"]["value"] in mounts and env["DIFFMORPHER_CACHE_DIR"]["value"] in mounts
+    tokens = mounts[env["DIFFMORPHER_CLIENT_TOKENS"]["value"]]
+    assert tokens["readOnly"] is True and "subPath" not in tokens
+    volumes = {v["name"]: v for v in find(manifests, "InferenceService", "diffmorpher")["spec"]["predictor"]["volumes"]}
+    base_tokens = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "client-tokens")
+    assert volumes[tokens["name"]]["secret"] == base_tokens["secret"]
+    assert env["DIFFMORPHER_CACHE_REDIS_URL"] == {e["name"]: e for e in container(deployment, "torchserve")["env"]}[
+        "DIFFMORPHER_CACHE_REDIS_URL"]
+    assert "nvidia.com/gpu" in model["resources"]["limits"] and guard["ports"][0]["containerPort"] == 7070
+
+
+def image_path(relative: str) -> str:
+    """Where a repository file is in the image (its WORKDIR), checked to be copied there."""
+    dockerfile = (DEPLOY / "image" / "Dockerfile").read_text()
+    workdir = re.search(r"^WORKDIR (\S+)$", dockerfile, re.M).group(1)
+    assert any(relative in line.split()[1:-1] for line in dockerfile.splitlines() if line.startswith("COPY ")), relative
+    return f"{workdir}/{relative}"
 
 
 # ---------------------------------------------------------------------------- image
@@ -490,7 +519,8 @@ def test_the_image_copies_what_the_pod_runs(manifests) -> None:
     ignore = (DEPLOY / "image" / "Dockerfile.dockerignore").read_text().split()
     copies = [line.split()[1:-1] for line in dockerfile.splitlines() if line.startswith("COPY ")]
     sources = [source for sources in copies for source in sources]
-    assert sources == ["requirements.txt", "constraints.txt", "handler/", "guard/", "client/", "export/"]
+    assert sources == ["requirements.txt", "constraints.txt", "handler/", "guard/", "client/", "export/",
+                       "deploy/image/drain.sh", "deploy/image/kserve-entrypoint.sh", "deploy/kserve/config.properties"]
     for source in sources:
         assert (REPO_ROOT / source).exists() and f"!{source}" in ignore, source
     assert "-c constraints.txt -r requirements.txt" in dockerfile and "python -m client.stubs" in dockerfile
