@@ -158,10 +158,10 @@ class DiffMorpherHandler:
         self.heartbeat.busy(call.call_id)
         try:
             return self._morph_one(index, fields, context, CallStop(call, self.control, self.heartbeat), infer)
-        except ConfigError as error:
+        except (ConfigError, CacheMiss) as error:
             if infer is None:
                 raise
-            raise ConfigError(tensor_names(str(error))) from error
+            raise type(error)(tensor_names(str(error))) from error
         finally:
             self.heartbeat.idle()
             if call.call_id and self.control is not None:
@@ -184,10 +184,7 @@ class DiffMorpherHandler:
             progress = StreamSender(
                 self._intermediate_sender(index, context), self.max_response_bytes, self.progress_interval_s
             )
-        images = [
-            self.pipeline.stored_image(image.key) if isinstance(image, wire.ImageRef) else image
-            for image in request.images
-        ]
+        images = [self._resolve(index, image) for index, image in enumerate(request.images)]
         result = self.pipeline(images, request.prompts, request.config, progress=progress, stop=stop)
         generated = time.perf_counter()
         parts = [
@@ -216,6 +213,15 @@ class DiffMorpherHandler:
         check_size(payload, self.max_response_bytes, "the result")
         self._observe(context, timings, len(result.frames))
         return payload
+
+    def _resolve(self, index: int, image: Any) -> Any:
+        """An image, or the stored one an image reference names; errors name the field."""
+        if not isinstance(image, wire.ImageRef):
+            return image
+        try:
+            return self.pipeline.stored_image(image.key)
+        except (ConfigError, CacheMiss) as error:
+            raise type(error)(f"field '{wire.image_ref_key(index)}': {error}") from error
 
     def _remote_cache_status(self) -> RemoteStatus | None:
         cache = self.pipeline.cache if self.pipeline is not None else None

@@ -264,6 +264,22 @@ def test_oip_and_native_give_identical_frames(server: TorchServeProcess, oip_cli
 
 
 @pytest.mark.slow
+def test_oip_images_by_reference_give_the_same_frames(server: TorchServeProcess, oip_client) -> None:
+    """An element b"ref:<image_key>" names an image a previous result returned: no upload, and
+    the same morph (hits in the cache) as with the images themselves."""
+    images, prompts = demo_inputs()
+    options = {**TINY, "seed": 29}
+    first = oip_morph(oip_client, server, images, prompts, options)
+    keys = [entry["image_key"] for entry in json.loads(first.as_numpy("metadata")[0])["cache"]]
+    by_ref = oip_morph(oip_client, server, [f"ref:{key}".encode() for key in keys], prompts, options)
+    assert list(by_ref.as_numpy("frames")) == list(first.as_numpy("frames"))
+    assert [c["lora"] for c in json.loads(by_ref.as_numpy("metadata")[0])["cache"]] == ["hit", "hit"]
+    unknown = [b"ref:" + b"0" * 64, images[1]]  # a well-formed key no result ever returned
+    status, message = status_of(lambda: oip_morph(oip_client, server, unknown, prompts, options))
+    assert status == "StatusCode.NOT_FOUND" and "input tensor 'images' element 0" in message, message
+
+
+@pytest.mark.slow
 def test_oip_errors_are_clear_and_the_worker_serves_on(server: TorchServeProcess, oip_client) -> None:
     images, prompts = demo_inputs()
     pid = server.worker_pid()
