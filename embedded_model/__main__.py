@@ -266,7 +266,7 @@ def _blend_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--blend-fraction", type=float, default=0.0,
                    help="share of each UNet batch that is blend scenes on lerped text "
                    "(embedded_model/blends.py); 0 trains on pure scenes only")
-    p.add_argument("--blend-images", type=int, default=4000,
+    p.add_argument("--blend-images", type=int, default=3000,
                    help="number of blend scenes generated when --blend-fraction > 0")
 
 

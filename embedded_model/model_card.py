@@ -12,6 +12,23 @@ def _size_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
 
 
+def _blend_lines(stats: dict) -> str:
+    """The blend-scene training (embedded_model/blends.py) and any continued UNet steps, when
+    the folder had them; nothing for a folder trained on pure scenes in one run."""
+    lines = ""
+    if stats.get("unet_continued_steps"):
+        lines += (f"\n- Continued (continue-unet, from the EMA weights): "
+                  f"{stats['unet_continued_steps']} more steps, {stats['unet_continued_seconds']} s.")
+    if stats.get("blend_fraction"):
+        lines += (f"\n- Blend scenes: {stats['blend_fraction']:g} of each UNet batch from "
+                  f"{stats['blend_images']} blends of two training scenes at a random t (shapes "
+                  f"mixed as signed-distance fields, colours in OKLCh along the shorter hue arc, "
+                  f"position and size lerped; `embedded_model/blends.py`), conditioned on the "
+                  f"lerp at t of the two captions' text-encoder outputs; generated and encoded "
+                  f"in {stats['blend_seconds']} s.")
+    return lines
+
+
 def write_model_card(out: Path, stats: dict) -> None:
     held_out = ", ".join(f"{c} {s}" for c, s in sorted(HELD_OUT_PAIRS))
     guidance = "\n".join(
@@ -81,7 +98,7 @@ Seed {stats['seed']}, {stats['threads']} CPU thread(s), torch {stats['torch']}.
 - UNet + text encoder (jointly, 10% empty captions, Min-SNR-5 weighting, offset noise 0.1,
   EMA 0.998):
   {stats['unet_steps']} steps x batch {stats['unet_batch']}, {stats['unet_seconds']} s. Final
-  epsilon MSE {stats['unet_final_eps_mse']}.
+  epsilon MSE {stats['unet_final_eps_mse']}.{_blend_lines(stats)}
 - VAE decoder refinement (encoder frozen, so the UNet's latents are unchanged; whole images):
   {stats.get('decoder_steps', 0)} steps x batch 16, {stats.get('decoder_seconds', 0)} s. Final MSE
   {stats.get('decoder_final_mse', '-')}.
