@@ -15,6 +15,19 @@ from tests.tiny_sd import save_tiny_sd
 # slowdown of small models. Override with TEST_TORCH_THREADS.
 torch.set_num_threads(int(os.environ.get("TEST_TORCH_THREADS", "1")))
 
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """Code under test may set torch's thread count (the handler sets cores // workers at
+    initialize): restore ours after each test, or every later in-process test inherits it (two
+    threads beside another busy process measured 40x slower here)."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_MODEL = REPO_ROOT / "models" / "tiny-shapes-sd"
 DEMO_DIR = REPO_ROOT / "assets" / "demo"
