@@ -15,6 +15,7 @@ absolute `--model` path, which must exist on the serving host (e.g. a mounted vo
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import subprocess
@@ -43,8 +44,29 @@ ARCHIVE_FORMATS = ("default", "zip-store", "no-archive", "tgz")
 logger = logging.getLogger("export")
 
 
+# A model folder's own morph defaults, beneath the export's --default options: what measured best
+# on that model (the embedded model's is in docs/quality.md, "Which default the numbers support").
+MODEL_DEFAULTS_FILE = "morph_defaults.json"
+
+
 class ExportError(RuntimeError):
     """The inputs cannot make a servable archive."""
+
+
+def model_defaults(model: Path) -> dict[str, Any]:
+    """The model folder's morph_defaults.json (keys starting with "_" are comments), or {}."""
+    path = model / MODEL_DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        content = json.loads(path.read_text())
+    except ValueError as error:
+        raise ExportError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(content, dict):
+        raise ExportError(f"{path} must hold a JSON object of MorphConfig options")
+    defaults = {key: value for key, value in content.items() if not key.startswith("_")}
+    logger.info("morph defaults of the model (%s): %s", path.name, defaults)
+    return defaults
 
 
 def check_sd_folder(model: Path) -> None:
@@ -98,10 +120,13 @@ def render_model_config(
     defaults: dict[str, Any],
 ) -> dict[str, Any]:
     """The template with this export's values; defaults come from MorphConfig (one source)."""
-    from diffmorpher.config import MorphConfig  # needs handler/ on sys.path (see main)
+    from diffmorpher.config import ConfigError, MorphConfig  # needs handler/ on sys.path (see main)
 
     config = yaml.safe_load(TEMPLATE.read_text())
-    morph_defaults = MorphConfig.from_dict(defaults).to_dict()  # validates the overrides
+    try:
+        morph_defaults = MorphConfig.from_dict(defaults).to_dict()  # validates the overrides
+    except ConfigError as error:
+        raise ExportError(f"invalid morph default ({MODEL_DEFAULTS_FILE} or --default): {error}") from error
     morph_defaults.pop("device", None)  # the worker's device comes from TorchServe's gpu_id
     if device_type == "cpu" and morph_defaults.get("dtype") == "float16":
         raise ExportError(
@@ -156,7 +181,7 @@ def build(args: argparse.Namespace) -> Path:
         logger.warning("LPIPS weights %s not found: the archive ships none and the worker uses "
                        "the pixel fallback (run `make setup` to prepare them)", lpips)
         lpips = None
-    defaults = {}
+    defaults = model_defaults(model)
     for item in args.default:
         key, _, raw = item.partition("=")
         defaults[key] = yaml.safe_load(raw)

@@ -3,6 +3,7 @@ only servable SD folders are accepted, and only the weights the morph loads are 
 
 from __future__ import annotations
 
+import json
 import shutil
 import zipfile
 from pathlib import Path
@@ -36,7 +37,7 @@ def test_handler_defaults_are_morphconfigs() -> None:
     assert config["batchSize"] == 1 and config["deviceType"] == "cpu"
     assert config["responseTimeout"] >= 600 and config["startupTimeout"] > 0
     assert render(num_frames=8)["handler"]["defaults"]["num_frames"] == 8
-    with pytest.raises(ConfigError):
+    with pytest.raises(ExportError, match="invalid morph default .*num_frames must be between"):
         render(num_frames=0)
 
 
@@ -115,3 +116,29 @@ def test_archive_holds_handler_core_weights_and_config(tmp_path: Path, tiny_sd_d
     assert "guard/gateway.py" not in names  # the worker needs only the control directory's layout
     assert not any("__pycache__" in n for n in names)
     assert config["handler"]["defaults"]["num_frames"] == 6 and config["handler"]["lpips_weights"] == ""
+
+
+def test_a_models_own_defaults_go_into_its_archive_beneath_the_exports(tmp_path: Path, tiny_sd_dir: Path) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_sd_dir, model)
+    (model / "morph_defaults.json").write_text(json.dumps({"_why": "measured", "attn_lambda": 1.0, "num_frames": 9}))
+
+    def defaults(*args: str) -> dict:
+        store = tmp_path / f"store{len(list(tmp_path.iterdir()))}"
+        assert main(["--model", str(model), "--export-path", str(store), "--lpips-weights", "", *args]) == 0
+        with zipfile.ZipFile(store / "diffmorpher.mar") as archive:
+            return yaml.safe_load(archive.read("model-config.yaml"))["handler"]["defaults"]
+
+    assert (defaults()["attn_lambda"], defaults()["num_frames"]) == (1.0, 9)
+    assert defaults("--default", "attn_lambda=0.4")["attn_lambda"] == 0.4  # the export's own wins
+    (model / "morph_defaults.json").write_text(json.dumps({"attn_lambda": 2.5}))
+    assert main(["--model", str(model), "--export-path", str(tmp_path / "bad"), "--lpips-weights", ""]) == 1
+
+
+def test_the_embedded_models_defaults_are_valid_options() -> None:
+    from diffmorpher.config import MorphConfig
+    from export.build_mar import model_defaults
+
+    defaults = model_defaults(REPO_ROOT / "models" / "tiny-shapes-sd")
+    assert defaults == {"attn_lambda": 1.0}  # docs/quality.md, "Which default the numbers support"
+    assert MorphConfig.from_dict(defaults).attn_lambda == 1.0
