@@ -102,8 +102,9 @@ def check_hue_path(
 
 
 def demo_hue_path(model: str | Path, threads: int = 0) -> HuePath:
-    """Morph the demo pair on `model` at the demo's options and check its hue path (the ends'
-    hues from the demo input images). Needs the core on the path (PYTHONPATH=handler:.)."""
+    """Morph the demo pair on `model` at the demo's options (over the folder's
+    morph_defaults.json, as served) and check its hue path (the ends' hues from the demo input
+    images). Needs the core on the path (PYTHONPATH=handler:.)."""
     import torch
     from PIL import Image
 
@@ -114,8 +115,13 @@ def demo_hue_path(model: str | Path, threads: int = 0) -> HuePath:
         torch.set_num_threads(threads)
     prompts = json.loads((DEMO_DIR / "prompts.json").read_text())
     images = [Image.open(DEMO_DIR / name).convert("RGB") for name in DEMO_ENDS]
+    # The served archive applies the folder's morph_defaults.json beneath the request's options
+    # (export/build_mar.py), so `make demo` runs with them too.
+    defaults_file = Path(model) / "morph_defaults.json"
+    defaults = json.loads(defaults_file.read_text()) if defaults_file.is_file() else {}
+    options = {**{k: v for k, v in defaults.items() if not k.startswith("_")}, **DEMO_OPTIONS}
     pipe = DiffMorpherPipeline.from_pretrained(str(model), device="cpu")
-    result = pipe(images, [prompts[name] for name in DEMO_ENDS], MorphConfig(**DEMO_OPTIONS))
+    result = pipe(images, [prompts[name] for name in DEMO_ENDS], MorphConfig(**options))
     frames = [(f.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
               for f in result.frame_tensors]
     ends = tuple(dominant_hue(np.asarray(im)) for im in images)
