@@ -42,9 +42,8 @@ sys.path[:0] = [str(REPO_ROOT / "handler"), str(REPO_ROOT)]
 
 from diffmorpher.cache import DiskStore, TensorCache  # noqa: E402
 from diffmorpher.config import FAST_PRESET_OPTIONS, PAPER_IMPLEMENTATION_OPTIONS, MorphConfig  # noqa: E402
-from diffmorpher.metrics import psnr, sequence_quality  # noqa: E402
+from diffmorpher.metrics import endpoint_psnr, model_inputs, sequence_quality  # noqa: E402
 from diffmorpher.pipeline import DiffMorpherPipeline  # noqa: E402
-from diffmorpher.preprocess import image_to_tensor  # noqa: E402
 from embedded_model.morph_pairs import morph_pair  # noqa: E402
 
 STAGES = ("encode", "lora", "inversion", "frames", "reschedule", "total")
@@ -85,14 +84,12 @@ def run_mode(pipe: DiffMorpherPipeline, mode: str, config: MorphConfig, cache: T
         result = pipe(images, prompts, mode_config)
         wall = time.perf_counter() - started
     quality = sequence_quality(result.frame_tensors, pipe.perceptual_metric(config.replace(perceptual_metric="lpips")))
-    targets = [(image_to_tensor(image, result.resolution)[0] + 1) / 2 for image in images]
     return {
         "mode": mode, "pair": pair, "wall_s": round(wall, 3),
         "stages_s": {stage: round(float(result.timings.get(stage, 0.0)), 3) for stage in STAGES},
         "peak_rss_mib": round(memory.peak / 2**20, 1),
         "ppl": round(quality.ppl, 4), "pdv": round(quality.pdv, 6),
-        "endpoint_psnr_db": [round(psnr(result.frame_tensors[0], targets[0]), 2),
-                             round(psnr(result.frame_tensors[-1], targets[1]), 2)],
+        "endpoint_psnr_db": [round(db, 2) for db in endpoint_psnr(result.frame_tensors, model_inputs(images, result.resolution))],
         "cache": result.cache, "schedule_cache": result.schedule_cache,
     }
 

@@ -53,10 +53,10 @@ sys.path[:0] = [str(REPO_ROOT / "handler"), str(REPO_ROOT)]
 
 from benchmarks.fid import FidAccumulator, FidUnavailable, InceptionFeatures, resolve_inception_weights  # noqa: E402
 from diffmorpher.config import ConfigError, MorphConfig  # noqa: E402
-from diffmorpher.metrics import psnr, sequence_quality  # noqa: E402
+from diffmorpher.metrics import endpoint_psnr, model_inputs, sequence_quality  # noqa: E402
 from diffmorpher.perceptual import PerceptualDistance  # noqa: E402
 from diffmorpher.pipeline import DiffMorpherPipeline  # noqa: E402
-from diffmorpher.preprocess import image_to_tensor, tensor_to_images  # noqa: E402
+from diffmorpher.preprocess import tensor_to_images  # noqa: E402
 
 SUBSETS: tuple[str, ...] = ("Metamorphosis", "Animation")
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp")
@@ -234,14 +234,14 @@ def evaluate_pair(pipe: DiffMorpherPipeline, pair: BenchPair, config: MorphConfi
     result = pipe(images, list(pair.prompts), config)
     wall = time.perf_counter() - started
     frames = result.frame_tensors.float()
-    inputs = torch.cat([(image_to_tensor(image, result.resolution) + 1) / 2 for image in images])
+    inputs = model_inputs(images, result.resolution)
     quality = sequence_quality(frames, metric)
     ends = torch.stack([frames[0], frames[-1]])
     row = {
         "subset": pair.subset, "name": pair.name, "images": [path.name for path in pair.paths],
         "prompts": list(pair.prompts), "prompt_source": list(pair.prompt_sources),
         "ppl": quality.ppl, "pdv": quality.pdv, "distances": [round(d, 5) for d in quality.distances],
-        "endpoint_psnr_db": [psnr(frames[0], inputs[0]), psnr(frames[-1], inputs[1])],
+        "endpoint_psnr_db": endpoint_psnr(frames, inputs),
         "endpoint_lpips": [float(d) for d in metric(ends, inputs)],
         "alphas": [round(a, 4) for a in result.alphas], "wall_s": round(wall, 2),
         "timings_s": {stage: round(float(seconds), 2) for stage, seconds in result.timings.items()},

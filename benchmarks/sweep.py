@@ -37,10 +37,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO_ROOT / "handler"), str(REPO_ROOT)]
 
 from diffmorpher.config import MorphConfig  # noqa: E402
-from diffmorpher.metrics import psnr, sequence_quality  # noqa: E402
+from diffmorpher.metrics import endpoint_psnr, model_inputs, sequence_quality  # noqa: E402
 from diffmorpher.perceptual import PerceptualDistance  # noqa: E402
 from diffmorpher.pipeline import DiffMorpherPipeline  # noqa: E402
-from diffmorpher.preprocess import image_to_tensor  # noqa: E402
 from embedded_model.morph_pairs import PAIRS, QUALITY_OPTIONS, morph_pair  # noqa: E402
 
 LAMBDAS: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -66,12 +65,11 @@ def measure(pipe: DiffMorpherPipeline, index: int, config: MorphConfig,
     result = pipe(images, prompts, config, loras=loras)
     frames = result.frame_tensors.float()
     quality = sequence_quality(frames, metric)
-    targets = [(image_to_tensor(image, result.resolution)[0] + 1) / 2 for image in images]
     ends = sharpness(torch.stack([frames[0], frames[-1]])).mean()
     return {
         "pair": index, "attn_lambda": config.attn_lambda, "use_reschedule": config.use_reschedule,
         "ppl": quality.ppl, "pdv": quality.pdv,
-        "endpoint_psnr_db": [psnr(frames[0], targets[0]), psnr(frames[-1], targets[1])],
+        "endpoint_psnr_db": endpoint_psnr(frames, model_inputs(images, result.resolution)),
         "sharpness_ratio": float(sharpness(frames[1:-1]).mean() / ends),
         "distances": [round(d, 5) for d in quality.distances],
         "alphas": [round(a, 4) for a in result.alphas],

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .perceptual import PerceptualDistance, consecutive_distances
+from .preprocess import image_to_tensor
 
 
 @dataclass(frozen=True)
@@ -40,3 +41,13 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """Peak signal-to-noise ratio in dB of two images in [0, 1]."""
     mse = float((a.double() - b.double()).square().mean())
     return float("inf") if mse == 0 else 10.0 * torch.log10(torch.tensor(1.0 / mse)).item()
+
+
+def model_inputs(images: list, resolution: int) -> torch.Tensor:
+    """(N, 3, R, R) in [0, 1]: the input images as the model saw them, to compare frames with."""
+    return torch.cat([(image_to_tensor(image, resolution) + 1) / 2 for image in images])
+
+
+def endpoint_psnr(frames: torch.Tensor, inputs: torch.Tensor) -> list[float]:
+    """PSNR in dB of the first and last frame against the first and last input (fidelity)."""
+    return [psnr(frames[0], inputs[0]), psnr(frames[-1], inputs[-1])]
