@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .client_auth import admission_from_args
 from .control import CONTROL_DIR_ENV, ControlDir
-from .gateway import Gateway, GatewayConfig
+from .gateway import DEFAULT_MAX_RESPONSE_BYTES, RESPONSE_FRAMING_BYTES, Gateway, GatewayConfig, max_request_bytes
 from .management import ManagementApi, read_properties
 from .service import Guard
 from .tokens import TokenRotator
@@ -44,8 +44,8 @@ def build_guard(args: argparse.Namespace) -> Guard:
     gateway = Gateway(
         GatewayConfig(
             gateway_address, upstream,
-            max_request_bytes=int(props.get("max_request_size", str(100 * 1024 * 1024))),
-            max_response_bytes=int(props.get("max_response_size", str(256 * 1024 * 1024))) + (1 << 20),
+            max_request_bytes=max_request_bytes(props),
+            max_response_bytes=int(props.get("max_response_size", str(DEFAULT_MAX_RESPONSE_BYTES))) + RESPONSE_FRAMING_BYTES,
         ),
         control,
         admission_from_args(args.client_tokens, key_file),

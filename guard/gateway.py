@@ -70,12 +70,23 @@ NO_DEADLINE_S = 10**8  # grpcio reports "no deadline" as a huge time_remaining()
 OIP_UPSTREAM_GRACE_S = 600.0
 
 
+# Where config.properties sets no max_request_size / max_response_size.
+DEFAULT_MAX_REQUEST_BYTES = 100 * 1024 * 1024
+DEFAULT_MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+RESPONSE_FRAMING_BYTES = 1024 * 1024  # a response message's envelope beyond its payload
+
+
+def max_request_bytes(props: dict[str, str]) -> int:
+    """The largest request the service takes: config.properties' max_request_size."""
+    return int(props.get("max_request_size", str(DEFAULT_MAX_REQUEST_BYTES)))
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     listen: str  # host:port of the public gRPC endpoint
     upstream: str  # TorchServe's gRPC inference address (loopback)
-    max_request_bytes: int = 100 * 1024 * 1024  # config.properties max_request_size
-    max_response_bytes: int = 256 * 1024 * 1024 + 1024 * 1024  # max_response_size + framing
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # config.properties max_request_size
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES + RESPONSE_FRAMING_BYTES  # max_response_size + framing
     max_concurrent_calls: int = 256
 
 

@@ -20,13 +20,12 @@ from types import ModuleType
 from typing import Any
 
 from client import wire
+from guard.gateway import max_request_bytes
 from guard.management import read_properties
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TS_CONFIG = REPO_ROOT / "config.properties"
 DEMO_PROMPTS = REPO_ROOT / "assets" / "demo" / "prompts.json"
-# The guard's own fallback when config.properties has no max_request_size (guard/__main__.py).
-FALLBACK_MAX_REQUEST_BYTES = 100 * 1024 * 1024
 MIN_IMAGES = 2  # a morph is between at least two images
 
 # Options the page sets in its main form, and those that belong to the server (refused when a
@@ -92,8 +91,7 @@ class PageLimits:
 
 def read_max_request_bytes(ts_config: Path) -> int:
     """`max_request_size` of the service's config.properties."""
-    props = read_properties(ts_config)
-    return int(props.get("max_request_size", str(FALLBACK_MAX_REQUEST_BYTES)))
+    return max_request_bytes(read_properties(ts_config))
 
 
 def read_known_prompts(path: Path = DEMO_PROMPTS) -> dict[str, str]:
