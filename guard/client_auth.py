@@ -33,7 +33,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import grpc
 
@@ -108,7 +108,7 @@ class ClientTokens:
             if now - self._checked_at >= self.recheck_s:
                 self._checked_at = now
                 signature = self._stat_signature()
-                if signature != self._signature or self.loads == 0:
+                if signature != self._signature:
                     self._load(signature)
             return self.tokens
 
@@ -168,7 +168,7 @@ class ClientTokenAdmission:
 
     tokens: ClientTokens
     upstream: TokenSource
-    enabled: bool = True
+    enabled: ClassVar[bool] = True
     refused: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
