@@ -110,6 +110,7 @@ def demo_hue_path(model: str | Path, threads: int = 0) -> HuePath:
 
     from diffmorpher import MorphConfig
     from diffmorpher.pipeline import DiffMorpherPipeline
+    from export.build_mar import model_defaults
 
     if threads:
         torch.set_num_threads(threads)
@@ -117,9 +118,7 @@ def demo_hue_path(model: str | Path, threads: int = 0) -> HuePath:
     images = [Image.open(DEMO_DIR / name).convert("RGB") for name in DEMO_ENDS]
     # The served archive applies the folder's morph_defaults.json beneath the request's options
     # (export/build_mar.py), so `make demo` runs with them too.
-    defaults_file = Path(model) / "morph_defaults.json"
-    defaults = json.loads(defaults_file.read_text()) if defaults_file.is_file() else {}
-    options = {**{k: v for k, v in defaults.items() if not k.startswith("_")}, **DEMO_OPTIONS}
+    options = {**model_defaults(Path(model)), **DEMO_OPTIONS}
     pipe = DiffMorpherPipeline.from_pretrained(str(model), device="cpu")
     result = pipe(images, [prompts[name] for name in DEMO_ENDS], MorphConfig(**options))
     frames = [(f.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()

@@ -59,6 +59,7 @@ def test_a_blend_passes_and_a_detour_fails():
 @pytest.mark.skipif(not (EMBEDDED_MODEL / "unet").is_dir(), reason="embedded model not built")
 @pytest.mark.xfail(
     strict=False,
+    raises=AssertionError,  # only the hue check may fail, never the morph itself
     reason="shipped model trained on pure scenes only: the demo goes red (hue 28) -> orange -> "
     "green (hues 125-155) -> blue (267); 7 of 14 intermediate frames off the red-blue arc by "
     "30-120 degrees at attn_lambda 0.6 and 1.0, measured 2026-12-02. Fine-tuning with blend scenes (2700 steps) fixed the "
