@@ -120,6 +120,8 @@ STREAM_FALSE = ("false", "0", "no", "")
 # gRPC RESOURCE_EXHAUSTED where TorchServe would say INTERNAL).
 OUT_OF_MEMORY_PREFIX = "out of memory:"
 MAX_IMAGES = 8
+# The `options` field's size limit (the handler refuses more; the web page's form reads it too).
+MAX_OPTIONS_BYTES = 64 * 1024  # a flat JSON object of ~20 options needs well under 1 KiB
 # An image reference is the SHA-256 (hex) of the image as the server prepared it.
 IMAGE_REF_LENGTH = 64
 

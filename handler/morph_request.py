@@ -29,7 +29,7 @@ SERVER_KEYS = ("device", "dtype")
 MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_PROMPT_CHARS = 2000
 MAX_PROMPT_BYTES = 4 * MAX_PROMPT_CHARS  # UTF-8: at most 4 bytes a character
-MAX_OPTIONS_BYTES = 64 * 1024  # a flat JSON object of ~20 options needs well under 1 KiB
+MAX_OPTIONS_BYTES = wire.MAX_OPTIONS_BYTES
 # Raster formats only: Pillow would open PostScript (EPS) by running Ghostscript.
 # (JPEG covers MPO, the multi-picture JPEG of phone cameras; AVIF where Pillow was built with it.)
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")

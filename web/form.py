@@ -15,11 +15,12 @@ from typing import Any
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
+from client import wire
+
 from .limits import FORMATS, PageLimits
 
 # Multipart framing, prompts and options on top of the images themselves.
 FORM_OVERHEAD_BYTES = 256 * 1024
-MAX_OPTIONS_CHARS = 64 * 1024
 
 
 class FormError(ValueError):
@@ -51,7 +52,7 @@ def check_length(request: Request, limits: PageLimits) -> None:
 async def read_form(request: Request, limits: PageLimits) -> MorphForm:
     check_length(request, limits)
     form = await request.form(max_files=limits.max_images + 1, max_fields=limits.max_images + 8,
-                              max_part_size=MAX_OPTIONS_CHARS)
+                              max_part_size=wire.MAX_OPTIONS_BYTES)
     try:
         uploads = form.getlist("image")
         prompts = [str(prompt) for prompt in form.getlist("prompt")]
