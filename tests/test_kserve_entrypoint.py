@@ -26,7 +26,7 @@ from guard.management import read_properties
 from tests.test_client_auth import TOKEN_A, mount_secret
 from tests.test_e2e_torchserve import TINY, demo_inputs
 from tests.test_oip import MODEL, infer_inputs
-from tests.torchserve_server import REPO_ROOT, free_ports
+from tests.torchserve_server import REPO_ROOT, free_ports, replace_properties
 
 pytestmark = pytest.mark.slow
 
@@ -51,13 +51,10 @@ def config_for_this_host(root: Path, model_root: Path) -> tuple[Path, dict[str, 
         "model_store": str(model_root / "model-store"),
         "metrics_config": str(REPO_ROOT / "handler" / "metrics.yaml"),
     }
-    lines = []
-    for line in KSERVE_CONFIG.read_text().splitlines():
-        key = line.split("=", 1)[0]
-        lines.append(f"{key}={overrides.pop(key)}" if key in overrides else line)
-    assert not overrides, overrides  # every overridden key is in the image's config
+    text, missing = replace_properties(KSERVE_CONFIG.read_text(), overrides)
+    assert not missing, missing  # every overridden key is in the image's config
     config = root / "config.properties"
-    config.write_text("\n".join(lines) + "\n")
+    config.write_text(text)
     return config, ports
 
 

@@ -40,6 +40,19 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+def replace_properties(text: str, overrides: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """A config.properties text with the given keys' values replaced in place, and the
+    overrides it has no line for."""
+    missing = dict(overrides)
+    lines = []
+    for line in text.splitlines():
+        key = line.split("=", 1)[0].strip()
+        if not line.lstrip().startswith("#") and key in missing:
+            line = f"{key}={missing.pop(key)}"
+        lines.append(line)
+    return "\n".join(lines) + "\n", missing
+
+
 @dataclass
 class TorchServeProcess:
     workdir: Path
@@ -73,15 +86,9 @@ class TorchServeProcess:
             "diffmorpher.health_address": f"127.0.0.1:{self.ports['health']}",
             **self.overrides,
         }
-        lines = []
-        for line in BASE_CONFIG.read_text().splitlines():
-            key = line.split("=", 1)[0].strip()
-            if not line.lstrip().startswith("#") and key in overrides:
-                line = f"{key}={overrides.pop(key)}"
-            lines.append(line)
-        lines += [f"{key}={value}" for key, value in overrides.items()]
+        text, missing = replace_properties(BASE_CONFIG.read_text(), overrides)
         path = self.workdir / "config.properties"
-        path.write_text("\n".join(lines) + "\n")
+        path.write_text(text + "".join(f"{key}={value}\n" for key, value in missing.items()))
         return path
 
     # ------------------------------------------------------------------ lifecycle
