@@ -23,6 +23,19 @@ PAIRS: list[tuple[tuple[str, str, str], tuple[str, str, str]]] = [
     (("yellow", "circle", "brown"), ("green", "triangle", "brown")),
 ]
 
+# Five more pairs for the per-pair protocol of issue 14 (benchmarks/per_pair.py), chosen on
+# 2026-12-02 before any morph of them was looked at: every colour, shape and background again,
+# training combinations only, and two more far-apart hue pairs (orange -> purple, yellow ->
+# blue) beside near ones. Indices 5-9 of `morph_pair`.
+EXTRA_PAIRS: list[tuple[tuple[str, str, str], tuple[str, str, str]]] = [
+    (("orange", "square", "black"), ("purple", "triangle", "black")),
+    (("green", "star", "white"), ("red", "cross", "white")),
+    (("blue", "circle", "gray"), ("yellow", "square", "gray")),
+    (("red", "triangle", "brown"), ("purple", "circle", "brown")),
+    (("yellow", "cross", "white"), ("blue", "circle", "white")),
+]
+ALL_PAIRS = PAIRS + EXTRA_PAIRS
+
 
 def scene_image(colour: str, shape: str, background: str) -> tuple[Image.Image, str]:
     """The centred scene and its caption."""
@@ -30,6 +43,6 @@ def scene_image(colour: str, shape: str, background: str) -> tuple[Image.Image, 
 
 
 def morph_pair(index: int) -> tuple[list[Image.Image], list[str]]:
-    """Images and prompts of fixed pair `index`."""
-    (image_a, prompt_a), (image_b, prompt_b) = (scene_image(*end) for end in PAIRS[index])
+    """Images and prompts of fixed pair `index` (0-4: PAIRS, 5-9: EXTRA_PAIRS)."""
+    (image_a, prompt_a), (image_b, prompt_b) = (scene_image(*end) for end in ALL_PAIRS[index])
     return [image_a, image_b], [prompt_a, prompt_b]
