@@ -30,7 +30,9 @@ from .export import WEIGHTS_DTYPE, save_pipeline
 from .model_card import write_model_card
 from .tokenizer import build_tokenizer
 from .train_unet import BlendBatch, train_unet
-from .train_vae import encode_latents, refine_decoder, round_trip_psnr, train_vae
+from .train_vae import (
+    ColourLerpData, encode_latents, refine_decoder, round_trip_psnr, train_vae,
+)
 
 PSNR_IMAGES = 256
 EVAL_SEED = 1234
@@ -53,11 +55,13 @@ def train(args: argparse.Namespace) -> None:
     images, captions = dataset.generate(args.seed, args.images)
     log(f"dataset: {len(images)} images in {time.perf_counter() - t:.0f}s")
 
+    colour_lerp, colour_lerp_stats = _colour_lerp(args, log)
     vae_result = train_vae(images, args.vae_steps, batch_size=args.vae_batch, seed=args.seed,
-                           log=log)
+                           log=log, colour_lerp=colour_lerp)
     test_images, _ = dataset.generate(args.seed + 1, PSNR_IMAGES)
     vae_psnr = round_trip_psnr(vae_result.vae, test_images)
     log(f"vae: final mse {vae_result.final_loss:.5f}, round-trip PSNR {vae_psnr:.2f} dB")
+    log(f"vae: decoded lerp of the demo's two latents, hues {_demo_lerp_hues(vae_result.vae)}")
 
     t = time.perf_counter()
     latents = encode_latents(vae_result.vae, images)
@@ -74,7 +78,7 @@ def train(args: argparse.Namespace) -> None:
         blends=blends, blend_fraction=args.blend_fraction,
     )
     log(f"unet: final eps-mse {unet_result.final_loss:.4f} after {unet_result.steps} steps")
-    decoder_stats = _refine(vae_result.vae, images, args, log)
+    decoder_stats = _refine(vae_result.vae, images, args, log, colour_lerp)
     save_pipeline(out, unet_result.unet, vae_result.vae, unet_result.text_encoder,
                   make_scheduler())
     train_seconds = time.perf_counter() - started
@@ -100,6 +104,7 @@ def train(args: argparse.Namespace) -> None:
         "total_train_seconds": round(train_seconds),
         **decoder_stats,
         **blend_stats,
+        **colour_lerp_stats,
     }
     _record(out, stats, evaluate=not args.skip_eval, log=log)
     log(f"done in {time.perf_counter() - started:.0f}s")
@@ -125,14 +130,48 @@ def _blends(vae, args: argparse.Namespace, seed: int, log) -> tuple[BlendBatch |
     }
 
 
-def _refine(vae, images: np.ndarray, args: argparse.Namespace, log) -> dict:
+def _colour_lerp(args: argparse.Namespace, log) -> tuple[ColourLerpData | None, dict]:
+    """The colour triplets of the VAE's latent-interpolation loss when --vae-colour-lerp > 0,
+    else nothing (and the VAE trains exactly as without the option)."""
+    if args.vae_colour_lerp <= 0:
+        return None, {}
+    from .blends import generate_colour_triplets
+
+    t = time.perf_counter()
+    data = ColourLerpData.from_triplets(*generate_colour_triplets(args.seed, args.vae_colour_lerp))
+    log(f"colour triplets: {args.vae_colour_lerp} in {time.perf_counter() - t:.0f}s")
+    return data, {"vae_colour_lerp": args.vae_colour_lerp}
+
+
+def _demo_lerp_hues(vae) -> list[int | None]:
+    """OKLCh hues of the decoded lerp (9 points) of the demo images' latents: what any morph of
+    the demo pair passes through before the UNet has a say (logged after the VAE stage)."""
+    from PIL import Image
+
+    from .hue_path import DEMO_DIR, DEMO_ENDS, dominant_hue
+    from .train_vae import to_tensor
+
+    pictures = np.stack([np.asarray(Image.open(DEMO_DIR / n).convert("RGB")) for n in DEMO_ENDS])
+    with torch.no_grad():
+        means = vae.encode(to_tensor(pictures)).latent_dist.mean
+        ts = torch.linspace(0, 1, 9)[:, None, None, None]
+        decoded = vae.decode(torch.lerp(means[:1], means[1:], ts)).sample
+    frames = ((decoded.permute(0, 2, 3, 1).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+    return [None if h is None else round(h) for h in map(dominant_hue, frames)]
+
+
+def _refine(vae, images: np.ndarray, args: argparse.Namespace, log,
+            colour_lerp: ColourLerpData | None = None) -> dict:
     """Decoder-only refinement (encoder, hence the UNet's latents, unchanged) and final PSNR."""
     t = time.perf_counter()
-    mse = refine_decoder(vae, images, args.decoder_steps, seed=args.seed, log=log)
+    mse = refine_decoder(vae, images, args.decoder_steps, seed=args.seed, log=log,
+                         colour_lerp=colour_lerp)
     test_images, _ = dataset.generate(args.seed + 1, PSNR_IMAGES)
     psnr = round_trip_psnr(vae, test_images)
     log(f"decoder refinement: {args.decoder_steps} steps, final mse {mse:.5f}, "
         f"round-trip PSNR {psnr:.2f} dB")
+    log(f"decoder refinement: decoded lerp of the demo's two latents, hues "
+        f"{_demo_lerp_hues(vae)}")
     return {
         "decoder_steps": args.decoder_steps,
         "decoder_seconds": round(time.perf_counter() - t),
@@ -296,6 +335,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--unet-steps", type=int, default=3000)
     p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--decoder-steps", type=int, default=200)
+    p.add_argument("--vae-colour-lerp", type=int, default=0,
+                   help="number of colour triplets for the VAE's latent-interpolation loss "
+                   "(train_vae.ColourLerpData); 0 trains on reconstruction only")
     _blend_options(p)
     p = _folder_command(sub, "refine-decoder", "decoder-only refinement of a trained folder",
                         refine)

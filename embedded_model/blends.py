@@ -34,7 +34,10 @@ from .colour_space import (
     lch_to_oklab, oklab_to_lch, oklab_to_linear, oklab_to_rgb, rgb_to_oklab,
     signed_hue_difference,
 )
-from .dataset import RESOLUTION, SUPERSAMPLE, Scene, sample_scene, shape_polygon
+from .dataset import (
+    BACKGROUNDS, COLOURS, RESOLUTION, SUPERSAMPLE, Scene, _jitter, render, sample_scene,
+    shape_polygon,
+)
 
 # Below this OKLCh chroma a colour counts as grey: its hue is undefined, so it is mixed in OKLab.
 ACHROMATIC_CHROMA = 0.05
@@ -147,3 +150,58 @@ def generate_blends(
         captions_b.append(blend.b.caption)
         ts[i] = blend.t
     return images, captions_a, captions_b, ts
+
+
+@dataclass(frozen=True)
+class ColourTriplet:
+    """Two scenes of one geometry that differ in colour (and sometimes background), and t.
+
+    What the VAE's latent-interpolation loss (train_vae) trains on: the decoder of
+    lerp(E(a), E(b), t) should draw the colour blend of a and b at t (`render_colour_blend`).
+    Why the geometry is shared: only then is the right image at t unambiguous; shapes morph
+    in the UNet (the blend scenes), colours must also be linear in the latent space itself,
+    because every morph slerps latents and the decoder draws whatever lies between.
+    """
+
+    a: Scene
+    b: Scene
+    t: float
+
+
+def sample_colour_triplet(rng: random.Random) -> ColourTriplet:
+    """A training scene, the same geometry in another colour (and, half the time, on another
+    background), and t uniform in [0, 1]."""
+    a = sample_scene(rng)
+    colour = rng.choice([c for c in COLOURS if c != a.colour])
+    background = a.background
+    bg_rgb = a.bg_rgb
+    if rng.random() >= SAME_BACKGROUND:
+        background = rng.choice(list(BACKGROUNDS))
+        bg_rgb = _jitter(BACKGROUNDS[background], rng)
+    b = Scene(a.shape, colour, background, a.cx, a.cy, a.radius,
+              _jitter(COLOURS[colour], rng), bg_rgb)
+    return ColourTriplet(a, b, rng.random())
+
+
+def render_colour_blend(triplet: ColourTriplet, size: int = RESOLUTION) -> Image.Image:
+    """The shared geometry drawn in the colours mixed at t (mix_colours)."""
+    a, b, t = triplet.a, triplet.b, triplet.t
+    mixed = Scene(a.shape, a.colour, a.background, a.cx, a.cy, a.radius,
+                  mix_colours(a.fg_rgb, b.fg_rgb, t), mix_colours(a.bg_rgb, b.bg_rgb, t))
+    return render(mixed, size)
+
+
+def generate_colour_triplets(
+    seed: int, count: int, size: int = RESOLUTION,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`count` triplets as uint8 (count, 3, size, size, 3): end a, end b and the blend at t;
+    and their t (float32)."""
+    images = np.empty((count, 3, size, size, 3), dtype=np.uint8)
+    ts = np.empty(count, dtype=np.float32)
+    for i in range(count):
+        triplet = sample_colour_triplet(random.Random(f"colour-triplet:{seed}:{i}"))
+        images[i, 0] = np.asarray(render(triplet.a, size))
+        images[i, 1] = np.asarray(render(triplet.b, size))
+        images[i, 2] = np.asarray(render_colour_blend(triplet, size))
+        ts[i] = triplet.t
+    return images, ts
