@@ -29,6 +29,16 @@ def _blend_lines(stats: dict) -> str:
     return lines
 
 
+def _colour_lerp_line(stats: dict) -> str:
+    """The VAE's latent-interpolation loss (train_vae.ColourLerpData), when it had one."""
+    if not stats.get("vae_colour_lerp"):
+        return ""
+    return (f"\n  Plus the latent-interpolation loss on {stats['vae_colour_lerp']} colour triplets "
+            f"(one geometry in two colours and their OKLCh blend at t): decode(lerp(E(a), E(b), t)) "
+            f"and decode(E(blend)) must both draw the blend, so the points between two latents "
+            f"decode to colours between them (kept up in the decoder refinement).")
+
+
 def write_model_card(out: Path, stats: dict) -> None:
     held_out = ", ".join(f"{c} {s}" for c, s in sorted(HELD_OUT_PAIRS))
     guidance = "\n".join(
@@ -93,7 +103,7 @@ exactly these pairs on every background (20 prompts).
 Seed {stats['seed']}, {stats['threads']} CPU thread(s), torch {stats['torch']}.
 - VAE: {stats['vae_steps']} steps x batch {stats['vae_batch']} (pixel MSE + 1e-6 KL; random
   32x32 crops, the last 10% on full images), {stats['vae_seconds']} s. Final MSE (in [-1, 1]
-  units) {stats['vae_final_mse']}.
+  units) {stats['vae_final_mse']}.{_colour_lerp_line(stats)}
 - Latents precomputed: {stats['latent_seconds']} s.
 - UNet + text encoder (jointly, 10% empty captions, Min-SNR-5 weighting, offset noise 0.1,
   EMA 0.998):

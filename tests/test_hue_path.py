@@ -57,14 +57,6 @@ def test_a_blend_passes_and_a_detour_fails():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (EMBEDDED_MODEL / "unet").is_dir(), reason="embedded model not built")
-@pytest.mark.xfail(
-    strict=False,
-    raises=AssertionError,  # only the hue check may fail, never the morph itself
-    reason="shipped model trained on pure scenes only: the demo goes red (hue 28) -> orange -> "
-    "green (hues 125-155) -> blue (267); 7 of 14 intermediate frames off the red-blue arc by "
-    "30-120 degrees at attn_lambda 0.6 and 1.0, measured 2026-12-02. Fine-tuning with blend scenes (2700 steps) fixed the "
-    "shapes but not this (still 7/14 off, docs/quality.md); open point of issue 14",
-)
 def test_demo_morph_stays_on_the_hue_arc_between_its_ends():
     result = demo_hue_path(EMBEDDED_MODEL)
     report = REPO_ROOT / "out" / "quality" / "demo_hue_path.json"
