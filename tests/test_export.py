@@ -135,10 +135,9 @@ def test_a_models_own_defaults_go_into_its_archive_beneath_the_exports(tmp_path:
     assert main(["--model", str(model), "--export-path", str(tmp_path / "bad"), "--lpips-weights", ""]) == 1
 
 
-def test_the_embedded_models_defaults_are_valid_options() -> None:
-    from diffmorpher.config import MorphConfig
+def test_the_embedded_model_serves_morphconfigs_defaults() -> None:
+    """The sweep on the morph-friendly embedded model chose MorphConfig's own attn_lambda 0.6
+    (docs/quality.md, "Which default the numbers support"), so its folder overrides nothing."""
     from export.build_mar import model_defaults
 
-    defaults = model_defaults(REPO_ROOT / "models" / "tiny-shapes-sd")
-    assert defaults == {"attn_lambda": 1.0}  # docs/quality.md, "Which default the numbers support"
-    assert MorphConfig.from_dict(defaults).attn_lambda == 1.0
+    assert model_defaults(REPO_ROOT / "models" / "tiny-shapes-sd") == {}
