@@ -1,11 +1,12 @@
 """Blended scenes: images *between* two training captions, for a morph-friendly text space.
 
 Why: trained on pure scenes only, the model has nothing to draw for a text embedding halfway
-between "a red circle" and "a blue triangle", and along that lerp it falls into whichever other
-trained category lies nearby (red -> blue through a saturated green). A blend scene at t is what
-a morph frame at t should look like; training on it conditioned on the lerp, at the same t, of
-the two captions' text-encoder outputs (see train_unet) gives the points between two captions
-a meaning.
+between "a red circle" and "a blue triangle". A blend scene at t is what a morph frame at t
+should look like; training on it conditioned on the lerp, at the same t, of the two captions'
+text-encoder outputs (see train_unet) gives the points between two captions a meaning. Colour
+blends must also hold in the VAE's latent space, which the UNet alone cannot fix (the previous
+model's demo went through green for that reason): the colour triplets below feed the VAE's
+latent-interpolation loss (train_vae.ColourLerpData).
 
 How a scene at t is blended:
 - geometry: centre and size lerped; the two shapes, both placed at that centre and size, are

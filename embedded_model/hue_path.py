@@ -2,7 +2,8 @@
 
 Issue 14's acceptance: on the demo pair (red circle -> blue triangle) every intermediate
 frame's dominant colour lies on the shorter hue arc between the ends' colours, within 30
-degrees; the embedded model trained on pure scenes only goes red -> green -> blue instead.
+degrees. The previous embedded model, trained on pure scenes only, went red -> green -> blue
+instead, because its VAE decoded the latents between red and blue as green (train_vae.py).
 
 Hue is OKLCh hue (colour_space.py), the space the blend scenes are mixed in. A frame's
 dominant hue: of its foreground pixels (evaluate.foreground_mask: far from the border's
