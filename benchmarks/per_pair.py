@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +34,7 @@ from diffmorpher.config import PLAIN_BASELINE_OPTIONS, MorphConfig  # noqa: E402
 from diffmorpher.metrics import sequence_quality  # noqa: E402
 from diffmorpher.perceptual import PerceptualDistance  # noqa: E402
 from diffmorpher.pipeline import DiffMorpherPipeline  # noqa: E402
-from embedded_model.hue_path import check_hue_path, dominant_hue  # noqa: E402
+from embedded_model.hue_path import morph_hue_path  # noqa: E402
 from embedded_model.morph_pairs import ALL_PAIRS, QUALITY_OPTIONS, morph_pair  # noqa: E402
 from export.build_mar import model_defaults  # noqa: E402
 
@@ -48,12 +47,9 @@ def measure(pipe: DiffMorpherPipeline, index: int, config: MorphConfig,
     result = pipe(images, prompts, config)
     frames = result.frame_tensors.float()
     quality = sequence_quality(frames, metric)
-    pictures = [(f.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy() for f in frames]
-    ends = tuple(dominant_hue(np.asarray(image)) for image in images)
-    hue_path = check_hue_path(pictures, end_hues=ends)  # type: ignore[arg-type]
-    off_arc = sum(d is None or d > hue_path.tolerance for d in hue_path.distances)
+    hue_path = morph_hue_path(frames, images)
     return {"pair": index, "seed": config.seed, "ppl": quality.ppl, "pdv": quality.pdv,
-            "off_arc_frames": off_arc, "hue_path": hue_path.as_dict(),
+            "off_arc_frames": hue_path.off_arc, "hue_path": hue_path.as_dict(),
             "alphas": [round(a, 4) for a in result.alphas],
             "wall_s": round(time.perf_counter() - started, 1)}
 

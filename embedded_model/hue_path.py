@@ -77,8 +77,13 @@ class HuePath:
     tolerance: float
 
     @property
+    def off_arc(self) -> int:
+        """Intermediate frames off the arc by more than the tolerance, or with no hue at all."""
+        return sum(d is None or d > self.tolerance for d in self.distances)
+
+    @property
     def passed(self) -> bool:
-        return all(d is not None and d <= self.tolerance for d in self.distances)
+        return self.off_arc == 0
 
     def as_dict(self) -> dict:
         rounded = lambda xs: [None if x is None else round(x, 1) for x in xs]  # noqa: E731
@@ -102,6 +107,14 @@ def check_hue_path(
     return HuePath(end_hues, hues, distances, tolerance)
 
 
+def morph_hue_path(frame_tensors, images) -> HuePath:
+    """The hue path of a morph's frames ((N, 3, H, W) tensor in [0, 1], ends included) against
+    the hues of its two input images (PIL)."""
+    frames = [(f.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy() for f in frame_tensors]
+    ends = tuple(dominant_hue(np.asarray(image)) for image in images)
+    return check_hue_path(frames, end_hues=ends)  # type: ignore[arg-type]
+
+
 def demo_hue_path(model: str | Path, threads: int = 0) -> HuePath:
     """Morph the demo pair on `model` at the demo's options (over the folder's
     morph_defaults.json, as served) and check its hue path (the ends' hues from the demo input
@@ -122,10 +135,7 @@ def demo_hue_path(model: str | Path, threads: int = 0) -> HuePath:
     options = {**model_defaults(Path(model)), **DEMO_OPTIONS}
     pipe = DiffMorpherPipeline.from_pretrained(str(model), device="cpu")
     result = pipe(images, [prompts[name] for name in DEMO_ENDS], MorphConfig(**options))
-    frames = [(f.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
-              for f in result.frame_tensors]
-    ends = tuple(dominant_hue(np.asarray(im)) for im in images)
-    return check_hue_path(frames, end_hues=ends)  # type: ignore[arg-type]
+    return morph_hue_path(result.frame_tensors, images)
 
 
 def main() -> None:
