@@ -11,7 +11,8 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp
-STUBS := client/_generated/inference_pb2_grpc.py
+STUBS := grpc_api/_generated/inference_pb2_grpc.py
+INSTALLED := $(VENV)/.installed
 LPIPS := .cache/lpips/lpips_alex_backbone.safetensors
 
 MODEL ?= models/tiny-shapes-sd
@@ -30,12 +31,10 @@ DEMO_FRAMES ?= 16
 DEMO_OPTIONS ?= lora_steps=100 num_inference_steps=25
 PYTEST_ARGS ?=
 
-export PYTHONPATH := $(CURDIR)/handler:$(CURDIR)
-
 .PHONY: help setup stubs export serve stop demo test loadtest soak bench train-model clean web
 
 help:
-	@echo "make setup     venv with pinned deps (torch 2.14.1 via constraints.txt), gRPC stubs, LPIPS weights"
+	@echo "make setup     venv with pinned deps (torch 2.14.1 via constraints.txt), the project (editable), gRPC stubs, LPIPS weights"
 	@echo "make export    model_store/$(MODEL_NAME).mar from MODEL=$(MODEL) (ARCHIVE_FORMAT=default|zip-store|no-archive, WEIGHTS=copy|external)"
 	@echo "make serve     start TorchServe in the background (config.properties), wait until the model is ready"
 	@echo "               CLIENT_TOKENS=<file|dir>: the guard checks clients' tokens itself (guard/client_auth.py)"
@@ -50,19 +49,24 @@ help:
 	@echo "make web       the morph web page on http://127.0.0.1:$(WEB_PORT)/ against make serve's TorchServe (started if needed)"
 
 # ---------------------------------------------------------------------------- setup
-setup: $(STAMP) $(STUBS) $(LPIPS)
+setup: $(STAMP) $(INSTALLED) $(STUBS) $(LPIPS)
 
 $(STAMP): requirements.txt constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -c constraints.txt -r requirements.txt
 	@touch $@
 
+# The project itself, editable: every package imports by its name from anywhere (pyproject.toml).
+$(INSTALLED): pyproject.toml | $(STAMP)
+	$(PY) -m pip install -c constraints.txt --no-deps --no-build-isolation -e .
+	@touch $@
+
 stubs: $(STUBS)
 
-$(STUBS): client/proto/inference.proto | $(STAMP)
-	$(PY) -m client.stubs
+$(STUBS): grpc_api/proto/inference.proto | $(INSTALLED)
+	$(PY) -m grpc_api.stubs
 
-$(LPIPS): | $(STAMP)
+$(LPIPS): | $(INSTALLED)
 	$(PY) -m diffmorpher.perceptual prepare
 
 # ---------------------------------------------------------------------------- archive
@@ -137,7 +141,7 @@ loadtest: setup
 # The same morphs as the paper's implementation runs them (baseline), on the service's path with
 # an empty cache, and again on the filled cache: stage times, ratios, memory, PPL/PDV/PSNR.
 bench: setup
-	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+	$(PY) -m benchmarks.bench $(BENCH_ARGS)
 
 # Mixed good and hostile requests on an own server; worker RSS/fd trends in the report
 # (loadtest/results/soak-<time>/). `make test` runs a 3-minute version (tests/test_soak.py).
@@ -154,7 +158,7 @@ train-model: setup
 	$(PY) -m embedded_model continue-unet --out models/tiny-shapes-sd --unet-steps 1000 --lr 5e-4 $(BLEND_ARGS)
 
 clean:
-	rm -rf out logs client/_generated model_store/*.mar key_file.json
+	rm -rf out logs grpc_api/_generated model_store/*.mar key_file.json
 
 # ---------------------------------------------------------------------------- MorphBench
 # The paper's benchmark on any SD folder (benchmarks/morphbench.py, docs/quality.md "MorphBench"):
@@ -166,7 +170,7 @@ EVAL_ARGS ?=
 .PHONY: eval
 eval: setup
 	@test -n "$(BENCH)" || { echo "make eval needs BENCH=<MorphBench folder> (Metamorphosis/ and Animation/ holding <name>_0.png, <name>_1.png)"; exit 2; }
-	$(PY) benchmarks/morphbench.py --model "$(MODEL)" --bench "$(BENCH)" $(EVAL_ARGS)
+	$(PY) -m benchmarks.morphbench --model "$(MODEL)" --bench "$(BENCH)" $(EVAL_ARGS)
 
 # ---------------------------------------------------------------------------- web page
 # A client of the service (python -m web, no torch): `make serve` first (a no-op when it already

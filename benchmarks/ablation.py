@@ -8,7 +8,7 @@ With --text-path it also writes text_path.png: per pair, images sampled from one
 along the lerped text embedding alone (no inversion, LoRA or attention), which shows the path
 the model's own text space takes between the two prompts.
 
-    PYTHONPATH=handler:. .venv/bin/python benchmarks/ablation.py [--frames 17] [--out out/ablation]
+    .venv/bin/python -m benchmarks.ablation [--frames 17] [--out out/ablation]
 """
 
 from __future__ import annotations

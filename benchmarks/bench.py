@@ -38,13 +38,12 @@ import torch
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO_ROOT / "handler"), str(REPO_ROOT)]
 
-from diffmorpher.cache import DiskStore, TensorCache  # noqa: E402
-from diffmorpher.config import FAST_PRESET_OPTIONS, PAPER_IMPLEMENTATION_OPTIONS, MorphConfig  # noqa: E402
-from diffmorpher.metrics import endpoint_psnr, model_inputs, sequence_quality  # noqa: E402
-from diffmorpher.pipeline import DiffMorpherPipeline  # noqa: E402
-from embedded_model.morph_pairs import morph_pair  # noqa: E402
+from diffmorpher.cache import DiskStore, TensorCache
+from diffmorpher.config import FAST_PRESET_OPTIONS, PAPER_IMPLEMENTATION_OPTIONS, MorphConfig
+from diffmorpher.metrics import endpoint_psnr, model_inputs, sequence_quality
+from diffmorpher.pipeline import DiffMorpherPipeline
+from embedded_model.morph_pairs import morph_pair
 
 STAGES = ("encode", "lora", "inversion", "frames", "reschedule", "total")
 MODES = ("baseline", "default_cold", "default_warm", "fast")

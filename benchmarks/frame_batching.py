@@ -3,7 +3,7 @@
 Runs the same morph (given LoRAs, so fitting is excluded) alternately with each batch size and
 prints per-stage medians and the ratio, measured in one process so machine drift cancels.
 
-    PYTHONPATH=handler:. .venv/bin/python benchmarks/frame_batching.py [--model DIR] [--repeats 3]
+    .venv/bin/python -m benchmarks.frame_batching [--model DIR] [--repeats 3]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`make eval`: the paper's benchmark, MorphBench, with any SD 1.x/2.x diffusers folder.
 
-    PYTHONPATH=handler:. python benchmarks/morphbench.py --model <sd folder> --bench <MorphBench folder> \
+    .venv/bin/python -m benchmarks.morphbench --model <sd folder> --bench <MorphBench folder> \
         [--device cuda --dtype float16|bfloat16] [--frames 17] [--set key=value ...] [--limit N] \
         [--inception-weights PATH] [--save-frames] [--out DIR]
 
@@ -49,14 +49,13 @@ import yaml
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO_ROOT / "handler"), str(REPO_ROOT)]
 
-from benchmarks.fid import FidAccumulator, FidUnavailable, InceptionFeatures, resolve_inception_weights  # noqa: E402
-from diffmorpher.config import ConfigError, MorphConfig  # noqa: E402
-from diffmorpher.metrics import endpoint_psnr, model_inputs, sequence_quality  # noqa: E402
-from diffmorpher.perceptual import PerceptualDistance  # noqa: E402
-from diffmorpher.pipeline import DiffMorpherPipeline  # noqa: E402
-from diffmorpher.preprocess import tensor_to_images  # noqa: E402
+from benchmarks.fid import FidAccumulator, FidUnavailable, InceptionFeatures, resolve_inception_weights
+from diffmorpher.config import ConfigError, MorphConfig
+from diffmorpher.metrics import endpoint_psnr, model_inputs, sequence_quality
+from diffmorpher.perceptual import PerceptualDistance
+from diffmorpher.pipeline import DiffMorpherPipeline
+from diffmorpher.preprocess import tensor_to_images
 
 SUBSETS: tuple[str, ...] = ("Metamorphosis", "Animation")
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp")

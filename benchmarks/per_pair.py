@@ -2,7 +2,7 @@
 pair, on the ten fixed pairs (embedded_model/morph_pairs.py: the five of docs/quality.md and
 the five chosen for this protocol before any morph of them was run) and LoRA seeds 0-3.
 
-    PYTHONPATH=handler:. .venv/bin/python benchmarks/per_pair.py [--model DIR] [--seeds 0,1,2,3]
+    .venv/bin/python -m benchmarks.per_pair [--model DIR] [--seeds 0,1,2,3]
 
 Protocol, unchanged from docs/quality.md: 17 frames, QUALITY_OPTIONS' 100 LoRA / 25 DDIM
 steps, LPIPS-alex PPL (sum of consecutive distances) and PDV (their variance). "Full" is what
@@ -28,15 +28,14 @@ from typing import Any
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO_ROOT / "handler"), str(REPO_ROOT)]
 
-from diffmorpher.config import PLAIN_BASELINE_OPTIONS, MorphConfig  # noqa: E402
-from diffmorpher.metrics import sequence_quality  # noqa: E402
-from diffmorpher.perceptual import PerceptualDistance  # noqa: E402
-from diffmorpher.pipeline import DiffMorpherPipeline  # noqa: E402
-from embedded_model.hue_path import morph_hue_path  # noqa: E402
-from embedded_model.morph_pairs import ALL_PAIRS, QUALITY_OPTIONS, morph_pair  # noqa: E402
-from export.build_mar import model_defaults  # noqa: E402
+from diffmorpher.config import PLAIN_BASELINE_OPTIONS, MorphConfig
+from diffmorpher.metrics import sequence_quality
+from diffmorpher.perceptual import PerceptualDistance
+from diffmorpher.pipeline import DiffMorpherPipeline
+from embedded_model.hue_path import morph_hue_path
+from embedded_model.morph_pairs import ALL_PAIRS, QUALITY_OPTIONS, morph_pair
+from export.build_mar import model_defaults
 
 
 def measure(pipe: DiffMorpherPipeline, index: int, config: MorphConfig,

@@ -2,7 +2,7 @@
 sequence per `reschedule_probe_fraction` (of the DDIM steps), on the fixed pairs, against the
 paper's full second pass (1.0).
 
-    PYTHONPATH=handler:. .venv/bin/python benchmarks/reschedule_probe.py [--pairs 0,1,2,3,4]
+    .venv/bin/python -m benchmarks.reschedule_probe [--pairs 0,1,2,3,4]
 
 Each pair's LoRAs and inverted latents are computed once (cache), so every row times the
 measuring pass and the final pass only. Results and the choice of defaults: docs/quality.md.
@@ -18,12 +18,11 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO_ROOT / "handler"), str(REPO_ROOT)]
 
-from benchmarks.bench import run_mode  # noqa: E402
-from diffmorpher.cache import DiskStore, TensorCache  # noqa: E402
-from diffmorpher.config import MorphConfig  # noqa: E402
-from diffmorpher.pipeline import DiffMorpherPipeline  # noqa: E402
+from benchmarks.bench import run_mode
+from diffmorpher.cache import DiskStore, TensorCache
+from diffmorpher.config import MorphConfig
+from diffmorpher.pipeline import DiffMorpherPipeline
 
 # Measuring passes, as MorphConfig options; the first is the paper's (a full second pass).
 PROBES: tuple[dict[str, float], ...] = tuple(

@@ -2,7 +2,7 @@
 `attn_lambda` x the reschedule on the fixed embedded-model pairs, with the protocol of
 docs/quality.md (17 frames, QUALITY_OPTIONS' LoRA and DDIM steps, LPIPS-alex PPL/PDV).
 
-    PYTHONPATH=handler:. .venv/bin/python benchmarks/sweep.py [--pairs 0,1,2,3,4] \
+    .venv/bin/python -m benchmarks.sweep [--pairs 0,1,2,3,4] \
         [--lambdas 0,0.2,0.4,0.6,0.8,1.0] [--reschedule on,off] [--plot docs/quality-sweep.png]
 
 Each pair's LoRAs are fitted once (seed 0) and reused by every setting, as ablation.py does:
@@ -34,13 +34,12 @@ import torch
 import torch.nn.functional as F
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO_ROOT / "handler"), str(REPO_ROOT)]
 
-from diffmorpher.config import MorphConfig  # noqa: E402
-from diffmorpher.metrics import endpoint_psnr, model_inputs, sequence_quality  # noqa: E402
-from diffmorpher.perceptual import PerceptualDistance  # noqa: E402
-from diffmorpher.pipeline import DiffMorpherPipeline  # noqa: E402
-from embedded_model.morph_pairs import PAIRS, QUALITY_OPTIONS, morph_pair  # noqa: E402
+from diffmorpher.config import MorphConfig
+from diffmorpher.metrics import endpoint_psnr, model_inputs, sequence_quality
+from diffmorpher.perceptual import PerceptualDistance
+from diffmorpher.pipeline import DiffMorpherPipeline
+from embedded_model.morph_pairs import PAIRS, QUALITY_OPTIONS, morph_pair
 
 LAMBDAS: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import wire
-from .auth import TokenError, TokenSource
+from morph_protocol import wire
+from morph_protocol.keyfile import TokenError, TokenSource
 from .morph_client import DEFAULT_MODEL, DEFAULT_TARGET, MorphClient, MorphClientError, MorphResult
 
 SUFFIX_FORMATS = {".gif": "gif", ".mp4": "mp4", ".zip": "frames-zip", "": "png"}

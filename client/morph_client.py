@@ -14,7 +14,7 @@ other status is reported with a message saying what to do.
 from __future__ import annotations
 
 import json
-import re
+
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +22,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 import grpc
 
-from . import stubs, wire
-from .auth import TokenSource
+from grpc_api import stubs
+from morph_protocol import wire
+from morph_protocol.torchserve import BUSY_MESSAGE, clean_details
+from morph_protocol.keyfile import TokenSource
 
 DEFAULT_TARGET = "127.0.0.1:7070"
 DEFAULT_MODEL = "diffmorpher"
@@ -60,19 +62,12 @@ STATUS_HINTS: dict[grpc.StatusCode, str] = {
 # TorchServe 0.12 refuses a job when the model's queue is full with INTERNAL (REST: 503) and
 # this message, not RESOURCE_EXHAUSTED: the message is what tells "busy" from a real failure.
 # The guard's gateway answers the same refusal as UNAVAILABLE, keeping this text in its message.
-BUSY_MESSAGE = "has no worker to serve inference request"
 BUSY_HINT = "server busy: its job queue is full; retry later with backoff"
-# TorchServe appends its Java exception class to every gRPC error message (the gateway removes it).
-_JAVA_SUFFIX = re.compile(r"\s*\n?org\.pytorch\.serve\.[A-Za-z0-9_.]+\s*$")
 
 
 def is_busy(code: grpc.StatusCode | None, details: str) -> bool:
     return code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE) and BUSY_MESSAGE in details
 
-
-def clean_details(details: str) -> str:
-    """A server's error message without TorchServe's Java exception class."""
-    return _JAVA_SUFFIX.sub("", details or "").strip()
 
 
 class MorphClientError(RuntimeError):

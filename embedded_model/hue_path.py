@@ -12,7 +12,7 @@ bin's pixels (within 20 degrees of its centre) give the circular mean. Why a mod
 mean over the whole foreground: a frame that is half red and half blue is not purple, and a
 mean would call it purple and pass it.
 
-    PYTHONPATH=handler:. .venv/bin/python -m embedded_model.hue_path [--model DIR]
+    .venv/bin/python -m embedded_model.hue_path [--model DIR]
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def morph_hue_path(frame_tensors, images) -> HuePath:
 def demo_hue_path(model: str | Path, threads: int = 0) -> HuePath:
     """Morph the demo pair on `model` at the demo's options (over the folder's
     morph_defaults.json, as served) and check its hue path (the ends' hues from the demo input
-    images). Needs the core on the path (PYTHONPATH=handler:.)."""
+    images)."""
     import torch
     from PIL import Image
 

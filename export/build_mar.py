@@ -26,15 +26,15 @@ from typing import Any
 
 import yaml
 
+from diffmorpher.config import ConfigError, MorphConfig
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-HANDLER_DIR = REPO_ROOT / "handler"
-HANDLER_FILE = HANDLER_DIR / "torchserve_handler.py"
-HANDLER_MODULES = ("morph_request.py", "morph_response.py", "request_stop.py", "oip.py")
-CORE_PACKAGE = HANDLER_DIR / "diffmorpher"
-WIRE_FILES = ("__init__.py", "wire.py")  # the client's stdlib-only message format
-# guard/ (stdlib only): the control directory's layout, and the names the gateway and the handler
-# share for Open Inference Protocol calls.
-CONTROL_FILES = ("__init__.py", "control.py", "oip.py")
+# What the worker imports, shipped inside the archive (tested to import with nothing else of the
+# project on the path): the TorchServe adapter, the core, and the protocol it shares with the
+# guard and the clients. The archiver copies the handler module to the archive root as the entry
+# point; it imports its siblings as `handler.*`.
+ARCHIVE_PACKAGES = ("handler", "diffmorpher", "morph_protocol")
+HANDLER_FILE = REPO_ROOT / "handler" / "torchserve_handler.py"
 TEMPLATE = Path(__file__).resolve().parent / "model-config.yaml"
 DEFAULT_LPIPS = REPO_ROOT / ".cache" / "lpips" / "lpips_alex_backbone.safetensors"
 DEFAULT_MAX_RESPONSE = 268435456
@@ -120,7 +120,6 @@ def render_model_config(
     defaults: dict[str, Any],
 ) -> dict[str, Any]:
     """The template with this export's values; defaults come from MorphConfig (one source)."""
-    from diffmorpher.config import ConfigError, MorphConfig  # needs handler/ on sys.path (see main)
 
     config = yaml.safe_load(TEMPLATE.read_text())
     try:
@@ -157,13 +156,8 @@ def stage(
 ) -> None:
     """Lay out the archive's extra files under `staging` (they land at the archive root)."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    shutil.copytree(CORE_PACKAGE, staging / "diffmorpher", ignore=ignore)
-    for name in HANDLER_MODULES:
-        shutil.copy2(HANDLER_DIR / name, staging / name)
-    for package, names in (("client", WIRE_FILES), ("guard", CONTROL_FILES)):
-        (staging / package).mkdir(exist_ok=True)
-        for name in names:
-            shutil.copy2(REPO_ROOT / package / name, staging / package / name)
+    for package in ARCHIVE_PACKAGES:
+        shutil.copytree(REPO_ROOT / package, staging / package, ignore=ignore)
     if weights == "copy":
         copy_weights(model, staging / "model")
     if lpips is not None:
@@ -241,8 +235,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    if str(HANDLER_DIR) not in sys.path:  # the core package lives in handler/
-        sys.path.insert(0, str(HANDLER_DIR))
     args = build_parser().parse_args(argv)
     try:
         path = build(args)

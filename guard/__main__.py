@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 from .client_auth import admission_from_args
-from .control import CONTROL_DIR_ENV, ControlDir
+from morph_protocol.control import CONTROL_DIR_ENV, ControlDir
 from .gateway import DEFAULT_MAX_RESPONSE_BYTES, RESPONSE_FRAMING_BYTES, Gateway, GatewayConfig, max_request_bytes
 from .management import ManagementApi, read_properties
 from .service import Guard

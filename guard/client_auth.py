@@ -37,7 +37,7 @@ from typing import ClassVar, Protocol
 
 import grpc
 
-from client.auth import TokenSource
+from morph_protocol.keyfile import TokenSource
 
 logger = logging.getLogger(__name__)
 

@@ -40,12 +40,16 @@ from typing import Any, Iterator
 import grpc
 from google.protobuf import empty_pb2
 
-from client import stubs, wire
-from client.morph_client import BUSY_MESSAGE, clean_details
+from grpc_api import stubs
 
-from . import oip, oip_proto
+from morph_protocol import wire
+from morph_protocol.torchserve import BUSY_MESSAGE, clean_details
+
+from grpc_api import oip_proto
+
+from . import oip
 from .client_auth import UPSTREAM_KEY_REFUSED, Admission, PassThrough
-from .control import ControlDir
+from morph_protocol.control import ControlDir
 
 logger = logging.getLogger(__name__)
 

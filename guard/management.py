@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.auth import TokenError, read_key_file
+from morph_protocol.keyfile import TokenError, read_key_file
 
 
 def read_properties(path: Path) -> dict[str, str]:

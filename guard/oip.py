@@ -15,8 +15,8 @@ client needs, so the gateway, per ModelInfer call:
   (a quoted base64 string per element), and answers with `raw_output_contents`, as Triton does
   (tritonclient reads typed `bytes_contents` through a numpy no-copy view that numpy 2 refuses).
 
-The tensor and parameter names below are the contract between gateway and handler. Standard
-library only: the handler imports this module inside the model archive.
+The tensor and parameter names are the contract between gateway and handler; they live in
+morph_protocol.oip, which both import.
 """
 
 from __future__ import annotations
@@ -27,19 +27,20 @@ import json
 import struct
 from typing import Any
 
-BYTES = "BYTES"
-# The model's tensors (ModelMetadata reports them; handler/oip.py reads and writes them).
-INPUT_IMAGES = "images"  # BYTES [K]: encoded images, or b"ref:<image_key>" for a cached one
-INPUT_PROMPTS = "prompts"  # BYTES [K]: UTF-8, one per image
-OUTPUT_FRAMES = "frames"  # BYTES [N]: the native result's parts (a GIF, an MP4, PNG frames, ...)
-OUTPUT_METADATA = "metadata"  # BYTES [1]: the native result's header (UTF-8 JSON)
-IMAGE_REF_PREFIX = b"ref:"
-# The gateway's own input tensor and the keys of its JSON object.
-GATEWAY_INPUT = "diffmorpher.gateway"
-KEY_PARAMETERS = "parameters"  # the request's parameters (+ deadline, call_id), name -> JSON value
-KEY_OUTPUTS = "outputs"  # names of the requested outputs; empty: every output
-PARAM_DEADLINE = "deadline"  # as the native field: Unix time in seconds
-PARAM_CALL_ID = "call_id"  # set by the gateway only
+from morph_protocol.oip import (  # noqa: F401 - the gateway's side of the contract
+    BYTES,
+    INPUT_IMAGES,
+    INPUT_PROMPTS,
+    OUTPUT_FRAMES,
+    OUTPUT_METADATA,
+    IMAGE_REF_PREFIX,
+    GATEWAY_INPUT,
+    KEY_PARAMETERS,
+    KEY_OUTPUTS,
+    PARAM_DEADLINE,
+    PARAM_CALL_ID,
+)
+
 _LENGTH = struct.Struct("<I")
 
 

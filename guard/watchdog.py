@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .control import BUSY, IDLE, ControlDir
+from morph_protocol.control import BUSY, IDLE, ControlDir
 from .management import ManagementApi, ManagementError
 
 logger = logging.getLogger(__name__)

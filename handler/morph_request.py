@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from client import wire
+from morph_protocol import wire
 from diffmorpher.config import ConfigError, MorphConfig, OutputOptions, name_list, show, with_preset
 
 OUTPUT_KEYS = ("format", "frame_duration_ms", "loop")

@@ -7,10 +7,10 @@ import os
 import time
 from typing import Any, Callable
 
-from client import wire
+from morph_protocol import wire
 from diffmorpher.encoding import encode_png, frame_name
 from diffmorpher.results import MorphResult, ProgressEvent
-from morph_request import MorphRequest
+from handler.morph_request import MorphRequest
 
 
 class ResponseTooLarge(Exception):

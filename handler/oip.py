@@ -27,9 +27,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from client import wire
+from morph_protocol import wire
 from diffmorpher.config import ConfigError, name_list, show
-from guard.oip import (
+from morph_protocol.oip import (
     BYTES,
     GATEWAY_INPUT,
     IMAGE_REF_PREFIX,
@@ -42,7 +42,7 @@ from guard.oip import (
     PARAM_CALL_ID,
     PARAM_DEADLINE,
 )
-from morph_request import parse_options
+from handler.morph_request import parse_options
 
 BODY = "body"  # the one field TorchServe's ModelInfer (and REST /v2/models/<m>/infer) sends
 CONTENT_TYPE = "application/json"

@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from client import wire
+from morph_protocol import wire
 from diffmorpher.config import ConfigError
 from diffmorpher.interrupt import CANCELLED, DEADLINE, StopReason
-from guard.control import BUSY, CALL_ID, IDLE, ControlDir, Heartbeat
+from morph_protocol.control import BUSY, CALL_ID, IDLE, ControlDir, Heartbeat
 
 HEARTBEAT_INTERVAL_S = 1.0
 CANCEL_POLL_INTERVAL_S = 0.2

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from client import wire
+from morph_protocol import wire
 from diffmorpher.cache import CacheMiss, CacheStore, DiskStore, TensorCache
 from diffmorpher.cache_redis import RedisStore, RemoteStatus, TieredStore
 from diffmorpher.compile import COMPILE_OFF, compile_unet_blocks
@@ -41,12 +41,12 @@ from diffmorpher.devices import device_for_worker, is_out_of_memory, release_cac
 from diffmorpher.encoding import encode_parts
 from diffmorpher.interrupt import CANCELLED, MorphStopped
 from diffmorpher.pipeline import DiffMorpherPipeline
-from guard.control import ControlDir
-from morph_request import parse_request
-from morph_response import ResponseTooLarge, StreamSender, check_size, result_metadata
-from oip import CONTENT_TYPE as OIP_CONTENT_TYPE
-from oip import InferRequest, parse_infer_request, response_body, tensor_names
-from request_stop import CallStop, WorkerHeartbeat, parse_call_control
+from morph_protocol.control import ControlDir
+from handler.morph_request import parse_request
+from handler.morph_response import ResponseTooLarge, StreamSender, check_size, result_metadata
+from handler.oip import CONTENT_TYPE as OIP_CONTENT_TYPE
+from handler.oip import InferRequest, parse_infer_request, response_body, tensor_names
+from handler.request_stop import CallStop, WorkerHeartbeat, parse_call_control
 
 logger = logging.getLogger(__name__)
 

@@ -47,11 +47,7 @@ from pathlib import Path  # noqa: E402
 from typing import IO, Any  # noqa: E402
 
 # Locust puts only the locustfile's own directory on sys.path; the client and loadtest packages
-# are imported from the repository root.
-_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(0, _REPO_ROOT)
-
+# come from the installed project (make setup).
 import gevent  # noqa: E402
 import requests  # noqa: E402
 from locust import stats as locust_stats  # noqa: E402
@@ -60,8 +56,8 @@ from locust.env import Environment  # noqa: E402
 from locust.exception import StopUser  # noqa: E402
 from locust.runners import WORKER_REPORT_INTERVAL, MasterRunner, WorkerRunner  # noqa: E402
 
-from client import wire  # noqa: E402
-from client.auth import TokenSource  # noqa: E402
+from morph_protocol import wire  # noqa: E402
+from morph_protocol.keyfile import TokenSource  # noqa: E402
 from client.morph_client import MorphClient, MorphClientError, MorphResult, build_input  # noqa: E402
 from loadtest.outcomes import (  # noqa: E402
     Backoff,

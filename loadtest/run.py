@@ -48,8 +48,10 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from client.auth import TokenError, read_key_file
+from morph_protocol.keyfile import TokenError, read_key_file
 from guard.management import read_properties
+from launcher.archive import MODEL_NAME, export_model
+from launcher.torchserve import TorchServeProcess
 from loadtest.merge import MergeError, merge_results
 from loadtest.profiles import Profile, ProfileError, load_profile
 from loadtest.report import CSV_PREFIX, read_csv, write_report
@@ -61,7 +63,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "loadtest" / "results"
 LOCUSTFILE = REPO_ROOT / "loadtest" / "locustfile.py"
 EMBEDDED_MODEL = REPO_ROOT / "models" / "tiny-shapes-sd"
-MODEL_NAME = "diffmorpher"
 WORKERS_CONNECT_S = 60  # the master gives up when its workers have not all connected by then
 WORKERS_EXIT_S = 30  # after the master has quit, a worker still running is killed
 
@@ -117,32 +118,12 @@ def running_endpoints(args: argparse.Namespace) -> list[Endpoints]:
 
 
 # ---------------------------------------------------------------------------- own server
-def export_model(model: Path, store: Path, job_queue_size: int | None, workers: int | None) -> None:
-    """Fresh no-archive export, with the run's queue and worker overrides in its model-config
-    (model-config.yaml wins over config.properties' job_queue_size in TorchServe 0.12)."""
-    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT / 'handler'}{os.pathsep}{REPO_ROOT}"}
-    subprocess.run(
-        [sys.executable, "-m", "export", "--model", str(model), "--export-path", str(store),
-         "--archive-format", "no-archive"],
-        cwd=REPO_ROOT, env=env, check=True, timeout=600, stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    config_path = store / MODEL_NAME / "model-config.yaml"
-    config = yaml.safe_load(config_path.read_text())
-    if job_queue_size is not None:
-        config["jobQueueSize"] = job_queue_size
-    if workers is not None:
-        config["minWorkers"] = config["maxWorkers"] = workers
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-
-
 def start_servers(out: Path, args: argparse.Namespace, stack: ExitStack) -> list[Endpoints]:
     """Export once, then start --replicas TorchServe + guard instances side by side (each waits
     for its worker; started one after the other they would take that long each)."""
-    sys.path.insert(0, str(REPO_ROOT))
-    from tests.torchserve_server import TorchServeProcess
-
     store = out / "model_store"
-    export_model(Path(args.model), store, args.job_queue_size, args.server_workers)
+    export_model(Path(args.model), store, "--archive-format", "no-archive",
+                 job_queue_size=args.job_queue_size, workers=args.server_workers, quiet=True)
     # Workers inherit the frontend's environment: one torch thread each unless told otherwise
     # (on a few shared cores, more threads per process oversubscribe and run ~10x slower).
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -205,7 +186,7 @@ def worker_command(common: list[str], port: int) -> list[str]:
 
 
 def start_process(command: list[str], out: Path, log_name: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with (out / log_name).open("wb") as log:
         return subprocess.Popen(command, cwd=out, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)

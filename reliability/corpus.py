@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from client import wire
+from morph_protocol import wire
 
 OK = "ok"
 INVALID = "invalid"

@@ -19,8 +19,10 @@ from typing import Any
 
 import grpc
 
-from client import stubs, wire
-from client.auth import TokenSource
+from grpc_api import stubs
+
+from morph_protocol import wire
+from morph_protocol.keyfile import TokenSource
 
 from .corpus import INVALID, OK, TOO_LARGE, UNAUTHENTICATED, Case
 

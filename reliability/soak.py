@@ -25,6 +25,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from launcher.archive import export_model
+from launcher.torchserve import TorchServeProcess
+
 from .corpus import OK, Case, build_corpus, request
 from .send import Endpoints, Sender, judge
 
@@ -218,15 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=str(REPO_ROOT / "models" / "tiny-shapes-sd"))
     parser.add_argument("--out", default=None, help="report folder (default: loadtest/results/soak-<time>)")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(REPO_ROOT))
-    from loadtest.run import export_model
-    from tests.torchserve_server import TorchServeProcess
 
     out = Path(args.out or REPO_ROOT / "loadtest" / "results" / time.strftime("soak-%Y%m%dT%H%M%SZ", time.gmtime()))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         store = Path(tmp) / "model_store"
-        export_model(Path(args.model), store, None, None)
+        export_model(Path(args.model), store, "--archive-format", "no-archive", quiet=True)
         overrides = {} if args.token_minutes is None else {"token_expiration_min": str(args.token_minutes)}
         with TorchServeProcess(Path(tmp) / "server", store, archive="diffmorpher", overrides=overrides) as server:
             endpoints = Endpoints(server.grpc_target, server.url("inference", ""), server.key_file)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from launcher.archive import export_model
 from tests.tiny_sd import save_tiny_sd
 
 # Two cores are shared by this process, TorchServe workers and Locust: more than one intra-op
@@ -38,18 +39,6 @@ def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
 
 
-def export_model(store: Path, model: Path, *args: str) -> Path:
-    """`python -m export` of `model` into the model store `store` (more export flags in `args`)."""
-    import subprocess
-    import sys
-
-    subprocess.run(
-        [sys.executable, "-m", "export", "--model", str(model), "--export-path", str(store), *args],
-        cwd=REPO_ROOT, check=True, env={**os.environ, "PYTHONPATH": f"{REPO_ROOT / 'handler'}:{REPO_ROOT}"},
-    )
-    return store
-
-
 def served_model(request: pytest.FixtureRequest) -> Path:
     """The embedded model, or the tiny random SD folder where it is absent."""
     return EMBEDDED_MODEL if (EMBEDDED_MODEL / "unet").is_dir() else request.getfixturevalue("tiny_sd_dir")
@@ -59,4 +48,4 @@ def served_model(request: pytest.FixtureRequest) -> Path:
 def model_store(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
     """The served model's archive in a model store shared by every end-to-end server of the
     session."""
-    return export_model(tmp_path_factory.mktemp("model_store"), served_model(request))
+    return export_model(served_model(request), tmp_path_factory.mktemp("model_store"))

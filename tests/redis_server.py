@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.torchserve_server import free_ports
+from launcher.torchserve import free_ports
 
 
 def redis_server_binary() -> str:

@@ -127,7 +127,7 @@ def test_redis_down_costs_speed_not_requests(redis_server: RedisProcess, tmp_pat
 
 
 def test_an_unreachable_redis_at_start_is_not_fatal(tmp_path: Path) -> None:
-    from tests.torchserve_server import free_ports
+    from launcher.torchserve import free_ports
 
     store = TieredStore(DiskStore(tmp_path / "host"),
                         RedisStore(f"redis://127.0.0.1:{free_ports(1)[0]}/0", socket_timeout_s=0.5))

@@ -19,9 +19,11 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pb2
 
-from client import stubs, wire
+from grpc_api import stubs
+
+from morph_protocol import wire
 from client.__main__ import format_for, main
-from client.auth import TokenError, TokenSource, read_key_file
+from morph_protocol.keyfile import TokenError, TokenSource, read_key_file
 from client.morph_client import MorphClient, MorphClientError, build_input
 from tests.conftest import REPO_ROOT
 
@@ -125,12 +127,12 @@ def test_key_file_errors_say_what_to_do(tmp_path: Path) -> None:
 
 def test_client_imports_no_torch_diffusers_or_core() -> None:
     code = (
-        "import sys; import client.morph_client, client.__main__, client.wire, client.auth;"
+        "import sys; import client.morph_client, client.__main__, morph_protocol.wire, morph_protocol.keyfile;"
         "bad = [m for m in ('torch', 'diffusers', 'transformers', 'diffmorpher', 'ts') if m in sys.modules];"
         "print(bad); sys.exit(1 if bad else 0)"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
-                            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO_ROOT)})
+                            env={"PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stdout + result.stderr
     requirements = (REPO_ROOT / "client" / "requirements.txt").read_text().lower()
     assert "torch" not in requirements and "diffusers" not in requirements
@@ -140,8 +142,8 @@ def test_stubs_regenerate_into_a_package(tmp_path: Path) -> None:
     generated = stubs.generate(tmp_path)
     names = {p.name for p in generated}
     assert {"inference_pb2.py", "inference_pb2_grpc.py", "__init__.py"} <= names
-    grpc_module = (tmp_path / "client" / "_generated" / "inference_pb2_grpc.py").read_text()
-    assert "from client._generated import inference_pb2" in grpc_module
+    grpc_module = (tmp_path / "grpc_api" / "_generated" / "inference_pb2_grpc.py").read_text()
+    assert "from grpc_api._generated import inference_pb2" in grpc_module
 
 
 def descriptor_set(
@@ -187,7 +189,7 @@ def test_our_proto_is_wire_compatible_with_torchserves(tmp_path: Path) -> None:
         "message Status { int32 code = 1; string message = 2; repeated google.protobuf.Any details = 3; }\n"
     )
     their_set = descriptor_set(theirs, "inference.proto", [tmp_path / "rpc_include"], tmp_path / "theirs.pb")
-    our_set = descriptor_set(REPO_ROOT / "client" / "proto", "inference.proto", [], tmp_path / "ours.pb")
+    our_set = descriptor_set(REPO_ROOT / "grpc_api" / "proto", "inference.proto", [], tmp_path / "ours.pb")
     their_shape, our_shape = shape(their_set.file[-1]), shape(our_set.file[-1])
     assert our_shape == their_shape
     # PredictionResponse.status: a different message name, the same fields as google.rpc.Status.

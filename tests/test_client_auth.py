@@ -14,7 +14,7 @@ import grpc
 from guard.client_auth import (
     MISSING_TOKEN, WRONG_TOKEN, ClientTokenAdmission, ClientTokens, PassThrough, admission_from_args,
 )
-from client.auth import TokenSource
+from morph_protocol.keyfile import TokenSource
 
 TOKEN_A = "a" * 24 + "-client-a"
 TOKEN_B = "b" * 24 + "-client-b"

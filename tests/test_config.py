@@ -71,6 +71,6 @@ def test_the_options_import_without_torch() -> None:
     code = ("import sys; from diffmorpher import MorphConfig; from diffmorpher.config import PRESETS; "
             "print('torch' in sys.modules, MorphConfig().num_frames > 0, bool(PRESETS))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent / "handler"), "PATH": ""})
+                            env={"PATH": ""})
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "True", "True"]

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import morph_request
-from client import wire
+from handler import morph_request
+from morph_protocol import wire
 from diffmorpher.config import ConfigError, MorphConfig
-from morph_request import MorphRequest, parse_request
+from handler.morph_request import MorphRequest, parse_request
 from reliability import corpus
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +60,7 @@ def test_corpus_needs_no_torch_and_no_handler() -> None:
         "assert not bad, bad"
     )
     subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO_ROOT, check=True, env={"PYTHONPATH": str(REPO_ROOT)}
+        [sys.executable, "-c", code], cwd=REPO_ROOT, check=True, env={}
     )
 
 

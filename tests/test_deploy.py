@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 import time
 import zipfile
 from pathlib import Path
@@ -23,7 +24,7 @@ import promql_parser
 import pytest
 import yaml
 
-from guard.control import BUSY, IDLE, ControlDir, Heartbeat
+from morph_protocol.control import BUSY, IDLE, ControlDir, Heartbeat
 from guard.management import read_properties
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -269,7 +270,7 @@ def test_the_guard_runs_as_the_makefile_runs_it_with_flags_it_has(manifests) -> 
     command = guard["command"]
     assert command[:3] == ["python", "-m", "guard"]
     help_text = subprocess.run([sys.executable, "-m", "guard", "--help"], capture_output=True, text=True,
-                               timeout=60, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": f"{REPO_ROOT}/handler:{REPO_ROOT}"})
+                               timeout=60, cwd=REPO_ROOT)
     assert help_text.returncode == 0, help_text.stderr
     flags = [arg for arg in command if arg.startswith("--")]
     assert flags == ["--ts-config", "--key-file", "--client-tokens", "--interval", "--wedge-after", "--stall-after"]
@@ -519,14 +520,16 @@ def test_the_image_copies_what_the_pod_runs(manifests) -> None:
     ignore = (DEPLOY / "image" / "Dockerfile.dockerignore").read_text().split()
     copies = [line.split()[1:-1] for line in dockerfile.splitlines() if line.startswith("COPY ")]
     sources = [source for sources in copies for source in sources]
-    assert sources == ["requirements.txt", "constraints.txt", "handler/", "guard/", "client/", "export/",
+    packages = [f"{name}/" for name in tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]]
+    assert sources == ["requirements.txt", "constraints.txt", "pyproject.toml", *packages,
                        "deploy/image/drain.sh", "deploy/image/kserve-entrypoint.sh", "deploy/kserve/config.properties"]
     for source in sources:
         assert (REPO_ROOT / source).exists() and f"!{source}" in ignore, source
-    assert "-c constraints.txt -r requirements.txt" in dockerfile and "python -m client.stubs" in dockerfile
+    assert "-c constraints.txt -r requirements.txt" in dockerfile and "python -m grpc_api.stubs" in dockerfile
+    assert "RUN pip install --no-cache-dir --no-deps ." in dockerfile  # the project, installed
     workdir = re.search(r"^WORKDIR (\S+)$", dockerfile, re.M).group(1)
     metrics_config = Path(cluster_properties(manifests)["metrics_config"])
     assert metrics_config.is_relative_to(workdir)
     assert (REPO_ROOT / metrics_config.relative_to(workdir)).is_file()
     assert re.search(r"^USER 1000:1000$", dockerfile, re.M)
-    assert f"PYTHONPATH={workdir}/handler:{workdir}" in dockerfile
+    assert "PYTHONPATH" not in dockerfile

@@ -12,12 +12,13 @@ import pytest
 
 import grpc
 
-from client import wire
-from client.auth import TokenSource
+from morph_protocol import wire
+from morph_protocol.keyfile import TokenSource
 from client.morph_client import MorphClient, MorphClientError
 from reliability.corpus import PROMPTS, circle, encode, request, square
-from tests.conftest import export_model, served_model
-from tests.torchserve_server import TorchServeProcess
+from launcher.archive import export_model
+from tests.conftest import served_model
+from launcher.torchserve import TorchServeProcess
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +28,7 @@ OPTIONS = {"num_frames": 3, "lora_steps": 40, "num_inference_steps": 4, "use_res
 @pytest.fixture(scope="module")
 def two_workers(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
     root = tmp_path_factory.mktemp("cache-e2e")
-    export_model(root / "store", served_model(request), "--workers", "2")
+    export_model(served_model(request), root / "store", "--workers", "2")
     with TorchServeProcess(root / "server", root / "store") as server:
         yield server
 

@@ -18,8 +18,8 @@ import pytest
 
 import grpc
 
-from client import stubs
-from client.auth import TokenSource
+from grpc_api import stubs
+from morph_protocol.keyfile import TokenSource
 from client.morph_client import MorphClient, MorphResult
 from guard.client_auth import (
     MISSING_TOKEN, UPSTREAM_KEY_REFUSED, WRONG_TOKEN, ClientTokenAdmission, ClientTokens,
@@ -29,7 +29,7 @@ from reliability.corpus import PROMPTS, circle, encode, square
 from tests.redis_server import RedisProcess
 from tests.test_client_auth import TOKEN_A, TOKEN_B, mount_secret
 from tests.test_e2e_torchserve import metric_values
-from tests.torchserve_server import TorchServeProcess, free_ports
+from launcher.torchserve import TorchServeProcess, free_ports
 
 pytestmark = pytest.mark.slow
 

@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client import wire
-from client.auth import TokenSource
+from morph_protocol import wire
+from morph_protocol.keyfile import TokenSource
 from client.morph_client import MorphClient, MorphClientError
 from reliability.send import Endpoints, rest_post
 from tests.conftest import DEMO_DIR, EMBEDDED_MODEL
-from tests.torchserve_server import TorchServeProcess
+from launcher.torchserve import TorchServeProcess
 
 pytestmark = pytest.mark.slow
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -111,9 +113,9 @@ def test_archive_holds_handler_core_weights_and_config(tmp_path: Path, tiny_sd_d
     with zipfile.ZipFile(tmp_path / "diffmorpher.mar") as archive:
         names = set(archive.namelist())
         config = yaml.safe_load(archive.read("model-config.yaml"))
-    assert {"torchserve_handler.py", "morph_request.py", "morph_response.py", "request_stop.py", "client/wire.py",
-            "guard/control.py", "diffmorpher/pipeline.py", "model/unet/config.json", "MAR-INF/MANIFEST.json"} <= names
-    assert "guard/gateway.py" not in names  # the worker needs only the control directory's layout
+    assert {"torchserve_handler.py", "handler/morph_request.py", "handler/morph_response.py", "handler/request_stop.py", "morph_protocol/wire.py",
+            "morph_protocol/control.py", "diffmorpher/pipeline.py", "model/unet/config.json", "MAR-INF/MANIFEST.json"} <= names
+    assert not any(n.startswith(("guard/", "client/", "tests/", "launcher/")) for n in names)  # the worker needs the protocol only
     assert not any("__pycache__" in n for n in names)
     assert config["handler"]["defaults"]["num_frames"] == 6 and config["handler"]["lpips_weights"] == ""
 
@@ -141,3 +143,35 @@ def test_the_embedded_model_serves_morphconfigs_defaults() -> None:
     from export.build_mar import model_defaults
 
     assert model_defaults(REPO_ROOT / "models" / "tiny-shapes-sd") == {}
+
+
+# Run in a fresh interpreter: the project's own packages are taken off the path (the editable
+# install's finder and the checkout), so only the archive's files can answer the imports.
+_ARCHIVE_ONLY_IMPORT = """
+import importlib, json, sys
+archive, checkout = sys.argv[1], sys.argv[2]
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+sys.path[:] = [archive] + [p for p in sys.path if p not in ("", ".", checkout) and "__editable__" not in p]
+handler = importlib.import_module("torchserve_handler")
+assert handler.DiffMorpherHandler().initialized is False
+project = ("handler", "diffmorpher", "morph_protocol", "guard", "client", "torchserve_handler")
+files = {name: getattr(module, "__file__", None) for name, module in sys.modules.items()
+         if name.split(".")[0] in project}
+print(json.dumps(files))
+"""
+
+
+def test_the_archive_imports_with_only_its_own_files_on_the_path(tmp_path: Path, tiny_sd_dir: Path) -> None:
+    """What the worker imports travels in the archive: a clean interpreter with the project's
+    packages taken off its path imports the handler from the unpacked archive alone."""
+    assert main(["--model", str(tiny_sd_dir), "--export-path", str(tmp_path), "--lpips-weights", "",
+                 "--archive-format", "no-archive"]) == 0
+    archive = tmp_path / "diffmorpher"
+    process = subprocess.run([sys.executable, "-I", "-c", _ARCHIVE_ONLY_IMPORT, str(archive), str(REPO_ROOT)],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr[-3000:]
+    files = json.loads(process.stdout.strip().splitlines()[-1])
+    assert {"torchserve_handler", "handler.morph_request", "diffmorpher.pipeline", "morph_protocol.wire"} <= set(files)
+    outside = {name: path for name, path in files.items() if path and not Path(path).is_relative_to(archive)}
+    assert outside == {}
+    assert not any(name.split(".")[0] in ("guard", "client") for name in files)

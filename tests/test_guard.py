@@ -11,8 +11,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from client import wire
-from guard.control import BUSY, ControlDir, Heartbeat
+from morph_protocol import wire
+from morph_protocol.control import BUSY, ControlDir, Heartbeat
 from guard.gateway import BUSY_DETAILS, translate_error
 from guard.management import ManagementError
 from guard.tokens import TokenRotator, expirations
@@ -127,7 +127,7 @@ def test_cancel_markers_only_take_call_ids(tmp_path: Path) -> None:
 
 
 def test_idle_workers_with_a_waiting_queue_are_restarted(tmp_path: Path, monkeypatch) -> None:
-    from guard.control import IDLE
+    from morph_protocol.control import IDLE
 
     control = ControlDir(tmp_path)
     control.write_heartbeat(Heartbeat(pid=4242, state=IDLE, beat=1000.0))

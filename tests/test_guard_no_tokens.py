@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from client.auth import TokenSource
+from morph_protocol.keyfile import TokenSource
 from client.morph_client import MorphClient
 from reliability.corpus import PROMPTS, circle, encode, square
-from tests.torchserve_server import TorchServeProcess
+from launcher.torchserve import TorchServeProcess
 
 pytestmark = pytest.mark.slow
 

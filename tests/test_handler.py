@@ -14,13 +14,13 @@ from PIL import Image
 from ts.context import Context, RequestProcessor
 from ts.utils.util import PredictionException, list_classes_from_module
 
-import torchserve_handler
-from client import wire
+from handler import torchserve_handler
+from morph_protocol import wire
 from diffmorpher.config import ConfigError, MorphConfig
 from diffmorpher.results import ProgressEvent
-from morph_request import parse_request, split_options
-from morph_response import ResponseTooLarge, StreamSender, check_size
-from torchserve_handler import DiffMorpherHandler
+from handler.morph_request import parse_request, split_options
+from handler.morph_response import ResponseTooLarge, StreamSender, check_size
+from handler.torchserve_handler import DiffMorpherHandler
 
 TINY = {"num_frames": 3, "lora_steps": 2, "num_inference_steps": 3, "use_reschedule": False}
 
@@ -266,7 +266,7 @@ def test_a_cancel_marker_stops_the_morph_and_heartbeats_record_it(tiny_sd_dir: P
     import threading
     import time
 
-    from guard.control import BUSY, IDLE, ControlDir
+    from morph_protocol.control import BUSY, IDLE, ControlDir
 
     monkeypatch.setenv("DIFFMORPHER_CONTROL_DIR", str(tmp_path))
     worker = DiffMorpherHandler()

@@ -26,7 +26,7 @@ from guard.management import read_properties
 from tests.test_client_auth import TOKEN_A, mount_secret
 from tests.test_e2e_torchserve import TINY, demo_inputs
 from tests.test_oip import MODEL, infer_inputs
-from tests.torchserve_server import REPO_ROOT, free_ports, replace_properties
+from launcher.torchserve import REPO_ROOT, free_ports, replace_properties
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +89,6 @@ def test_the_entrypoint_serves_oip_behind_the_guard_and_stops_on_sigterm(tmp_pat
         "METRICS_LOCATION": str(tmp_path / "logs"),
         "OMP_NUM_THREADS": "1",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PYTHONPATH": f"{REPO_ROOT / 'handler'}{os.pathsep}{REPO_ROOT}",
     }
     env.pop("DIFFMORPHER_CONTROL_DIR", None)  # the entrypoint derives it from the run directory
     log = open(tmp_path / "entrypoint.out", "wb")

@@ -27,16 +27,16 @@ from google.protobuf import descriptor_pb2
 from tritonclient.grpc import service_pb2 as triton_pb2
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
-from client import wire
-from client.auth import TokenSource
+from morph_protocol import wire
+from morph_protocol.keyfile import TokenSource
 from client.morph_client import MorphClient
 from diffmorpher.config import ConfigError
 from guard import oip as gateway_oip
-from guard import oip_proto
-from oip import parse_infer_request, response_body, tensor_names
+from grpc_api import oip_proto
+from handler.oip import parse_infer_request, response_body, tensor_names
 from tests.test_e2e_torchserve import TINY, demo_inputs
 from tests.test_client import descriptor_set
-from tests.torchserve_server import TorchServeProcess
+from launcher.torchserve import TorchServeProcess
 
 MODEL = "diffmorpher"
 JAR = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / \

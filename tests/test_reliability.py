@@ -19,13 +19,15 @@ from pathlib import Path
 import grpc
 import pytest
 
-from client import stubs, wire
-from client.auth import TokenSource
+from grpc_api import stubs
+
+from morph_protocol import wire
+from morph_protocol.keyfile import TokenSource
 from client.morph_client import MorphClient, MorphClientError
-from guard.control import BUSY, IDLE, ControlDir
+from morph_protocol.control import BUSY, IDLE, ControlDir
 from reliability.corpus import OK, build_corpus, request
 from reliability.send import Endpoints, Sender, judge
-from tests.torchserve_server import TorchServeProcess
+from launcher.torchserve import TorchServeProcess
 
 pytestmark = pytest.mark.slow
 

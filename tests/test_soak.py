@@ -11,7 +11,7 @@ import pytest
 
 from reliability.send import Endpoints
 from reliability.soak import run_soak, server_pids, write_report
-from tests.torchserve_server import TorchServeProcess
+from launcher.torchserve import TorchServeProcess
 
 pytestmark = pytest.mark.slow
 

@@ -28,10 +28,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from client.auth import TokenSource
+from morph_protocol.keyfile import TokenSource
 from client.morph_client import MorphClient, MorphClientError
 from tests.conftest import DEMO_DIR, REPO_ROOT
-from tests.torchserve_server import TorchServeProcess, free_ports
+from launcher.torchserve import TorchServeProcess, free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,6 @@ SEED = 3
 ADVANCED = {"lora_steps": "4", "num_inference_steps": "6"}
 STAGES = ("lora", "inversion", "frames", "reschedule")
 MORPH_TIMEOUT_S = 300
-WEB_PYTHONPATH = f"{REPO_ROOT / 'handler'}{os.pathsep}{REPO_ROOT}"  # as `make web` runs it
 
 
 # ---------------------------------------------------------------------------- no torch
@@ -59,7 +58,7 @@ def test_web_process_imports_no_torch() -> None:
         "print(json.dumps(sorted(m for m in sys.modules\n"
         "    if m.split('.')[0] in ('torch', 'diffmorpher', 'diffusers', 'transformers', 'lpips'))))\n"
     )
-    env = {**os.environ, "PYTHONPATH": WEB_PYTHONPATH}
+    env = dict(os.environ)
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True,
                           text=True, check=True)
     # The options module (standard library only) and what the package imports with it, no more.
@@ -71,7 +70,7 @@ def test_limits_come_from_the_service_sources(tmp_path: Path) -> None:
     """Frames, image count and upload size are the service's: MorphConfig, client.wire and the
     config.properties it runs with (a changed max_request_size changes the page's limit)."""
     from diffmorpher import config
-    from client import wire
+    from morph_protocol import wire
     from web.limits import page_limits
 
     properties = tmp_path / "config.properties"
@@ -121,7 +120,7 @@ def web_process(server: TorchServeProcess, log_name: str, *args: str):
     process = subprocess.Popen(
         [sys.executable, "-m", "web", "--port", str(port), "--target", server.grpc_target,
          "--key-file", str(server.key_file), "--ts-config", str(server.workdir / "config.properties"), *args],
-        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": WEB_PYTHONPATH}, stdout=log, stderr=subprocess.STDOUT,
+        cwd=REPO_ROOT, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}/"
     try:

@@ -10,7 +10,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from client.auth import TokenError, TokenSource
+from morph_protocol.keyfile import TokenError, TokenSource
 from client.morph_client import DEFAULT_MODEL, DEFAULT_TARGET
 
 from .app import WebSettings, create_app

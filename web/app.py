@@ -20,7 +20,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from client.auth import TokenError, TokenSource
+from morph_protocol.keyfile import TokenError, TokenSource
 from client.morph_client import DEFAULT_MODEL, DEFAULT_TARGET, MorphClient, MorphClientError
 
 from . import events

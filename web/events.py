@@ -11,7 +11,7 @@ import base64
 import json
 from typing import Any
 
-from client import wire
+from morph_protocol import wire
 from client.morph_client import MorphClientError, MorphResult
 
 EVENT_ACCEPTED = "accepted"

@@ -15,7 +15,7 @@ from typing import Any
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from client import wire
+from morph_protocol import wire
 
 from .limits import FORMATS, PageLimits
 

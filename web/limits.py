@@ -1,9 +1,9 @@
 """What the page may ask for, read from the service's own sources of truth (never copied here).
 
 - Option names, defaults, presets and the frame limit: `MorphConfig` (`diffmorpher.config`,
-  handler/ on the path as everywhere in this project: `make web` sets PYTHONPATH). The core
-  package imports its options without torch, so the web process stays torch-free (tested).
-- The image count: `client.wire.MAX_IMAGES`, which the service's request parser uses.
+  installed with the project). The core package imports its options without torch, so the web
+  process stays torch-free (tested).
+- The image count: `morph_protocol.wire.MAX_IMAGES`, which the service's request parser uses.
 - The upload size: `max_request_size` of the config.properties TorchServe and the guard run
   with (the guard's gateway refuses larger requests with RESOURCE_EXHAUSTED).
 - Prompts for the demo images: assets/demo/prompts.json, as `make demo` uses them.
@@ -19,7 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from client import wire
+from morph_protocol import wire
 from guard.gateway import max_request_bytes
 from guard.management import read_properties
 
@@ -44,8 +44,8 @@ def load_morph_config() -> ModuleType:
         return importlib.import_module("diffmorpher.config")
     except ModuleNotFoundError as error:
         raise RuntimeError(
-            f"cannot import the morph options (diffmorpher.config): run with "
-            f"PYTHONPATH={REPO_ROOT / 'handler'}:{REPO_ROOT} (make web sets it)"
+            "cannot import the morph options (diffmorpher.config): install the project "
+            "(make setup) or run the page from its venv"
         ) from error
 
 

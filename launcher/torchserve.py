@@ -108,7 +108,6 @@ class TorchServeProcess:
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             "DIFFMORPHER_CONTROL_DIR": str(self.control_dir),
             "DIFFMORPHER_CACHE_DIR": str(self.cache_dir),
-            "PYTHONPATH": f"{REPO_ROOT / 'handler'}{os.pathsep}{REPO_ROOT}",
             **self.env,
         }
         command = [

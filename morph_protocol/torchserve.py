@@ -1,0 +1,36 @@
+"""What TorchServe 0.12's Java frontend says, in the words it says it.
+
+The frontend's own refusals (a full queue, a dead worker) reach the gateway and the client as
+gRPC statuses whose text is the only thing that tells them apart from a morph's failure, and it
+appends its Java exception class to every message. Those texts are TorchServe's, not ours: they
+are recognised here, in one place, and nowhere else. Our own errors never need this: they carry
+a typed code (morph_protocol.errors).
+"""
+
+from __future__ import annotations
+
+import re
+
+# A full job queue ("Model ... has no worker to serve inference request. Please use scale workers
+# API to add workers."), answered as INTERNAL (gRPC) or 503 (REST).
+BUSY_MESSAGE = "has no worker to serve inference request"
+# The worker process running the job died (exit 137, i.e. SIGKILL, is reported as 413
+# RESOURCE_EXHAUSTED, anything else as INTERNAL).
+WORKER_DIED = "Worker died."
+# TorchServe appends its Java exception class to every gRPC error message.
+_JAVA_SUFFIX = re.compile(r"\s*\n?org\.pytorch\.serve\.[A-Za-z0-9_.]+\s*$")
+
+
+def clean_details(details: str) -> str:
+    """A server's error message without TorchServe's Java exception class."""
+    return _JAVA_SUFFIX.sub("", details or "").strip()
+
+
+def is_busy_message(details: str) -> bool:
+    """True for the frontend's full-queue refusal."""
+    return BUSY_MESSAGE in details
+
+
+def is_worker_died(details: str) -> bool:
+    """True for the frontend's answer when the job's worker process died."""
+    return clean_details(details) == WORKER_DIED
