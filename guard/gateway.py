@@ -73,7 +73,6 @@ NO_DEADLINE_S = 10**8  # grpcio reports "no deadline" as a huge time_remaining()
 OIP_UPSTREAM_GRACE_S = 600.0
 
 
-
 @dataclass(frozen=True)
 class GatewayConfig:
     listen: str  # host:port of the public gRPC endpoint

@@ -34,7 +34,7 @@ class ErrorCode(StrEnum):
 
     # The worker's (the handler raises them).
     INVALID_REQUEST = "invalid_request"
-    NOT_FOUND = "not_found"  # an image reference the cache no longer holds
+    NOT_FOUND = "not_found"  # an image reference the cache no longer holds (gateway: an unknown model)
     TOO_LARGE = "too_large"  # the result exceeds max_response_size
     CANCELLED = "cancelled"  # the client went away; the gateway marked the call
     DEADLINE_EXCEEDED = "deadline_exceeded"
