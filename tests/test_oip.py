@@ -28,6 +28,7 @@ from tritonclient.grpc import service_pb2 as triton_pb2
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
 from morph_protocol import wire
+from morph_protocol.errors import ErrorCode, parse_error
 from morph_protocol.keyfile import TokenSource
 from client.morph_client import MorphClient
 from diffmorpher.cache import CacheMiss
@@ -309,7 +310,7 @@ def test_oip_errors_are_clear_and_the_worker_serves_on(server: TorchServeProcess
     code, message = status_of(lambda: oip_morph(oip_client, server, [images[0], b"not an image"], prompts, quick))
     assert code == "StatusCode.INVALID_ARGUMENT"
     assert message.startswith("invalid request: input tensor 'images' element 1 is not a readable image (12 bytes")
-    assert "org.pytorch" not in message
+    assert "org.pytorch" not in message and "diffmorpher:" not in message
     code, message = status_of(lambda: oip_morph(oip_client, server, images, prompts, {**quick, "stream": True}))
     assert code == "StatusCode.INVALID_ARGUMENT" and "ModelInfer is unary" in message
     code, message = status_of(lambda: oip_morph(oip_client, server, images, prompts, {**quick, "num_frames": 0}))
@@ -333,6 +334,7 @@ def test_oip_errors_are_clear_and_the_worker_serves_on(server: TorchServeProcess
     direct.close()
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "did not come through the gateway" in error.value.details()
+    assert parse_error(error.value.details())[0] == ErrorCode.INVALID_REQUEST  # the worker's tag
     # The same worker, alive, serves the next request.
     result = oip_morph(oip_client, server, images, prompts, quick, timeout_s=120)
     assert json.loads(result.as_numpy("metadata")[0])["num_frames"] == 2
