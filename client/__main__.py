@@ -23,7 +23,7 @@ from typing import Any
 
 from morph_protocol import wire
 from morph_protocol.keyfile import TokenError, TokenSource
-from .morph_client import DEFAULT_MODEL, DEFAULT_TARGET, MorphClient, MorphClientError, MorphResult
+from .morph_client import DEFAULT_MAX_MESSAGE_MB, DEFAULT_MODEL, DEFAULT_TARGET, MorphClient, MorphClientError, MorphResult
 
 SUFFIX_FORMATS = {".gif": "gif", ".mp4": "mp4", ".zip": "frames-zip", "": "png"}
 
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token", help="bearer token (default: $DIFFMORPHER_TOKEN or the key file)")
     parser.add_argument("--key-file", help="TorchServe's key_file.json (default ./key_file.json)")
     parser.add_argument("--no-auth", action="store_true", help="send no token (auth disabled)")
-    parser.add_argument("--max-message-mb", type=int, default=256, help="gRPC message size limit")
+    parser.add_argument("--max-message-mb", type=int, default=DEFAULT_MAX_MESSAGE_MB, help="gRPC message size limit")
     parser.add_argument("--retries", type=int, default=3, help="retries on UNAVAILABLE only")
     commands = parser.add_subparsers(dest="command", required=True)
 

@@ -8,7 +8,9 @@ Three TorchServe-specific facts shape it:
 - The bearer token from TorchServe's key file expires; on PERMISSION_DENIED the key file is
   re-read once and the call repeated.
 Only UNAVAILABLE (server starting, restarting, or unreachable) is retried, with backoff; every
-other status is reported with a message saying what to do.
+other status is reported with a message saying what to do, and the typed code (MorphClientError
+.error_code, morph_protocol.errors) the gateway returns as trailing metadata, or the worker's
+tag when the client talks to TorchServe directly.
 """
 
 from __future__ import annotations
@@ -23,13 +25,15 @@ from typing import Any, Callable, Iterator, Sequence
 import grpc
 
 from grpc_api import stubs
-from morph_protocol import wire
-from morph_protocol.torchserve import BUSY_MESSAGE, clean_details
+from morph_protocol import limits, wire
+from morph_protocol.errors import ERROR_CODE_METADATA, ErrorCode, parse_error
 from morph_protocol.keyfile import TokenSource
+from morph_protocol.torchserve import BUSY_MESSAGE, is_busy_message
 
 DEFAULT_TARGET = "127.0.0.1:7070"
 DEFAULT_MODEL = "diffmorpher"
-DEFAULT_MAX_MESSAGE_MB = 256
+# The gRPC message limit: TorchServe's max_response_size plus a response's framing, in MiB.
+DEFAULT_MAX_MESSAGE_MB = -(-(limits.MAX_RESPONSE_BYTES + limits.RESPONSE_FRAMING_BYTES) // limits.MiB)
 # How much longer the gRPC call waits than the morph's own deadline (the request's `deadline`
 # field): the worker stops at its deadline within a step and answers DEADLINE_EXCEEDED in the
 # service's words (where it stopped, what to change); a transport timer firing first would hide
@@ -59,28 +63,40 @@ STATUS_HINTS: dict[grpc.StatusCode, str] = {
 }
 
 
-# TorchServe 0.12 refuses a job when the model's queue is full with INTERNAL (REST: 503) and
-# this message, not RESOURCE_EXHAUSTED: the message is what tells "busy" from a real failure.
-# The guard's gateway answers the same refusal as UNAVAILABLE, keeping this text in its message.
+# The gateway answers a full queue as UNAVAILABLE with the code `busy`. TorchServe 0.12 itself
+# (called directly) answers it as INTERNAL (REST: 503), not RESOURCE_EXHAUSTED, with a message
+# that is all that tells "busy" from a real failure (morph_protocol.torchserve knows its words).
 BUSY_HINT = "server busy: its job queue is full; retry later with backoff"
 
 
-def is_busy(code: grpc.StatusCode | None, details: str) -> bool:
-    return code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE) and BUSY_MESSAGE in details
-
+def is_busy(code: grpc.StatusCode | None, details: str, error_code: ErrorCode | None = None) -> bool:
+    """A full queue: by the typed code where the server sent one, else by TorchServe's words."""
+    if error_code is not None:
+        return error_code == ErrorCode.BUSY
+    return code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE) and is_busy_message(details)
 
 
 class MorphClientError(RuntimeError):
-    """A failed call, with the gRPC status and the server's own message."""
+    """A failed call: the gRPC status (`code`), the server's message for people (`details`, no
+    Java class, no tag) and its typed code (`error_code`: the gateway's trailing metadata, or the
+    worker's tag when TorchServe is called directly; None where no one said one)."""
 
-    def __init__(self, code: grpc.StatusCode | None, details: str, hint: str = "") -> None:
+    def __init__(self, code: grpc.StatusCode | None, details: str, hint: str = "",
+                 error_code: ErrorCode | None = None) -> None:
         self.code = code
-        self.details = details = clean_details(details)
-        self.busy = is_busy(code, details)
+        tagged, details = parse_error(details)
+        self.details = details
+        self.error_code = error_code or tagged
+        self.busy = is_busy(code, details, self.error_code)
         default_hint = BUSY_HINT if self.busy else STATUS_HINTS.get(code, "") if code else ""
         self.hint = hint or default_hint
         name = code.name if code else "CLIENT"
         super().__init__(f"{name}: {details}" + (f" ({self.hint})" if self.hint else ""))
+
+    @classmethod
+    def from_rpc(cls, error: grpc.RpcError) -> "MorphClientError":
+        """The failed call's status, details and the code in its trailing metadata."""
+        return cls(error.code(), error.details() or "", error_code=_metadata_code(error))
 
 
 @dataclass
@@ -130,10 +146,10 @@ def build_input(
     `deadline_s` the request carries its deadline, so the server stops working on it when this
     client stops waiting (the gateway also derives it from the gRPC deadline). An image may be
     a `wire.ImageRef` (the `image_key` of a previous result) instead of its bytes."""
-    if len(images) < 2:
-        raise MorphClientError(None, f"a morph needs at least 2 images, got {len(images)}")
-    if len(images) > wire.MAX_IMAGES:
-        raise MorphClientError(None, f"at most {wire.MAX_IMAGES} images per morph, got {len(images)}")
+    if len(images) < limits.MIN_IMAGES:
+        raise MorphClientError(None, f"a morph needs at least {limits.MIN_IMAGES} images, got {len(images)}")
+    if len(images) > limits.MAX_IMAGES:
+        raise MorphClientError(None, f"at most {limits.MAX_IMAGES} images per morph, got {len(images)}")
     if len(prompts) != len(images):
         raise MorphClientError(None, f"one prompt per image: {len(images)} images, {len(prompts)} prompts")
     data: dict[str, bytes] = {}
@@ -169,7 +185,7 @@ class MorphClient:
         self.tokens = tokens or TokenSource()
         self.retries = retries
         self.backoff_s = backoff_s
-        limit = max_message_mb * 1024 * 1024
+        limit = max_message_mb * limits.MiB
         self._channel = grpc.insecure_channel(
             target,
             options=[
@@ -271,7 +287,7 @@ class MorphClient:
                     attempt += 1
                     time.sleep(self.backoff_s * 2 ** (attempt - 1))
                     continue
-                raise MorphClientError(code, error.details() or "") from error
+                raise MorphClientError.from_rpc(error) from error
 
     def _stream(self, request, timeout_s: float | None) -> Iterator[wire.Message]:
         """Iterate a StreamPredictions call. Retries/refresh only before the first message, so
@@ -298,7 +314,19 @@ class MorphClient:
                         attempt += 1
                         time.sleep(self.backoff_s * 2 ** (attempt - 1))
                         continue
-                raise MorphClientError(code, error.details() or "") from error
+                raise MorphClientError.from_rpc(error) from error
+
+
+def _metadata_code(error: grpc.RpcError) -> ErrorCode | None:
+    """The gateway's typed code (trailing metadata `diffmorpher-error-code`), if it sent a known one."""
+    trailing = getattr(error, "trailing_metadata", None)
+    for key, value in (trailing() if callable(trailing) else None) or ():
+        if key == ERROR_CODE_METADATA:
+            try:
+                return ErrorCode(value)
+            except ValueError:
+                return None  # a code newer than this client
+    return None
 
 
 def _with_grace(deadline_s: float | None) -> float | None:

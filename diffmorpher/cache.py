@@ -34,6 +34,10 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from morph_protocol import limits
+
+from .config import FieldNamed
+
 logger = logging.getLogger(__name__)
 
 KEY = re.compile(r"^[0-9a-f]{16,128}$")
@@ -41,9 +45,13 @@ _MAGIC = b"DMC1"
 _DIGEST = 32
 
 
-class CacheMiss(LookupError):
+class CacheMiss(FieldNamed, LookupError):
     """An entry a request named (an image reference) is not in the cache. Servers map this to
-    HTTP 404 / gRPC NOT_FOUND with `str(error)` as the message."""
+    HTTP 404 / gRPC NOT_FOUND with `str(error)` as the message; `field`: the request field that
+    named it, where the server knows it (config.FieldNamed)."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(self._set_field(message, field, "field"))
 
 
 class CacheStore(Protocol):
@@ -80,7 +88,7 @@ class DiskStore:
     """Entries under `root` (one directory for all workers of a host), at most `max_bytes`."""
 
     root: Path
-    max_bytes: int = 10 * 1024**3
+    max_bytes: int = limits.CACHE_MAX_BYTES
     lock_timeout_s: float = 3600.0
 
     def __post_init__(self) -> None:

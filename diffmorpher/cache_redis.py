@@ -22,6 +22,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from morph_protocol import limits
+
 from .cache import CacheStore, _check_key, seal, unseal
 
 logger = logging.getLogger(__name__)
@@ -51,7 +53,7 @@ class RedisStore:
     Every call raises the client's errors; TieredStore decides what a failure means."""
 
     url: str = field(repr=False)  # may carry a password
-    max_entry_bytes: int = 512 * 1024**2
+    max_entry_bytes: int = limits.CACHE_REDIS_MAX_ENTRY_BYTES
     lock_lease_s: float = 60.0
     lock_wait_s: float = 3600.0
     socket_timeout_s: float = 5.0

@@ -12,10 +12,40 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
+from morph_protocol import limits
 
-class ConfigError(ValueError):
+
+# Where a message names the request field it is about (see FieldNamed).
+FIELD = "{field}"
+
+
+class FieldNamed:
+    """An error that may be about one request field, by name (`field`), so a transport that
+    calls its fields differently (the Open Inference Protocol's tensors) can say which, without
+    parsing the text: the message is written with FIELD where the field is named, before any
+    text the request supplied; `str()` names it as the native request does (`field 'image_1'`,
+    `prompt 'prompt_0'`), `naming(label)` as the caller says."""
+
+    field: str | None
+    _template: str
+    _kind: str
+
+    def _set_field(self, message: str, field: str | None, kind: str) -> str:
+        self.field, self._template, self._kind = field, message, kind
+        return self.naming(f"{kind} {field!r}") if field is not None else message
+
+    def naming(self, label: str) -> str:
+        """The message with its field called `label` (the message itself when it names none)."""
+        return self._template.replace(FIELD, label, 1) if self.field is not None else self._template
+
+
+class ConfigError(FieldNamed, ValueError):
     """A morph request or option is invalid. Servers map this to a client error (HTTP 400 /
-    gRPC INVALID_ARGUMENT) with `str(error)` as the message."""
+    gRPC INVALID_ARGUMENT) with `str(error)` as the message. `field`: the request field it is
+    about, if one (`kind` says how the native request calls it: "field" or "prompt")."""
+
+    def __init__(self, message: str, *, field: str | None = None, kind: str = "field") -> None:
+        super().__init__(self._set_field(message, field, kind))
 
 
 LORA_TARGET_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
@@ -56,13 +86,6 @@ def with_preset(options: Mapping[str, Any]) -> dict[str, Any]:
     return {**PRESETS[preset], **options}
 
 
-# Upper bounds protect a shared server from requests that would run for hours or exhaust memory.
-MAX_FRAMES = 256
-MAX_LORA_STEPS = 2000
-MAX_INFERENCE_STEPS = 1000
-MAX_LORA_RANK = 256
-MAX_FRAME_BATCH = 64
-MAX_RESOLUTION = 2048
 
 
 @dataclass
@@ -107,27 +130,29 @@ class MorphConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        """Raise ConfigError naming the first offending option."""
-        _check_int("num_frames", self.num_frames, 2, MAX_FRAMES)
+        """Raise ConfigError naming the first offending option. The upper bounds
+        (morph_protocol.limits) protect a shared server from requests that would run for hours
+        or exhaust memory."""
+        _check_int("num_frames", self.num_frames, 2, limits.MAX_FRAMES)
         _check_int("seed", self.seed, 0, 2**63 - 1)
         if self.resolution is not None:
-            _check_int("resolution", self.resolution, 8, MAX_RESOLUTION)
+            _check_int("resolution", self.resolution, 8, limits.MAX_RESOLUTION)
             if self.resolution % 8:
                 raise ConfigError(f"resolution must be a multiple of 8, got {self.resolution}")
         _check_bool("use_lora", self.use_lora)
         if self.fixed_lora_alpha is not None:
             _check_float("fixed_lora_alpha", self.fixed_lora_alpha, 0.0, 1.0)
-        _check_int("lora_rank", self.lora_rank, 1, MAX_LORA_RANK)
-        _check_int("lora_steps", self.lora_steps, 0, MAX_LORA_STEPS)
+        _check_int("lora_rank", self.lora_rank, 1, limits.MAX_LORA_RANK)
+        _check_int("lora_steps", self.lora_steps, 0, limits.MAX_LORA_STEPS)
         _check_float("lora_lr", self.lora_lr, 0.0, 1.0, low_inclusive=False)
-        _check_int("num_inference_steps", self.num_inference_steps, 1, MAX_INFERENCE_STEPS)
+        _check_int("num_inference_steps", self.num_inference_steps, 1, limits.MAX_INFERENCE_STEPS)
         _check_float("attn_lambda", self.attn_lambda, 0.0, 1.0)
         _check_float("attn_beta", self.attn_beta, 0.0, 1.0)
         _check_bool("use_adain", self.use_adain)
         _check_bool("use_reschedule", self.use_reschedule)
         _check_choice("perceptual_metric", self.perceptual_metric, PERCEPTUAL_METRICS)
         _check_float("reschedule_probe_fraction", self.reschedule_probe_fraction, 0.0, 1.0, low_inclusive=False)
-        _check_int("frame_batch_size", self.frame_batch_size, 1, MAX_FRAME_BATCH)
+        _check_int("frame_batch_size", self.frame_batch_size, 1, limits.MAX_FRAME_BATCH)
         _check_choice("dtype", self.dtype, DTYPES)
         if self.device is not None and not isinstance(self.device, str):
             raise ConfigError(f"device must be a string such as 'cpu', got {show(self.device)}")

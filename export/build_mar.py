@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from diffmorpher.config import ConfigError, MorphConfig
+from morph_protocol import limits, properties
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # What the worker imports, shipped inside the archive (tested to import with nothing else of the
@@ -37,7 +38,6 @@ ARCHIVE_PACKAGES = ("handler", "diffmorpher", "morph_protocol")
 HANDLER_FILE = REPO_ROOT / "handler" / "torchserve_handler.py"
 TEMPLATE = Path(__file__).resolve().parent / "model-config.yaml"
 DEFAULT_LPIPS = REPO_ROOT / ".cache" / "lpips" / "lpips_alex_backbone.safetensors"
-DEFAULT_MAX_RESPONSE = 268435456
 SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 ARCHIVE_FORMATS = ("default", "zip-store", "no-archive", "tgz")
 
@@ -94,14 +94,12 @@ def copy_weights(model: Path, destination: Path) -> None:
         shutil.copytree(source, destination / name, ignore=ignore)
 
 
-def read_max_response_size(properties: Path) -> int:
-    """max_response_size from a config.properties, so the handler refuses what the frontend would."""
-    if properties.is_file():
-        for line in properties.read_text().splitlines():
-            key, _, value = line.partition("=")
-            if key.strip() == "max_response_size" and value.strip().isdigit():
-                return int(value.strip())
-    return DEFAULT_MAX_RESPONSE
+def archive_max_response_bytes(config_properties: Path) -> int:
+    """max_response_size of the config.properties the archive will be served with, so the handler
+    refuses what the frontend would (limits.MAX_RESPONSE_BYTES where there is no such file)."""
+    if not config_properties.is_file():
+        return limits.MAX_RESPONSE_BYTES
+    return properties.max_response_bytes(properties.read_properties(config_properties))
 
 
 # What a GPU archive runs in unless the export says otherwise (--default dtype=...): SD's UNet
@@ -182,7 +180,7 @@ def build(args: argparse.Namespace) -> Path:
     model_config = render_model_config(
         model_dir="model" if args.weights == "copy" else str(model),
         lpips_weights=f"lpips/{lpips.name}" if lpips else "",
-        max_response_bytes=read_max_response_size(Path(args.config_properties)),
+        max_response_bytes=archive_max_response_bytes(Path(args.config_properties)),
         device_type=args.device_type,
         workers=args.workers,
         response_timeout=args.response_timeout,

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from .client_auth import admission_from_args
 from morph_protocol.control import CONTROL_DIR_ENV, ControlDir
-from .gateway import DEFAULT_MAX_RESPONSE_BYTES, RESPONSE_FRAMING_BYTES, Gateway, GatewayConfig, max_request_bytes
-from .management import ManagementApi, read_properties
+from morph_protocol.properties import read_properties
+from .gateway import Gateway, GatewayConfig
+from .management import ManagementApi
 from .service import Guard
 from .tokens import TokenRotator
 from .watchdog import Watchdog, WatchdogConfig
@@ -42,11 +43,7 @@ def build_guard(args: argparse.Namespace) -> Guard:
     api = ManagementApi(management_url, key_file)
     lifetime_s = float(props.get("token_expiration_min", "60")) * 60
     gateway = Gateway(
-        GatewayConfig(
-            gateway_address, upstream,
-            max_request_bytes=max_request_bytes(props),
-            max_response_bytes=int(props.get("max_response_size", str(DEFAULT_MAX_RESPONSE_BYTES))) + RESPONSE_FRAMING_BYTES,
-        ),
+        GatewayConfig.from_properties(gateway_address, upstream, props),
         control,
         admission_from_args(args.client_tokens, key_file),
     )

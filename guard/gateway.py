@@ -11,9 +11,11 @@ The gateway sits in front of TorchServe's (loopback-only) gRPC port and, per cal
 - turns the gRPC deadline into the request's `deadline` field (on this server's clock) and gives
   the call a `call_id`; when the call ends without an answer (cancelled, deadline passed) it
   writes the call's cancellation marker (guard.control), which stops the morph within a step;
-- returns errors without the Java class, the queue-full refusal as UNAVAILABLE "server busy",
-  out-of-memory as RESOURCE_EXHAUSTED, and a worker that died mid-morph as ABORTED with a
-  message saying what happened (TorchServe: "Worker died.", as INTERNAL or RESOURCE_EXHAUSTED).
+- returns errors without the Java class or the worker's code tag, the code as trailing
+  metadata (`diffmorpher-error-code`, morph_protocol.errors), the queue-full refusal as
+  UNAVAILABLE "server busy", out-of-memory as RESOURCE_EXHAUSTED, and a worker that died
+  mid-morph as ABORTED with a message saying what happened (TorchServe: "Worker died.", as
+  INTERNAL or RESOURCE_EXHAUSTED).
 It also serves the Open Inference Protocol (KServe v2) as `inference.GRPCInferenceService`, the
 name KServe v2 clients call, forwarding each method to the same service inside TorchServe
 (`ts_open_inference_protocol=true`, another package name); ModelInfer gets the same deadline,
@@ -42,8 +44,8 @@ from google.protobuf import empty_pb2
 
 from grpc_api import stubs
 
-from morph_protocol import wire
-from morph_protocol.torchserve import BUSY_MESSAGE, clean_details
+from morph_protocol import limits, properties, torchserve, wire
+from morph_protocol.errors import ERROR_CODE_METADATA, ErrorCode, parse_error
 
 from grpc_api import oip_proto
 
@@ -57,9 +59,6 @@ BUSY_DETAILS = (
     "server busy: every worker is busy and the job queue is full (TorchServe: model has no worker "
     "to serve inference request); retry with backoff"
 )
-# TorchServe's answer when the worker process running the job died (exit 137, i.e. SIGKILL, is
-# reported as 413 RESOURCE_EXHAUSTED, anything else as INTERNAL).
-WORKER_DIED = "Worker died."
 WORKER_DIED_DETAILS = (
     "the worker running this morph died (killed, e.g. by the kernel's out-of-memory killer or the "
     "guard's watchdog, or crashed); a new worker is starting. Retry; if it happens again, ask for "
@@ -74,53 +73,68 @@ NO_DEADLINE_S = 10**8  # grpcio reports "no deadline" as a huge time_remaining()
 OIP_UPSTREAM_GRACE_S = 600.0
 
 
-# Where config.properties sets no max_request_size / max_response_size.
-DEFAULT_MAX_REQUEST_BYTES = 100 * 1024 * 1024
-DEFAULT_MAX_RESPONSE_BYTES = 256 * 1024 * 1024
-RESPONSE_FRAMING_BYTES = 1024 * 1024  # a response message's envelope beyond its payload
-
-
-def max_request_bytes(props: dict[str, str]) -> int:
-    """The largest request the service takes: config.properties' max_request_size."""
-    return int(props.get("max_request_size", str(DEFAULT_MAX_REQUEST_BYTES)))
-
-
 @dataclass(frozen=True)
 class GatewayConfig:
     listen: str  # host:port of the public gRPC endpoint
     upstream: str  # TorchServe's gRPC inference address (loopback)
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # config.properties max_request_size
-    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES + RESPONSE_FRAMING_BYTES  # max_response_size + framing
+    max_request_bytes: int = limits.MAX_REQUEST_BYTES  # config.properties max_request_size
+    max_response_bytes: int = limits.MAX_RESPONSE_BYTES + limits.RESPONSE_FRAMING_BYTES  # max_response_size + framing
     max_concurrent_calls: int = 256
 
-
-def translate_error(code: grpc.StatusCode, details: str) -> tuple[grpc.StatusCode, str]:
-    """The status and message a client should see for an upstream error."""
-    details = clean_details(details)
-    if details == WORKER_DIED:
-        return grpc.StatusCode.ABORTED, WORKER_DIED_DETAILS
-    if code == grpc.StatusCode.INTERNAL and BUSY_MESSAGE in details:
-        return grpc.StatusCode.UNAVAILABLE, BUSY_DETAILS
-    if code == grpc.StatusCode.INTERNAL and details.startswith(wire.OUT_OF_MEMORY_PREFIX):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, details
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return code, f"the model server is not reachable (starting or restarting); retry: {details}"
-    return code, details
+    @classmethod
+    def from_properties(cls, listen: str, upstream: str, props: dict[str, str]) -> "GatewayConfig":
+        """The limits TorchServe runs with (config.properties), so the gateway refuses what it would."""
+        return cls(listen, upstream, max_request_bytes=properties.max_request_bytes(props),
+                   max_response_bytes=properties.max_response_bytes(props) + limits.RESPONSE_FRAMING_BYTES)
 
 
-def translate_oip_error(code: grpc.StatusCode, details: str) -> tuple[grpc.StatusCode, str]:
+@dataclass(frozen=True)
+class ClientError:
+    """What the gateway answers for a failed upstream call: status, details for people (no Java
+    class, no tag) and the typed code (None where neither the worker nor TorchServe said one)."""
+
+    status: grpc.StatusCode
+    details: str
+    code: ErrorCode | None = None
+
+    def abort(self, context: grpc.ServicerContext) -> None:
+        """End the call with this error, the code as trailing metadata."""
+        _abort_with(context, self.status, self.details, self.code)
+
+
+def translate_error(status: grpc.StatusCode, details: str) -> ClientError:
+    """What a client should see for an upstream error. The worker's own errors carry their code
+    (errors.parse_error), and the status is the code's (507's INTERNAL becomes
+    RESOURCE_EXHAUSTED); TorchServe's own refusals are known by their words
+    (morph_protocol.torchserve) and get a code and a message saying what to do."""
+    code, message = parse_error(details)
+    if code is not None:
+        return ClientError(getattr(grpc.StatusCode, code.grpc_status), message, code)
+    if torchserve.is_worker_died(message):
+        return ClientError(grpc.StatusCode.ABORTED, WORKER_DIED_DETAILS, ErrorCode.WORKER_DIED)
+    if status == grpc.StatusCode.INTERNAL and torchserve.is_busy_message(message):
+        return ClientError(grpc.StatusCode.UNAVAILABLE, BUSY_DETAILS, ErrorCode.BUSY)
+    if status == grpc.StatusCode.UNAVAILABLE:
+        return ClientError(status, f"the model server is not reachable (starting or restarting); retry: {message}",
+                           ErrorCode.UNREACHABLE)
+    return ClientError(status, message)
+
+
+def translate_oip_error(status: grpc.StatusCode, details: str) -> ClientError:
     """As translate_error, plus what TorchServe's OIP service answers its own way."""
-    code, details = translate_error(code, details)
-    if code == grpc.StatusCode.INTERNAL and details.startswith("Model not found"):
-        return grpc.StatusCode.NOT_FOUND, details
-    if code == grpc.StatusCode.INTERNAL and details.startswith("Parameter ") and "required" in details:
-        return grpc.StatusCode.INVALID_ARGUMENT, details  # e.g. "Parameter model_name is required."
-    if code == grpc.StatusCode.UNIMPLEMENTED and "Method not found" in details:
-        return code, (
+    error = translate_error(status, details)
+    if error.code is not None:
+        return error
+    if status == grpc.StatusCode.INTERNAL and torchserve.is_oip_model_not_found(error.details):
+        return ClientError(grpc.StatusCode.NOT_FOUND, error.details, ErrorCode.NOT_FOUND)
+    if status == grpc.StatusCode.INTERNAL and torchserve.is_oip_parameter_required(error.details):
+        return ClientError(grpc.StatusCode.INVALID_ARGUMENT, error.details, ErrorCode.INVALID_REQUEST)
+    if status == grpc.StatusCode.UNIMPLEMENTED and torchserve.is_method_not_found(error.details):
+        return ClientError(status, (
             "the model server does not serve the Open Inference Protocol: start TorchServe with "
             "ts_open_inference_protocol=true (config.properties)"
-        )
-    return code, details
+        ))
+    return error
 
 
 class Gateway:
@@ -204,10 +218,11 @@ class Gateway:
     def predictions(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._admit(context, "Predictions")
         if _boolean(request.input.get(wire.INPUT_STREAM, b"false")):
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            _abort_with(
+                context, grpc.StatusCode.INVALID_ARGUMENT,
                 "invalid request: field 'stream' asks for streaming on a unary Predictions call; "
                 "call StreamPredictions for progress and frames, or drop the field",
+                ErrorCode.INVALID_REQUEST,
             )
         call = self._native_call(request, context)
 
@@ -273,7 +288,7 @@ class Gateway:
         try:
             oip.upstream_request(request, deadline=call.deadline, call_id=call.call_id)
         except oip.OipError as error:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid request: {error}")
+            _abort_with(context, grpc.StatusCode.INVALID_ARGUMENT, f"invalid request: {error}", ErrorCode.INVALID_REQUEST)
         timeout = None if call.timeout_s is None else call.timeout_s + OIP_UPSTREAM_GRACE_S
 
         def invoke(metadata: list[tuple[str, str]]) -> Any:
@@ -285,13 +300,14 @@ class Gateway:
             response = self._with_own_key(context, invoke)
         except grpc.RpcError as error:
             call.upstream_done = True
-            context.abort(*translate_oip_error(error.code(), error.details() or ""))
+            translate_oip_error(error.code(), error.details() or "").abort(context)
         call.upstream_done = True
         try:
             oip.client_response(response)
         except oip.UpstreamFormatError as error:
             logger.error("unexpected ModelInfer answer from TorchServe: %s", error)
-            context.abort(grpc.StatusCode.INTERNAL, f"the model server's answer could not be read: {error}")
+            _abort_with(context, grpc.StatusCode.INTERNAL, f"the model server's answer could not be read: {error}",
+                        ErrorCode.INTERNAL)
         return response
 
     def _oip_passthrough(self, method: str):
@@ -304,7 +320,7 @@ class Gateway:
             try:
                 response = self._with_own_key(context, lambda metadata: upstream(request, timeout=10, metadata=metadata))
             except grpc.RpcError as error:
-                context.abort(*translate_oip_error(error.code(), error.details() or ""))
+                translate_oip_error(error.code(), error.details() or "").abort(context)
             if method == "ModelMetadata" and not response.inputs and not response.outputs:
                 _describe_tensors(response)
             return response
@@ -386,8 +402,15 @@ class _Call:
 
 
 def _abort(context: grpc.ServicerContext, error: grpc.RpcError) -> None:
-    code, details = translate_error(error.code(), error.details() or "")
-    context.abort(code, details)
+    translate_error(error.code(), error.details() or "").abort(context)
+
+
+def _abort_with(context: grpc.ServicerContext, status: grpc.StatusCode, details: str,
+                code: ErrorCode | None) -> None:
+    """context.abort, with the typed code (if any) in the trailing metadata."""
+    if code is not None:
+        context.set_trailing_metadata(((ERROR_CODE_METADATA, code.value),))
+    context.abort(status, details)
 
 
 def _boolean(value: bytes) -> bool | None:

@@ -1,5 +1,5 @@
-"""TorchServe's management API as the guard uses it: describe, scale, rotate tokens; and its
-config.properties (stdlib only)."""
+"""TorchServe's management API as the guard uses it: describe, scale, rotate tokens (stdlib
+only). Its config.properties is read by morph_protocol.properties."""
 
 from __future__ import annotations
 
@@ -12,16 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from morph_protocol.keyfile import TokenError, read_key_file
-
-
-def read_properties(path: Path) -> dict[str, str]:
-    """A TorchServe config.properties as a dict (comments and blank lines skipped)."""
-    values = {}
-    for line in path.read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#") and "=" in line:
-            key, _, value = line.partition("=")
-            values[key.strip()] = value.strip()
-    return values
 
 
 class ManagementError(RuntimeError):

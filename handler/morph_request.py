@@ -3,7 +3,8 @@
 TorchServe hands a handler one dict per request: for gRPC the `PredictionsRequest.input` map
 (every value bytes), for REST multipart/form-data one entry per form field (bytes for files, str
 for text fields, an already-parsed dict for `application/json` parts). The schema is documented in
-`client/wire.py`; every violation raises ConfigError with a message naming the field.
+`morph_protocol/wire.py`; every violation raises ConfigError with a message naming the field
+(and its `field` attribute set to it, so the OIP path can name the tensor instead).
 """
 
 from __future__ import annotations
@@ -20,21 +21,18 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from morph_protocol import wire
-from diffmorpher.config import ConfigError, MorphConfig, OutputOptions, name_list, show, with_preset
+from morph_protocol import limits, wire
+from diffmorpher.config import FIELD, ConfigError, MorphConfig, OutputOptions, name_list, show, with_preset
 
 OUTPUT_KEYS = ("format", "frame_duration_ms", "loop")
 # Chosen by the server (they follow from how the pipeline was loaded), never by a request.
 SERVER_KEYS = ("device", "dtype")
-MAX_IMAGE_PIXELS = 4096 * 4096
-MAX_PROMPT_CHARS = 2000
-MAX_PROMPT_BYTES = 4 * MAX_PROMPT_CHARS  # UTF-8: at most 4 bytes a character
-MAX_OPTIONS_BYTES = wire.MAX_OPTIONS_BYTES
 # Raster formats only: Pillow would open PostScript (EPS) by running Ghostscript.
 # (JPEG covers MPO, the multi-picture JPEG of phone cameras; AVIF where Pillow was built with it.)
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
 # Tabs and newlines are prompt text; NUL, escapes and other C0/C1 controls are refused.
 PROMPT_CONTROLS_ALLOWED = "\t\n\r"
+_IMAGE_SIDE = math.isqrt(limits.MAX_IMAGE_PIXELS)  # the largest square image, for messages
 _IMAGE_KEY = re.compile(r"image_(?:ref_)?(0|[1-9][0-9]{0,5})")
 _IMAGE_REF = re.compile(r"[0-9a-f]{%d}" % wire.IMAGE_REF_LENGTH)
 
@@ -57,7 +55,7 @@ def _as_bytes(name: str, value: Any) -> bytes:
         return bytes(value)
     if isinstance(value, str):
         return value.encode("utf-8")
-    raise ConfigError(f"field {name!r} must be bytes, got {type(value).__name__}")
+    raise ConfigError(f"{FIELD} must be bytes, got {type(value).__name__}", field=name)
 
 
 def _as_text(name: str, value: Any) -> str:
@@ -66,7 +64,7 @@ def _as_text(name: str, value: Any) -> str:
     try:
         return _as_bytes(name, value).decode("utf-8")
     except UnicodeDecodeError as error:
-        raise ConfigError(f"field {name!r} must be UTF-8 text: {error}") from error
+        raise ConfigError(f"{FIELD} must be UTF-8 text: {error}", field=name) from error
 
 
 def decode_image(name: str, value: Any) -> Image.Image:
@@ -76,12 +74,12 @@ def decode_image(name: str, value: Any) -> Image.Image:
     scaled to 8 bits."""
     data = _as_bytes(name, value)
     if not data:
-        raise ConfigError(f"field {name!r} is empty; expected an encoded image (PNG, JPEG, WebP)")
+        raise ConfigError(f"{FIELD} is empty; expected an encoded image (PNG, JPEG, WebP)", field=name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=_image_formats())
-            if image.width * image.height > MAX_IMAGE_PIXELS:
+            if image.width * image.height > limits.MAX_IMAGE_PIXELS:
                 raise _too_many_pixels(name, f"{image.width}x{image.height}")
             image.load()
             return _to_rgb(_upright(image))
@@ -91,13 +89,13 @@ def decode_image(name: str, value: Any) -> Image.Image:
         raise _too_many_pixels(name, str(error)) from error
     except UnidentifiedImageError as error:
         raise ConfigError(
-            f"field {name!r} is not a readable image ({len(data)} bytes starting {data[:8]!r}); "
-            f"send PNG, JPEG, WebP, GIF, BMP, TIFF or AVIF"
+            f"{FIELD} is not a readable image ({len(data)} bytes starting {data[:8]!r}); "
+            f"send PNG, JPEG, WebP, GIF, BMP, TIFF or AVIF", field=name,
         ) from error
     except MemoryError:
         raise
     except Exception as error:  # noqa: BLE001 - a decoder tripping over client bytes is a 400
-        raise ConfigError(f"field {name!r} is a damaged or truncated image: {error}") from error
+        raise ConfigError(f"{FIELD} is a damaged or truncated image: {error}", field=name) from error
 
 
 def _image_formats() -> tuple[str, ...]:
@@ -108,8 +106,8 @@ def _image_formats() -> tuple[str, ...]:
 
 def _too_many_pixels(name: str, size: str) -> ConfigError:
     return ConfigError(
-        f"field {name!r} exceeds the image size limit of {MAX_IMAGE_PIXELS} pixels ({size}); "
-        f"send at most 4096x4096"
+        f"{FIELD} exceeds the image size limit of {limits.MAX_IMAGE_PIXELS} pixels ({size}); "
+        f"send at most {_IMAGE_SIDE}x{_IMAGE_SIDE}", field=name,
     )
 
 
@@ -142,7 +140,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def parse_options(value: Any) -> dict[str, Any]:
-    """The `options` field as a dict: a JSON object of at most MAX_OPTIONS_BYTES with finite
+    """The `options` field as a dict: a JSON object of at most limits.MAX_OPTIONS_BYTES with finite
     numbers and no key twice (or the dict a REST `application/json` part was parsed into)."""
     if value is None:
         return {}
@@ -150,8 +148,8 @@ def parse_options(value: Any) -> dict[str, Any]:
         options = dict(value)
     else:
         data = _as_bytes(wire.INPUT_OPTIONS, value)
-        if len(data) > MAX_OPTIONS_BYTES:
-            raise ConfigError(f"field 'options' is {len(data)} bytes; at most {MAX_OPTIONS_BYTES}")
+        if len(data) > limits.MAX_OPTIONS_BYTES:
+            raise _options_error(f"{FIELD} is {len(data)} bytes; at most {limits.MAX_OPTIONS_BYTES}")
         text = _as_text(wire.INPUT_OPTIONS, data).strip()
         if not text:
             return {}
@@ -160,16 +158,14 @@ def parse_options(value: Any) -> dict[str, Any]:
         except ConfigError:
             raise
         except RecursionError as error:
-            raise ConfigError(
-                "field 'options' is nested too deeply; send a flat JSON object"
-            ) from error
+            raise _options_error(f"{FIELD} is nested too deeply; send a flat JSON object") from error
         except ValueError as error:  # JSONDecodeError, or an integer of more than 4300 digits
-            raise ConfigError(f"field 'options' is not valid JSON: {str(error)[:200]}") from error
+            raise _options_error(f"{FIELD} is not valid JSON: {str(error)[:200]}") from error
     if not isinstance(options, dict):
-        raise ConfigError(f"field 'options' must be a JSON object, got {type(options).__name__}")
+        raise _options_error(f"{FIELD} must be a JSON object, got {type(options).__name__}")
     for key, option in options.items():
         if not isinstance(key, str):
-            raise ConfigError(f"field 'options' has a key that is not a string: {show(key)}")
+            raise _options_error(f"{FIELD} has a key that is not a string: {show(key)}")
         if not _finite(option):
             raise ConfigError(
                 f"option {key!r} must be a finite number; NaN and Infinity are not allowed"
@@ -177,12 +173,17 @@ def parse_options(value: Any) -> dict[str, Any]:
     return options
 
 
+def _options_error(message: str) -> ConfigError:
+    """An error about the `options` field (FIELD marks where the message names it)."""
+    return ConfigError(message, field=wire.INPUT_OPTIONS)
+
+
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """json object hook: two parsers may keep different copies of a repeated key, so refuse it."""
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            raise ConfigError(f"field 'options' has key {show(key)} twice")
+            raise _options_error(f"{FIELD} has key {show(key)} twice")
         result[key] = value
     return result
 
@@ -202,19 +203,19 @@ def _finite(value: Any) -> bool:
 
 
 def _check_prompt(key: str, value: Any) -> str:
-    """A prompt's text: at most MAX_PROMPT_CHARS (a huge field is refused by its byte length,
-    before decoding), with no control characters but tabs and newlines."""
-    limit = f"at most {MAX_PROMPT_CHARS} characters"
-    if isinstance(value, (bytes, bytearray, memoryview)) and len(value) > MAX_PROMPT_BYTES:
-        raise ConfigError(f"prompt {key!r} is {len(value)} bytes; {limit}")
+    """A prompt's text: at most limits.MAX_PROMPT_CHARS (a huge field is refused by its byte
+    length, before decoding), with no control characters but tabs and newlines."""
+    limit = f"at most {limits.MAX_PROMPT_CHARS} characters"
+    if isinstance(value, (bytes, bytearray, memoryview)) and len(value) > limits.MAX_PROMPT_BYTES:
+        raise ConfigError(f"{FIELD} is {len(value)} bytes; {limit}", field=key, kind="prompt")
     prompt = _as_text(key, value)
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise ConfigError(f"prompt {key!r} is {len(prompt)} characters; {limit}")
+    if len(prompt) > limits.MAX_PROMPT_CHARS:
+        raise ConfigError(f"{FIELD} is {len(prompt)} characters; {limit}", field=key, kind="prompt")
     for position, char in enumerate(prompt):
         if unicodedata.category(char) == "Cc" and char not in PROMPT_CONTROLS_ALLOWED:
             raise ConfigError(
-                f"prompt {key!r} contains control character U+{ord(char):04X} at position "
-                f"{position}; send plain text (tabs and newlines are fine)"
+                f"{FIELD} contains control character U+{ord(char):04X} at position "
+                f"{position}; send plain text (tabs and newlines are fine)", field=key, kind="prompt",
             )
     return prompt
 
@@ -227,7 +228,7 @@ def parse_stream(value: Any) -> bool:
         return True
     if text in wire.STREAM_FALSE:
         return False
-    raise ConfigError(f"field 'stream' must be true or false, got {text[:20]!r}")
+    raise ConfigError(f"{FIELD} must be true or false, got {text[:20]!r}", field=wire.INPUT_STREAM)
 
 
 def split_options(
@@ -288,13 +289,13 @@ def parse_request(data: Mapping[str, Any], defaults: MorphConfig) -> MorphReques
             f"a morph needs at least 2 images in fields image_0, image_1, ...; got {count}"
             f"{body_hint}. Fields received: {name_list(sorted(map(str, fields)), 20)}"
         )
-    if count > wire.MAX_IMAGES:
-        raise ConfigError(f"at most {wire.MAX_IMAGES} images per morph, got {count}")
+    if count > limits.MAX_IMAGES:
+        raise ConfigError(f"at most {limits.MAX_IMAGES} images per morph, got {count}")
     prompts = []
     for index in range(count):
         key = wire.prompt_key(index)
         if key not in fields:
-            raise ConfigError(f"missing prompt {key!r} for image {index}: send one prompt per image")
+            raise ConfigError(f"missing {FIELD} for image {index}: send one prompt per image", field=key, kind="prompt")
         prompts.append(_check_prompt(key, fields[key]))
     expected = {wire.image_key(i) for i in range(count)} | {wire.prompt_key(i) for i in range(count)}
     expected |= {wire.image_ref_key(i) for i in range(count)}
@@ -322,11 +323,11 @@ def _image_or_reference(fields: Mapping[str, Any], index: int) -> Image.Image | 
         return decode_image(name, fields[name])
     value = fields[ref_name]
     if isinstance(value, (bytes, bytearray, memoryview)) and len(value) > 2 * wire.IMAGE_REF_LENGTH:
-        raise ConfigError(f"field {ref_name!r} is {len(value)} bytes; an image_key has {wire.IMAGE_REF_LENGTH} hex digits")
+        raise ConfigError(f"{FIELD} is {len(value)} bytes; an image_key has {wire.IMAGE_REF_LENGTH} hex digits", field=ref_name)
     key = _as_text(ref_name, value).strip().lower()
     if not _IMAGE_REF.fullmatch(key):
         raise ConfigError(
-            f"field {ref_name!r} must be the {wire.IMAGE_REF_LENGTH}-hex-digit image_key of a previous "
-            f"result, got {show(key)}"
+            f"{FIELD} must be the {wire.IMAGE_REF_LENGTH}-hex-digit image_key of a previous "
+            f"result, got {show(key)}", field=ref_name,
         )
     return wire.ImageRef(key)

@@ -11,8 +11,8 @@ tensor (guard.oip.GATEWAY_INPUT), since TorchServe drops them. This module only 
   option; a string parameter `options` may hold a JSON object for what parameters cannot
   carry, e.g. a list of formats), `deadline` and `call_id` -> the fields of the same name;
 
-then morph_request.parse_request checks the result like any native request, and `tensor_names`
-puts the tensor names into its error messages. The answer (`response_body`) is the JSON that
+then morph_request.parse_request checks the result like any native request, and `oip_message`
+names the tensor in its errors (from the error's `field`, not its text). The answer (`response_body`) is the JSON that
 TorchServe turns into a ModelInferResponse: output `frames` (the native result's parts, in
 order) and `metadata` (the native result's header as JSON), both BYTES. ModelInfer is unary: no
 `stream` field is ever produced, so the handler never sends intermediate responses for it.
@@ -23,12 +23,11 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from morph_protocol import wire
-from diffmorpher.config import ConfigError, name_list, show
+from morph_protocol import limits, wire
+from diffmorpher.config import ConfigError, FieldNamed, name_list, show
 from morph_protocol.oip import (
     BYTES,
     GATEWAY_INPUT,
@@ -49,8 +48,6 @@ CONTENT_TYPE = "application/json"
 OUTPUTS = (OUTPUT_FRAMES, OUTPUT_METADATA)
 PARAM_OPTIONS = "options"
 PARAM_STREAM = "stream"
-_NATIVE_FIELD = re.compile(r"(?:field|prompt) '(image_ref|image|prompt)_(\d+)'")
-_TENSOR_OF = {"image": INPUT_IMAGES, "image_ref": INPUT_IMAGES, "prompt": INPUT_PROMPTS}
 
 
 @dataclass(frozen=True)
@@ -95,9 +92,10 @@ def parse_infer_request(data: Any) -> InferRequest | None:
     parameters, outputs = _gateway_contract(tensors[GATEWAY_INPUT])
     images = _bytes_elements(tensors, INPUT_IMAGES)
     prompts = _bytes_elements(tensors, INPUT_PROMPTS)
-    if not 2 <= len(images) <= wire.MAX_IMAGES:
+    if not limits.MIN_IMAGES <= len(images) <= limits.MAX_IMAGES:
         raise ConfigError(
-            f"input tensor {INPUT_IMAGES!r} has {len(images)} element(s); a morph needs 2 to {wire.MAX_IMAGES} images"
+            f"input tensor {INPUT_IMAGES!r} has {len(images)} element(s); a morph needs "
+            f"{limits.MIN_IMAGES} to {limits.MAX_IMAGES} images"
         )
     if len(prompts) != len(images):
         raise ConfigError(
@@ -126,16 +124,25 @@ def parse_infer_request(data: Any) -> InferRequest | None:
     )
 
 
-def tensor_names(message: str) -> str:
-    """A native parser's error message in OIP terms: field 'image_1' -> input tensor 'images'
-    element 1, field 'options' -> the request parameters."""
-    def tensor(match: re.Match[str]) -> str:
-        kind, index = match.group(1), match.group(2)
-        ref = f" ({IMAGE_REF_PREFIX.decode()}<image_key>)" if kind == "image_ref" else ""
-        return f"input tensor {_TENSOR_OF[kind]!r} element {index}{ref}"
+def field_label(field: str) -> str:
+    """How a ModelInfer request calls a native field: image_1 -> input tensor 'images' element 1
+    (image_ref_1 the same, holding ref:<image_key>), prompt_0 -> input tensor 'prompts' element
+    0, options -> the request parameters; other fields by their native name."""
+    for prefix, tensor, note in ((wire.image_ref_key(0)[:-1], INPUT_IMAGES, f" ({IMAGE_REF_PREFIX.decode()}<image_key>)"),
+                                 (wire.image_key(0)[:-1], INPUT_IMAGES, ""),
+                                 (wire.prompt_key(0)[:-1], INPUT_PROMPTS, "")):
+        index = field.removeprefix(prefix)
+        if index != field and index.isdigit():
+            return f"input tensor {tensor!r} element {index}{note}"
+    if field == wire.INPUT_OPTIONS:
+        return "the request parameters (options)"
+    return f"field {field!r}"
 
-    message = _NATIVE_FIELD.sub(tensor, message)
-    return message.replace("field 'options'", "the request parameters (options)")
+
+def oip_message(error: FieldNamed) -> str:
+    """A native parser's error message in OIP terms: the field it is about named as ModelInfer
+    calls it (field_label); a message naming no field as it is."""
+    return error.naming(field_label(error.field)) if error.field is not None else str(error)
 
 
 def response_body(request: InferRequest, model_name: str, model_version: str,

@@ -1,7 +1,7 @@
 """TorchServe handler for the morph service: a thin adapter over the `diffmorpher` core.
 
 It only decodes the request (morph_request), runs the core pipeline, encodes the response
-(client/wire.py framing, media from diffmorpher.encoding) and maps errors to status codes. TorchServe
+(morph_protocol/wire.py framing, media from diffmorpher.encoding) and maps errors to status codes. TorchServe
 has been in limited maintenance since 2025; keeping all logic in the core means replacing this
 file is all it takes to move to another server.
 
@@ -32,11 +32,12 @@ from typing import Any
 
 import torch
 
-from morph_protocol import wire
+from morph_protocol import limits, wire
+from morph_protocol.errors import ErrorCode, format_error
 from diffmorpher.cache import CacheMiss, CacheStore, DiskStore, TensorCache
 from diffmorpher.cache_redis import RedisStore, RemoteStatus, TieredStore
 from diffmorpher.compile import COMPILE_OFF, compile_unet_blocks
-from diffmorpher.config import ConfigError, MorphConfig
+from diffmorpher.config import FIELD, ConfigError, MorphConfig
 from diffmorpher.devices import device_for_worker, is_out_of_memory, release_cached_memory, worker_threads
 from diffmorpher.encoding import encode_parts
 from diffmorpher.interrupt import CANCELLED, MorphStopped
@@ -45,17 +46,13 @@ from morph_protocol.control import ControlDir
 from handler.morph_request import parse_request
 from handler.morph_response import ResponseTooLarge, StreamSender, check_size, result_metadata
 from handler.oip import CONTENT_TYPE as OIP_CONTENT_TYPE
-from handler.oip import InferRequest, parse_infer_request, response_body, tensor_names
+from handler.oip import InferRequest, oip_message, parse_infer_request, response_body
 from handler.request_stop import CallStop, WorkerHeartbeat, parse_call_control
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_RESPONSE_BYTES = 256 * 1024 * 1024
-DEFAULT_PROGRESS_INTERVAL_S = 0.5
-DEFAULT_CACHE_MAX_BYTES = 10 * 1024**3
 CACHE_DIR_ENV = "DIFFMORPHER_CACHE_DIR"
 CACHE_REDIS_ENV = "DIFFMORPHER_CACHE_REDIS_URL"
-DEFAULT_REDIS_MAX_ENTRY_BYTES = 512 * 1024**2
 
 
 class DiffMorpherHandler:
@@ -66,14 +63,15 @@ class DiffMorpherHandler:
     `defaults` (MorphConfig fields), `max_response_bytes`, `progress_interval_s`, `torch_threads`,
     `cache_dir` / `cache_max_bytes` (the LoRA/latent cache shared by the model's workers),
     `cache_redis_url` / `cache_redis_max_entry_bytes` (its tier shared by replicas), `compile`.
+    Sizes and the progress interval not set there are morph_protocol.limits'.
     """
 
     def __init__(self) -> None:
         self.initialized = False
         self.pipeline: DiffMorpherPipeline | None = None
         self.defaults = MorphConfig()
-        self.max_response_bytes = DEFAULT_MAX_RESPONSE_BYTES
-        self.progress_interval_s = DEFAULT_PROGRESS_INTERVAL_S
+        self.max_response_bytes = limits.MAX_RESPONSE_BYTES
+        self.progress_interval_s = limits.PROGRESS_INTERVAL_S
         self.model_name = "diffmorpher"
         self.model_version = ""  # the archive's, for ModelInfer responses
         self.control = ControlDir.from_env()
@@ -95,8 +93,8 @@ class DiffMorpherHandler:
         manifest = getattr(context, "manifest", None) or {}
         self.model_version = str((manifest.get("model") or {}).get("modelVersion") or "")
         self.defaults = MorphConfig.from_dict(settings.get("defaults") or {})
-        self.max_response_bytes = int(settings.get("max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES))
-        self.progress_interval_s = float(settings.get("progress_interval_s", DEFAULT_PROGRESS_INTERVAL_S))
+        self.max_response_bytes = int(settings.get("max_response_bytes", limits.MAX_RESPONSE_BYTES))
+        self.progress_interval_s = float(settings.get("progress_interval_s", limits.PROGRESS_INTERVAL_S))
         weights = _resolve(archive_dir, settings.get("model_dir", "model"))
         lpips = settings.get("lpips_weights")
         lpips_path = _resolve(archive_dir, lpips) if lpips else None
@@ -138,20 +136,21 @@ class DiffMorpherHandler:
                 responses.append(self._serve_one(index, request_data, context))
             except Exception as error:  # noqa: BLE001 - the worker must survive any request
                 code, message = self._classify(error)
-                if code == 507 and self.pipeline is not None:
+                if code == ErrorCode.OUT_OF_MEMORY and self.pipeline is not None:
                     release_cached_memory(self.pipeline.models.device)
-                self._count("MorphRejected", context, reason=_reason(code))
+                self._count("MorphRejected", context, reason=code.value)
+                tagged = format_error(code, message)
                 if len(data) == 1:
-                    raise PredictionException(message, code) from error
-                context.set_response_status(code, message, index)
-                responses.append(message.encode("utf-8"))
+                    raise PredictionException(tagged, code.http_status) from error
+                context.set_response_status(code.http_status, tagged, index)
+                responses.append(tagged.encode("utf-8"))
         return responses
 
     # ------------------------------------------------------------------ one request
     def _serve_one(self, index: int, request_data: Any, context: Any) -> bytes:
         """One request, stopped at its deadline or when the gateway marks it cancelled; the
         heartbeat says busy for its duration. A ModelInfer request is served as the native
-        fields oip.py makes of it, its errors named by its tensors."""
+        fields oip.py makes of it, its errors naming its tensors (from the error's `field`)."""
         infer = parse_infer_request(request_data)
         fields = request_data if infer is None else infer.fields
         call = parse_call_control(fields)
@@ -161,7 +160,7 @@ class DiffMorpherHandler:
         except (ConfigError, CacheMiss) as error:
             if infer is None:
                 raise
-            raise type(error)(tensor_names(str(error))) from error
+            raise type(error)(oip_message(error)) from error
         finally:
             self.heartbeat.idle()
             if call.call_id and self.control is not None:
@@ -221,7 +220,7 @@ class DiffMorpherHandler:
         try:
             return self.pipeline.stored_image(image.key)
         except (ConfigError, CacheMiss) as error:
-            raise type(error)(f"field '{wire.image_ref_key(index)}': {error}") from error
+            raise type(error)(f"{FIELD}: {error}", field=wire.image_ref_key(index)) from error
 
     def _remote_cache_status(self) -> RemoteStatus | None:
         cache = self.pipeline.cache if self.pipeline is not None else None
@@ -242,30 +241,29 @@ class DiffMorpherHandler:
         return send
 
     @staticmethod
-    def _classify(error: Exception) -> tuple[int, str]:
-        """HTTP status and a readable message. TorchServe maps the status to gRPC: 400
-        INVALID_ARGUMENT, 404 NOT_FOUND, 413 RESOURCE_EXHAUSTED, 499 CANCELLED, 504
-        DEADLINE_EXCEEDED, other 5xx INTERNAL; the gateway turns 507's INTERNAL into
-        RESOURCE_EXHAUSTED by its message prefix (OUT_OF_MEMORY_PREFIX)."""
+    def _classify(error: Exception) -> tuple[ErrorCode, str]:
+        """The error's code and a readable message. The code's HTTP status goes to TorchServe
+        (errors.ErrorCode's table: what TorchServe and the gateway make of it); the code itself
+        travels as the message's tag (errors.format_error), since TorchServe answers several
+        statuses with one gRPC code (507 and 500 are both INTERNAL)."""
         if isinstance(error, ConfigError):
-            return 400, f"invalid request: {error}"
+            return ErrorCode.INVALID_REQUEST, f"invalid request: {error}"
         if isinstance(error, CacheMiss):
-            return 404, f"not found: {error}"
+            return ErrorCode.NOT_FOUND, f"not found: {error}"
         if isinstance(error, ResponseTooLarge):
-            return 413, str(error)
+            return ErrorCode.TOO_LARGE, str(error)
         if isinstance(error, MorphStopped):
             logger.info("morph stopped: %s", error)
-            return (499 if error.reason.kind == CANCELLED else 504), str(error)
+            return (ErrorCode.CANCELLED if error.reason.kind == CANCELLED else ErrorCode.DEADLINE_EXCEEDED), str(error)
         if is_out_of_memory(error):
             logger.warning("morph ran out of memory: %s", error)
-            return 507, (
-                f"{wire.OUT_OF_MEMORY_PREFIX} the server ran out of memory for this morph "
+            return ErrorCode.OUT_OF_MEMORY, (
+                f"out of memory: the server ran out of memory for this morph "
                 f"({type(error).__name__}); ask for a smaller frame_batch_size, fewer frames, "
                 f"fewer images or a lower resolution"
             )
         logger.exception("morph failed")
-        # 500, not TorchServe's default 503: a deterministic failure must not be retried.
-        return 500, f"morph failed: {type(error).__name__}: {error}"
+        return ErrorCode.INTERNAL, f"morph failed: {type(error).__name__}: {error}"
 
     # ------------------------------------------------------------------ metrics
     def _count(self, name: str, context: Any, **dimensions: str) -> None:
@@ -302,11 +300,11 @@ def _cache(archive_dir: Path, settings: dict[str, Any]) -> TensorCache | None:
     location = os.environ.get(CACHE_DIR_ENV) or str(settings.get("cache_dir", "cache") or "off")
     if location == "off":
         return None
-    max_bytes = int(settings.get("cache_max_bytes", DEFAULT_CACHE_MAX_BYTES))
+    max_bytes = int(settings.get("cache_max_bytes", limits.CACHE_MAX_BYTES))
     store: CacheStore = DiskStore(_resolve(archive_dir, location), max_bytes=max_bytes)
     redis_url = os.environ.get(CACHE_REDIS_ENV) or str(settings.get("cache_redis_url", "") or "")
     if redis_url:
-        max_entry = int(settings.get("cache_redis_max_entry_bytes", DEFAULT_REDIS_MAX_ENTRY_BYTES))
+        max_entry = int(settings.get("cache_redis_max_entry_bytes", limits.CACHE_REDIS_MAX_ENTRY_BYTES))
         store = TieredStore(store, RedisStore(redis_url, max_entry_bytes=max_entry))
     return TensorCache(store)
 
@@ -315,7 +313,3 @@ def _resolve(base: Path, path: str | Path) -> Path:
     path = Path(path)
     return path if path.is_absolute() else base / path
 
-
-def _reason(code: int) -> str:
-    reasons = {400: "invalid_request", 404: "not_found", 413: "too_large", 499: "cancelled", 504: "deadline", 507: "out_of_memory"}
-    return reasons.get(code, "internal")

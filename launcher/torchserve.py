@@ -22,6 +22,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from morph_protocol.properties import replace_properties
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = REPO_ROOT / "config.properties"
 
@@ -38,19 +40,6 @@ def free_ports(count: int) -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
-
-
-def replace_properties(text: str, overrides: dict[str, str]) -> tuple[str, dict[str, str]]:
-    """A config.properties text with the given keys' values replaced in place, and the
-    overrides it has no line for."""
-    missing = dict(overrides)
-    lines = []
-    for line in text.splitlines():
-        key = line.split("=", 1)[0].strip()
-        if not line.lstrip().startswith("#") and key in missing:
-            line = f"{key}={missing.pop(key)}"
-        lines.append(line)
-    return "\n".join(lines) + "\n", missing
 
 
 @dataclass

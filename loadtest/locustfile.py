@@ -518,7 +518,7 @@ class GrpcMorphUser(MorphUser):
 
     def settle_error(self, mode: str, started: float, error: MorphClientError) -> None:
         code = error.code.name if error.code is not None else None
-        outcome = classify_grpc(code, error.details) if code else Outcome.ERROR
+        outcome = classify_grpc(code, error.details, error.error_code) if code else Outcome.ERROR
         self.settle(GRPC, mode, started, outcome, short(f"{code or 'CLIENT'}: {error.details}"), status=code)
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from client.morph_client import BUSY_MESSAGE
+from morph_protocol.errors import ErrorCode
 
 BUSY_SUFFIX = "busy"  # Locust series of refusals: "<mode> busy"
 
@@ -50,9 +51,13 @@ class UnexpectedAnswer(Exception):
 GRPC_LOST_CODES = frozenset({"DEADLINE_EXCEEDED", "UNAVAILABLE", "CANCELLED"})
 
 
-def classify_grpc(code_name: str | None, details: str) -> Outcome:
-    """Outcome of a failed gRPC call, from its status code name and message."""
-    if code_name in ("INTERNAL", "UNAVAILABLE") and BUSY_MESSAGE in details:  # TorchServe / gateway
+def classify_grpc(code_name: str | None, details: str, error_code: ErrorCode | None = None) -> Outcome:
+    """Outcome of a failed gRPC call, from its status code name and the typed code the gateway
+    sent (morph_protocol.errors); TorchServe called directly says "busy" only in its message."""
+    if error_code is not None:
+        if error_code == ErrorCode.BUSY:
+            return Outcome.BUSY
+    elif code_name in ("INTERNAL", "UNAVAILABLE") and BUSY_MESSAGE in details:  # TorchServe itself
         return Outcome.BUSY
     if code_name in GRPC_LOST_CODES:
         return Outcome.LOST

@@ -49,7 +49,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from morph_protocol.keyfile import TokenError, read_key_file
-from guard.management import read_properties
+from morph_protocol.properties import read_properties
 from launcher.archive import MODEL_NAME, export_model
 from launcher.torchserve import TorchServeProcess
 from loadtest.merge import MergeError, merge_results

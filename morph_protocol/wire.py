@@ -116,12 +116,8 @@ INPUT_DEADLINE = "deadline"
 INPUT_CALL_ID = "call_id"
 STREAM_TRUE = ("true", "1", "yes")  # accepted values of `stream` (case-insensitive)
 STREAM_FALSE = ("false", "0", "no", "")
-# Error messages of a morph that ran out of memory start with this (HTTP 507; the gateway answers
-# gRPC RESOURCE_EXHAUSTED where TorchServe would say INTERNAL).
-OUT_OF_MEMORY_PREFIX = "out of memory:"
-MAX_IMAGES = 8
-# The `options` field's size limit (the handler refuses more; the web page's form reads it too).
-MAX_OPTIONS_BYTES = 64 * 1024  # a flat JSON object of ~20 options needs well under 1 KiB
+# The fields' limits (image count, options size, ...) are morph_protocol.limits'; a failed request's
+# typed code is morph_protocol.errors'.
 # An image reference is the SHA-256 (hex) of the image as the server prepared it.
 IMAGE_REF_LENGTH = 64
 

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from morph_protocol import wire
+from morph_protocol import limits, wire
 
 OK = "ok"
 INVALID = "invalid"
@@ -48,12 +48,6 @@ EXPECTATIONS = (OK, INVALID, TOO_LARGE, UNAUTHENTICATED)
 TRANSPORTS = ("unary", "stream", "rest")
 TOKENS = ("valid", None, "wrong")
 
-# Mirrors of the server's limits (handler/morph_request.py, handler/diffmorpher/config.py); the
-# corpus test checks they agree.
-MAX_IMAGE_PIXELS = 4096 * 4096
-MAX_PROMPT_CHARS = 2000
-MAX_OPTIONS_BYTES = 64 * 1024
-MAX_REQUEST_BYTES = 100 * 1024 * 1024  # config.properties max_request_size
 
 SIZE = 64
 RED = (220, 30, 30)
@@ -237,7 +231,8 @@ def request(
 
 def build_corpus(base_options: dict, *, include_huge: bool = False) -> list[Case]:
     """Every case; "ok" ones use `base_options` (small morph options, so they run fast).
-    `include_huge` adds a request over the frontend's 100 MiB limit (it costs 100 MiB of memory)."""
+    `include_huge` adds a request over the frontend's max_request_size (limits.MAX_REQUEST_BYTES;
+    it costs as much memory)."""
     base = dict(base_options)
     circle_png, square_png = encode(circle()), encode(square())
     cases: list[Case] = []
@@ -262,7 +257,7 @@ def build_corpus(base_options: dict, *, include_huge: bool = False) -> list[Case
             options = {**base, **options}
         invalid(name, message, note, request(options=options))
 
-    pixel_limit = f"exceeds the image size limit of {MAX_IMAGE_PIXELS} pixels"
+    pixel_limit = f"exceeds the image size limit of {limits.MAX_IMAGE_PIXELS} pixels"
 
     # --- well-formed requests
     ok("baseline", "two small PNGs with prompts: the reference every other case departs from")
@@ -446,9 +441,9 @@ def build_corpus(base_options: dict, *, include_huge: bool = False) -> list[Case
     )
     invalid(
         "prompt_over_limit",
-        f"prompt 'prompt_0' is {MAX_PROMPT_CHARS + 1} characters",
+        f"prompt 'prompt_0' is {limits.MAX_PROMPT_CHARS + 1} characters",
         "one character over the prompt limit",
-        request(prompts=["a" * (MAX_PROMPT_CHARS + 1), PROMPTS[1]], options=base),
+        request(prompts=["a" * (limits.MAX_PROMPT_CHARS + 1), PROMPTS[1]], options=base),
     )
     invalid(
         "prompt_5mb",
@@ -494,13 +489,14 @@ def build_corpus(base_options: dict, *, include_huge: bool = False) -> list[Case
             wire.INPUT_OPTIONS: _options(base),
         },
     )
+    over = limits.MAX_IMAGES + 1
     invalid(
-        "nine_images",
-        f"at most {wire.MAX_IMAGES} images per morph, got 9",
+        "too_many_images",
+        f"at most {limits.MAX_IMAGES} images per morph, got {over}",
         "one image over the limit",
         request(
-            [circle_png, square_png] * 4 + [circle_png],
-            [PROMPTS[0], PROMPTS[1]] * 4 + [PROMPTS[0]],
+            [(circle_png, square_png)[index % 2] for index in range(over)],
+            [PROMPTS[index % 2] for index in range(over)],
             base,
         ),
     )
@@ -636,13 +632,13 @@ def build_corpus(base_options: dict, *, include_huge: bool = False) -> list[Case
     bad_option(
         "lora_steps_negative",
         {"lora_steps": -5},
-        "lora_steps must be between 0 and 2000",
+        f"lora_steps must be between 0 and {limits.MAX_LORA_STEPS}",
         "negative steps",
     )
     bad_option(
         "lora_steps_huge",
         {"lora_steps": 10**7},
-        "lora_steps must be between 0 and 2000",
+        f"lora_steps must be between 0 and {limits.MAX_LORA_STEPS}",
         "hours of LoRA fitting",
     )
     bad_option(
@@ -772,10 +768,10 @@ def build_corpus(base_options: dict, *, include_huge: bool = False) -> list[Case
     )
 
     if include_huge:
-        big = MAX_REQUEST_BYTES + 1024 * 1024
+        big = limits.MAX_REQUEST_BYTES + limits.MiB
         cases.append(
             Case(
-                "request_over_100_mib",
+                "request_over_max_request_size",
                 request([b"\0" * big, square_png], options=base),
                 TOO_LARGE,
                 note="over config.properties max_request_size: refused by the frontend (gRPC and "

@@ -21,7 +21,7 @@ import grpc
 
 from grpc_api import stubs
 
-from morph_protocol import wire
+from morph_protocol import limits, wire
 from morph_protocol.keyfile import TokenSource
 
 from .corpus import INVALID, OK, TOO_LARGE, UNAUTHENTICATED, Case
@@ -32,7 +32,9 @@ GRPC_CODES = {OK: "OK", INVALID: "INVALID_ARGUMENT", TOO_LARGE: "RESOURCE_EXHAUS
 # the client is still uploading; a client that does not read the early answer sees the close.
 CLOSED = 0
 HTTP_CODES = {OK: (200,), INVALID: (400,), TOO_LARGE: (413, CLOSED), UNAUTHENTICATED: (400, 401, 403)}
-MAX_MESSAGE_BYTES = 300 * 1024 * 1024
+# Above every limit of the server (the largest case is a request just over MAX_REQUEST_BYTES;
+# a result may be MAX_RESPONSE_BYTES plus framing), so the server refuses, never this sender.
+MAX_MESSAGE_BYTES = 2 * max(limits.MAX_REQUEST_BYTES, limits.MAX_RESPONSE_BYTES + limits.RESPONSE_FRAMING_BYTES)
 
 
 @dataclass(frozen=True)

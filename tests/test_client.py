@@ -22,6 +22,7 @@ from google.protobuf import descriptor_pb2
 from grpc_api import stubs
 
 from morph_protocol import wire
+from morph_protocol.errors import ErrorCode, format_error
 from client.__main__ import format_for, main
 from morph_protocol.keyfile import TokenError, TokenSource, read_key_file
 from client.morph_client import MorphClient, MorphClientError, build_input
@@ -306,10 +307,24 @@ def test_a_full_queue_is_reported_as_busy_not_as_a_server_failure():
 
     from client.morph_client import BUSY_HINT, BUSY_MESSAGE, MorphClientError
 
+
     busy = MorphClientError(grpc.StatusCode.INTERNAL, f'Model "diffmorpher" {BUSY_MESSAGE}.')
-    assert busy.busy and BUSY_HINT in str(busy)
+    assert busy.busy and BUSY_HINT in str(busy) and busy.error_code is None  # TorchServe's words only
     failed = MorphClientError(grpc.StatusCode.INTERNAL, "morph failed: RuntimeError: boom")
     assert not failed.busy and "failed while morphing" in str(failed)
+    # From the gateway: the typed code decides, whatever the words.
+    gateway_busy = MorphClientError(grpc.StatusCode.UNAVAILABLE, "server busy", error_code=ErrorCode.BUSY)
+    assert gateway_busy.busy and gateway_busy.error_code == ErrorCode.BUSY
+    quoted = MorphClientError(grpc.StatusCode.UNAVAILABLE, f"not reachable; retry: {BUSY_MESSAGE}",
+                              error_code=ErrorCode.UNREACHABLE)
+    assert not quoted.busy
+
+
+def test_the_workers_tag_gives_the_code_and_leaves_the_message_clean() -> None:
+    """Talking to TorchServe directly: the code is read from the message's tag."""
+    details = format_error(ErrorCode.OUT_OF_MEMORY, "out of memory: reduce") + "\norg.pytorch.serve.X"
+    error = MorphClientError(grpc.StatusCode.INTERNAL, details)
+    assert (error.error_code, error.details) == (ErrorCode.OUT_OF_MEMORY, "out of memory: reduce")
 
 
 def test_java_exception_class_is_removed_from_messages() -> None:
@@ -359,3 +374,55 @@ def test_a_key_file_being_rewritten_is_read_once_it_is_whole(tmp_path: Path) -> 
         stop.set()
         writer.join()
     assert all(key.startswith("k") for key in keys) and len(keys) > 1
+
+
+class FailingInference(PB2_GRPC.InferenceAPIsServiceServicer):
+    """Answers every Predictions call as TorchServe answers a failed job: `code` and `details`
+    with the Java exception class appended."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self.code, self.details = code, details
+
+    def Predictions(self, request, context):  # noqa: N802 - gRPC method name
+        context.abort(self.code, self.details + "\norg.pytorch.serve.http.InternalServerException")
+
+
+@pytest.mark.parametrize(
+    ("upstream_code", "upstream_details", "status", "error_code", "details"),
+    [
+        # TorchServe answers 507 as INTERNAL: the worker's tag makes it RESOURCE_EXHAUSTED.
+        (grpc.StatusCode.INTERNAL, format_error(ErrorCode.OUT_OF_MEMORY, "out of memory: reduce frames"),
+         grpc.StatusCode.RESOURCE_EXHAUSTED, ErrorCode.OUT_OF_MEMORY, "out of memory: reduce frames"),
+        (grpc.StatusCode.INVALID_ARGUMENT, format_error(ErrorCode.INVALID_REQUEST, "invalid request: field 'image_0' is empty"),
+         grpc.StatusCode.INVALID_ARGUMENT, ErrorCode.INVALID_REQUEST, "invalid request: field 'image_0' is empty"),
+        (grpc.StatusCode.INTERNAL, 'Model "diffmorpher" has no worker to serve inference request. Please use scale',
+         grpc.StatusCode.UNAVAILABLE, ErrorCode.BUSY, None),
+        (grpc.StatusCode.INTERNAL, "morph failed: RuntimeError: boom",  # untagged: no code invented
+         grpc.StatusCode.INTERNAL, None, "morph failed: RuntimeError: boom"),
+    ],
+)
+def test_the_gateway_returns_the_code_as_trailing_metadata_and_the_client_reads_it(
+    local_server, upstream_code, upstream_details, status, error_code, details
+) -> None:
+    from guard.gateway import Gateway, GatewayConfig
+    from launcher.torchserve import free_ports
+    from morph_protocol.errors import ERROR_CODE_METADATA
+
+    upstream = local_server(FailingInference(upstream_code, upstream_details))
+    listen = f"127.0.0.1:{free_ports(1)[0]}"
+    gateway = Gateway(GatewayConfig(listen, upstream), None).server()
+    gateway.start()
+    try:
+        with MorphClient(listen, tokens=TokenSource(token="k"), retries=0) as client:
+            with pytest.raises(MorphClientError) as raised:
+                client.morph([b"a", b"b"], ["x", "y"], {})
+        rpc_error = raised.value.__cause__
+        trailing = dict(rpc_error.trailing_metadata() or ())
+    finally:
+        gateway.stop(grace=None)
+    assert (raised.value.code, raised.value.error_code) == (status, error_code)
+    assert trailing.get(ERROR_CODE_METADATA) == (error_code.value if error_code else None)
+    assert "diffmorpher:" not in raised.value.details and "org.pytorch" not in raised.value.details
+    if details is not None:
+        assert raised.value.details == details
+    assert raised.value.busy == (error_code == ErrorCode.BUSY)

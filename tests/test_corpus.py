@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from handler import morph_request
-from morph_protocol import wire
+from morph_protocol import limits, wire
 from diffmorpher.config import ConfigError, MorphConfig
 from handler.morph_request import MorphRequest, parse_request
 from reliability import corpus
@@ -41,14 +40,6 @@ def test_ok_cases_use_the_small_base_options() -> None:
         if case.expect == "ok":
             options = json.loads(case.fields[wire.INPUT_OPTIONS])
             assert {k: options[k] for k in BASE} == BASE, case.name
-
-
-def test_limits_mirrored_by_the_corpus_match_the_server() -> None:
-    assert corpus.MAX_IMAGE_PIXELS == morph_request.MAX_IMAGE_PIXELS
-    assert corpus.MAX_PROMPT_CHARS == morph_request.MAX_PROMPT_CHARS
-    assert corpus.MAX_OPTIONS_BYTES == morph_request.MAX_OPTIONS_BYTES
-    properties = (REPO_ROOT / "config.properties").read_text()
-    assert f"max_request_size={corpus.MAX_REQUEST_BYTES}" in properties
 
 
 def test_corpus_needs_no_torch_and_no_handler() -> None:
@@ -139,7 +130,7 @@ def test_oversized_images_are_refused_from_their_header(name: str) -> None:
 
 def test_huge_request_case_is_over_the_frontend_limit() -> None:
     (case,) = [c for c in corpus.build_corpus(BASE, include_huge=True) if c.expect == "too_large"]
-    assert sum(len(v) for v in case.fields.values()) > corpus.MAX_REQUEST_BYTES
+    assert sum(len(v) for v in case.fields.values()) > limits.MAX_REQUEST_BYTES
 
 
 def test_cli_writes_one_folder_per_case(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from morph_protocol.control import BUSY, IDLE, ControlDir, Heartbeat
-from guard.management import read_properties
+from morph_protocol.properties import read_properties
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = REPO_ROOT / "deploy"

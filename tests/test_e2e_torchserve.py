@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from morph_protocol import wire
+from morph_protocol.errors import ErrorCode
 from morph_protocol.keyfile import TokenSource
 from client.morph_client import MorphClient, MorphClientError
 from reliability.send import Endpoints, rest_post
@@ -196,7 +197,8 @@ def test_bad_requests_get_a_client_error(server: TorchServeProcess, client: Morp
     with pytest.raises(MorphClientError) as raised:
         client.predict(fields, deadline_s=120)  # no client-side checks: the server must catch these
     assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert expected in raised.value.details
+    assert raised.value.error_code == ErrorCode.INVALID_REQUEST  # the gateway's trailing metadata
+    assert expected in raised.value.details and "diffmorpher:" not in raised.value.details
     assert server.worker_status() == "READY" and server.worker_pid() == pid
 
 
@@ -205,6 +207,12 @@ def test_worker_serves_a_good_request_after_bad_ones(server: TorchServeProcess, 
     with pytest.raises(MorphClientError) as raised:
         client.morph([b"garbage", images[1]], prompts, TINY, deadline_s=120)
     assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    # TorchServe itself, past the gateway: the code comes from the worker's tag in the message.
+    with MorphClient(server.direct_grpc_target, tokens=TokenSource(token=server.key())) as direct:
+        with pytest.raises(MorphClientError) as raised:
+            direct.morph([b"garbage", images[1]], prompts, TINY, deadline_s=120)
+    assert (raised.value.code, raised.value.error_code) == (grpc.StatusCode.INVALID_ARGUMENT, ErrorCode.INVALID_REQUEST)
+    assert raised.value.details.startswith("invalid request: field 'image_0' is not a readable image")
     quick = {"num_frames": 2, "lora_steps": 1, "num_inference_steps": 2, "use_reschedule": False}
     result = client.morph(images, prompts, quick, deadline_s=300)
     assert result.metadata["num_frames"] == 2

@@ -16,10 +16,10 @@ import yaml
 from diffmorpher.config import ConfigError, MorphConfig
 from export.build_mar import (
     ExportError,
+    archive_max_response_bytes,
     check_sd_folder,
     copy_weights,
     main,
-    read_max_response_size,
     render_model_config,
 )
 from tests.conftest import REPO_ROOT
@@ -84,9 +84,10 @@ def test_workers_share_the_hosts_cores_unless_told_otherwise(monkeypatch: pytest
 
 
 def test_max_response_size_is_read_from_config_properties(tmp_path: Path) -> None:
-    assert read_max_response_size(REPO_ROOT / "config.properties") == 268435456
+    assert archive_max_response_bytes(REPO_ROOT / "config.properties") == 268435456
     (tmp_path / "c.properties").write_text("# x\nmax_response_size = 999\n")
-    assert read_max_response_size(tmp_path / "c.properties") == 999
+    assert archive_max_response_bytes(tmp_path / "c.properties") == 999
+    assert archive_max_response_bytes(tmp_path / "none.properties") == 256 * 1024 * 1024  # limits'
 
 
 def test_only_sd_folders_are_accepted(tmp_path: Path, tiny_sd_dir: Path) -> None:

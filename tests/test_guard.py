@@ -11,25 +11,45 @@ from pathlib import Path
 import grpc
 import pytest
 
-from morph_protocol import wire
+from morph_protocol.errors import ErrorCode, format_error
 from morph_protocol.control import BUSY, ControlDir, Heartbeat
-from guard.gateway import BUSY_DETAILS, translate_error
+from guard.gateway import BUSY_DETAILS, ClientError, translate_error, translate_oip_error
 from guard.management import ManagementError
 from guard.tokens import TokenRotator, expirations
 from guard.watchdog import Watchdog, WatchdogConfig, pid_alive
 
 
-def test_errors_lose_the_java_class_and_get_the_right_code() -> None:
+def test_errors_lose_the_java_class_and_tag_and_get_the_right_status_and_code() -> None:
     java = "\norg.pytorch.serve.http.InternalServerException"
-    assert translate_error(grpc.StatusCode.INVALID_ARGUMENT, "invalid request: x" + java) == (
-        grpc.StatusCode.INVALID_ARGUMENT, "invalid request: x")
+    tagged = format_error(ErrorCode.INVALID_REQUEST, "invalid request: x") + java
+    assert translate_error(grpc.StatusCode.INVALID_ARGUMENT, tagged) == ClientError(
+        grpc.StatusCode.INVALID_ARGUMENT, "invalid request: x", ErrorCode.INVALID_REQUEST)
     busy = 'Model "diffmorpher" has no worker to serve inference request. Please use scale workers API'
-    assert translate_error(grpc.StatusCode.INTERNAL, busy + java) == (grpc.StatusCode.UNAVAILABLE, BUSY_DETAILS)
-    code, details = translate_error(grpc.StatusCode.INTERNAL, f"{wire.OUT_OF_MEMORY_PREFIX} reduce" + java)
-    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(wire.OUT_OF_MEMORY_PREFIX)
+    assert translate_error(grpc.StatusCode.INTERNAL, busy + java) == ClientError(
+        grpc.StatusCode.UNAVAILABLE, BUSY_DETAILS, ErrorCode.BUSY)
+    # TorchServe answers 507 as INTERNAL: the tag, not the text, makes it RESOURCE_EXHAUSTED.
+    oom = translate_error(grpc.StatusCode.INTERNAL, format_error(ErrorCode.OUT_OF_MEMORY, "out of memory: reduce") + java)
+    assert oom == ClientError(grpc.StatusCode.RESOURCE_EXHAUSTED, "out of memory: reduce", ErrorCode.OUT_OF_MEMORY)
+    assert translate_error(grpc.StatusCode.INTERNAL, "out of memory: reduce" + java) == ClientError(
+        grpc.StatusCode.INTERNAL, "out of memory: reduce", None)  # untagged: no longer read from the words
     for died_code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED):
-        code, details = translate_error(died_code, "Worker died." + java)
-        assert code == grpc.StatusCode.ABORTED and "died" in details
+        died = translate_error(died_code, "Worker died." + java)
+        assert died.status == grpc.StatusCode.ABORTED and "died" in died.details
+        assert died.code == ErrorCode.WORKER_DIED
+    down = translate_error(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses")
+    assert down.code == ErrorCode.UNREACHABLE and down.details.startswith("the model server is not reachable")
+
+
+def test_oip_refusals_in_torchserve_words_get_codes() -> None:
+    java = "\norg.pytorch.serve.http.InternalServerException"
+    assert translate_oip_error(grpc.StatusCode.INTERNAL, "Model not found: nope" + java) == ClientError(
+        grpc.StatusCode.NOT_FOUND, "Model not found: nope", ErrorCode.NOT_FOUND)
+    assert translate_oip_error(grpc.StatusCode.INTERNAL, "Parameter model_name is required.") == ClientError(
+        grpc.StatusCode.INVALID_ARGUMENT, "Parameter model_name is required.", ErrorCode.INVALID_REQUEST)
+    assert translate_oip_error(grpc.StatusCode.INTERNAL, "Parameter x is fine") == ClientError(
+        grpc.StatusCode.INTERNAL, "Parameter x is fine", None)
+    off = translate_oip_error(grpc.StatusCode.UNIMPLEMENTED, "Method not found: inference.X/ModelInfer")
+    assert off.status == grpc.StatusCode.UNIMPLEMENTED and "ts_open_inference_protocol=true" in off.details
 
 
 class FakeManagement:

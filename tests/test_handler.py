@@ -16,6 +16,7 @@ from ts.utils.util import PredictionException, list_classes_from_module
 
 from handler import torchserve_handler
 from morph_protocol import wire
+from morph_protocol.errors import ErrorCode, parse_error
 from diffmorpher.config import ConfigError, MorphConfig
 from diffmorpher.results import ProgressEvent
 from handler.morph_request import parse_request, split_options
@@ -132,8 +133,10 @@ def test_bad_requests_are_refused_with_their_code_and_a_specific_message(
             request[key] = value
     with pytest.raises(PredictionException) as raised:
         handler.handle([request], make_context(tiny_sd_dir))
-    assert raised.value.error_code == (404 if "cache" in message else 400)
-    assert message in raised.value.message
+    code, text = parse_error(raised.value.message)
+    expected = ErrorCode.NOT_FOUND if "cache" in message else ErrorCode.INVALID_REQUEST
+    assert (raised.value.error_code, code) == (expected.http_status, expected)
+    assert message in text and "diffmorpher:" not in text
 
 
 def test_oversize_result_is_413_not_a_dead_worker(tiny_sd_dir: Path, handler: DiffMorpherHandler) -> None:
@@ -142,6 +145,7 @@ def test_oversize_result_is_413_not_a_dead_worker(tiny_sd_dir: Path, handler: Di
     with pytest.raises(PredictionException) as raised:
         small.handle([good_request(format="png")], make_context(tiny_sd_dir))
     assert raised.value.error_code == 413
+    assert parse_error(raised.value.message)[0] == ErrorCode.TOO_LARGE
     assert "over the server's response limit" in raised.value.message
 
 
@@ -157,11 +161,36 @@ def test_in_a_batch_only_the_bad_request_fails(handler: DiffMorpherHandler, tiny
     bad = {**good_request(), "image_1": b""}
     good, error = handler.handle([good_request(), bad], context)
     assert wire.decode_message(good).type == wire.TYPE_RESULT
-    assert b"field 'image_1' is empty" in error
+    assert parse_error(error.decode()) == (ErrorCode.INVALID_REQUEST, "invalid request: field 'image_1' is empty; "
+                                           "expected an encoded image (PNG, JPEG, WebP)")
     assert context.get_response_status(1)[0] == 400
 
 
 # ---------------------------------------------------------------------------- request parsing
+@pytest.mark.parametrize(
+    ("request_change", "field", "message"),
+    [
+        ({"image_1": b"not an image"}, "image_1", "field 'image_1' is not a readable image"),
+        ({"prompt_0": "a" * 2001}, "prompt_0", "prompt 'prompt_0' is 2001 characters; at most 2000 characters"),
+        ({"prompt_1": None}, "prompt_1", "missing prompt 'prompt_1' for image 1"),
+        ({"options": b"[1]"}, "options", "field 'options' must be a JSON object, got list"),
+        ({"image_ref_0": b"xyz", "image_0": None}, "image_ref_0", "field 'image_ref_0' must be the 64-hex-digit"),
+        ({"options": b'{"num_frames": 0}'}, None, "num_frames must be between 2 and 256"),
+    ],
+)
+def test_errors_name_their_request_field_as_data(request_change: dict, field: str | None, message: str) -> None:
+    """The field is an attribute (the OIP path names tensors from it), the text says it too."""
+    request = good_request()
+    for key, value in request_change.items():
+        if value is None:
+            request.pop(key)
+        else:
+            request[key] = value
+    with pytest.raises(ConfigError) as raised:
+        parse_request(request, MorphConfig())
+    assert message in str(raised.value) and raised.value.field == field
+
+
 
 
 def test_rest_style_fields_are_accepted() -> None:
@@ -325,8 +354,9 @@ def test_out_of_memory_is_507_naming_what_to_reduce_and_the_worker_serves_on(
     with pytest.raises(PredictionException) as raised:
         handler.handle([good_request()], make_context(tiny_sd_dir))
     assert raised.value.error_code == 507
-    assert raised.value.message.startswith(wire.OUT_OF_MEMORY_PREFIX)
-    assert "frame_batch_size" in raised.value.message and "resolution" in raised.value.message
+    code, message = parse_error(raised.value.message)
+    assert code == ErrorCode.OUT_OF_MEMORY and message.startswith("out of memory:")
+    assert "frame_batch_size" in message and "resolution" in message
     monkeypatch.setattr(type(handler.pipeline), "__call__", real_call)
     (payload,) = handler.handle([good_request()], make_context(tiny_sd_dir))
     assert wire.decode_message(payload).type == wire.TYPE_RESULT

@@ -22,11 +22,11 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from guard.management import read_properties
+from morph_protocol.properties import read_properties, replace_properties
 from tests.test_client_auth import TOKEN_A, mount_secret
 from tests.test_e2e_torchserve import TINY, demo_inputs
 from tests.test_oip import MODEL, infer_inputs
-from launcher.torchserve import REPO_ROOT, free_ports, replace_properties
+from launcher.torchserve import REPO_ROOT, free_ports
 
 pytestmark = pytest.mark.slow
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from morph_protocol.errors import ErrorCode
 from loadtest.outcomes import BUSY_MESSAGE, Backoff, Ledger, Outcome, classify_grpc, classify_http, refused_for_good
 from loadtest.profiles import load_profiles
 from loadtest.report import WHOLE_RUN_COLUMNS, counter_deltas_of, percentile
@@ -55,6 +56,8 @@ def test_step_schedule_steps_users_and_stops_at_the_hard_limit() -> None:
 def test_busy_is_told_apart_from_real_failures() -> None:
     busy = f'Model "diffmorpher" {BUSY_MESSAGE}. Please use scale workers API to add workers.'
     assert classify_grpc("INTERNAL", busy) is Outcome.BUSY
+    assert classify_grpc("UNAVAILABLE", "server busy", ErrorCode.BUSY) is Outcome.BUSY  # the gateway's code
+    assert classify_grpc("UNAVAILABLE", f"not reachable: {BUSY_MESSAGE}", ErrorCode.UNREACHABLE) is Outcome.LOST
     assert classify_grpc("INTERNAL", "morph failed: RuntimeError") is Outcome.ERROR
     assert classify_grpc("DEADLINE_EXCEEDED", "") is Outcome.LOST
     assert classify_grpc("INVALID_ARGUMENT", "bad") is Outcome.ERROR

@@ -28,12 +28,15 @@ from tritonclient.grpc import service_pb2 as triton_pb2
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
 from morph_protocol import wire
+from morph_protocol.errors import ErrorCode, parse_error
 from morph_protocol.keyfile import TokenSource
 from client.morph_client import MorphClient
-from diffmorpher.config import ConfigError
+from diffmorpher.cache import CacheMiss
+from diffmorpher.config import ConfigError, MorphConfig
 from guard import oip as gateway_oip
 from grpc_api import oip_proto
-from handler.oip import parse_infer_request, response_body, tensor_names
+from handler.morph_request import parse_request
+from handler.oip import oip_message, parse_infer_request, response_body
 from tests.test_e2e_torchserve import TINY, demo_inputs
 from tests.test_client import descriptor_set
 from launcher.torchserve import TorchServeProcess
@@ -151,7 +154,7 @@ def test_a_model_infer_body_becomes_the_native_fields() -> None:
 def test_model_infer_mistakes_are_named_by_tensor_and_parameter(images, prompts, parameters, message) -> None:
     with pytest.raises(ConfigError) as error:
         parse_infer_request(torchserve_body(images, prompts, parameters))
-    assert message in tensor_names(str(error.value))
+    assert message in oip_message(error.value)
 
 
 def test_calls_that_skip_the_gateway_and_unknown_outputs_are_refused() -> None:
@@ -167,12 +170,32 @@ def test_calls_that_skip_the_gateway_and_unknown_outputs_are_refused() -> None:
         parse_infer_request({"body": json.dumps(body).encode()})
 
 
-def test_native_error_messages_get_tensor_names() -> None:
-    assert tensor_names("field 'image_1' is not a readable image") == \
-        "input tensor 'images' element 1 is not a readable image"
-    assert tensor_names("prompt 'prompt_0' is 2001 characters") == "input tensor 'prompts' element 0 is 2001 characters"
-    assert tensor_names("field 'image_ref_2' must be the 64-hex-digit image_key").startswith(
-        "input tensor 'images' element 2 (ref:<image_key>) must be")
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        (ConfigError("{field} is not a readable image", field="image_1"),
+         "input tensor 'images' element 1 is not a readable image"),
+        (ConfigError("{field} is 2001 characters", field="prompt_0", kind="prompt"),
+         "input tensor 'prompts' element 0 is 2001 characters"),
+        (ConfigError("{field} must be the 64-hex-digit image_key", field="image_ref_2"),
+         "input tensor 'images' element 2 (ref:<image_key>) must be the 64-hex-digit image_key"),
+        (ConfigError("{field} is not valid JSON: {field}", field="options"),
+         "the request parameters (options) is not valid JSON: {field}"),  # request text left alone
+        (CacheMiss("{field}: image 0123... is not in this server's cache", field="image_ref_1"),
+         "input tensor 'images' element 1 (ref:<image_key>): image 0123... is not in this server's cache"),
+        (ConfigError("num_frames must be between 2 and 256"), "num_frames must be between 2 and 256"),
+        (ConfigError("field 'image_1' named in text only"), "field 'image_1' named in text only"),  # no regex
+    ],
+)
+def test_native_errors_name_tensors_from_their_field(error: ConfigError | CacheMiss, message: str) -> None:
+    assert oip_message(error) == message
+
+
+def test_a_native_parser_error_carries_the_field_the_oip_message_names() -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse_request(parse_infer_request(torchserve_body([b"a", b"b"], [b"p", b"q"], {})).fields, MorphConfig())
+    assert raised.value.field == "image_0"
+    assert oip_message(raised.value).startswith("input tensor 'images' element 0 is not a readable image")
 
 
 def test_the_response_body_is_what_the_gateway_decodes() -> None:
@@ -287,7 +310,7 @@ def test_oip_errors_are_clear_and_the_worker_serves_on(server: TorchServeProcess
     code, message = status_of(lambda: oip_morph(oip_client, server, [images[0], b"not an image"], prompts, quick))
     assert code == "StatusCode.INVALID_ARGUMENT"
     assert message.startswith("invalid request: input tensor 'images' element 1 is not a readable image (12 bytes")
-    assert "org.pytorch" not in message
+    assert "org.pytorch" not in message and "diffmorpher:" not in message
     code, message = status_of(lambda: oip_morph(oip_client, server, images, prompts, {**quick, "stream": True}))
     assert code == "StatusCode.INVALID_ARGUMENT" and "ModelInfer is unary" in message
     code, message = status_of(lambda: oip_morph(oip_client, server, images, prompts, {**quick, "num_frames": 0}))
@@ -311,6 +334,7 @@ def test_oip_errors_are_clear_and_the_worker_serves_on(server: TorchServeProcess
     direct.close()
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "did not come through the gateway" in error.value.details()
+    assert parse_error(error.value.details())[0] == ErrorCode.INVALID_REQUEST  # the worker's tag
     # The same worker, alive, serves the next request.
     result = oip_morph(oip_client, server, images, prompts, quick, timeout_s=120)
     assert json.loads(result.as_numpy("metadata")[0])["num_frames"] == 2

@@ -67,10 +67,10 @@ def test_web_process_imports_no_torch() -> None:
 
 
 def test_limits_come_from_the_service_sources(tmp_path: Path) -> None:
-    """Frames, image count and upload size are the service's: MorphConfig, client.wire and the
+    """Frames, image count and upload size are the service's: morph_protocol.limits and the
     config.properties it runs with (a changed max_request_size changes the page's limit)."""
     from diffmorpher import config
-    from morph_protocol import wire
+    from morph_protocol import limits as service_limits
     from web.limits import page_limits
 
     properties = tmp_path / "config.properties"
@@ -78,8 +78,8 @@ def test_limits_come_from_the_service_sources(tmp_path: Path) -> None:
         "max_request_size=104857600", "max_request_size=12345"))
     limits = page_limits(properties)
     assert limits.max_request_bytes == 12345
-    assert (limits.min_frames, limits.max_frames, limits.default_frames) == (2, config.MAX_FRAMES, 16)
-    assert (limits.min_images, limits.max_images) == (2, wire.MAX_IMAGES)
+    assert (limits.min_frames, limits.max_frames, limits.default_frames) == (2, service_limits.MAX_FRAMES, 16)
+    assert (limits.min_images, limits.max_images) == (2, service_limits.MAX_IMAGES)
     assert limits.presets["fast"] == config.FAST_PRESET_OPTIONS and limits.default_preset == "fast"
     names = [option["name"] for option in limits.options]
     assert "lora_steps" in names and "device" not in names and "num_frames" not in names

@@ -21,7 +21,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from morph_protocol.keyfile import TokenError, TokenSource
-from client.morph_client import DEFAULT_MODEL, DEFAULT_TARGET, MorphClient, MorphClientError
+from client.morph_client import DEFAULT_MAX_MESSAGE_MB, DEFAULT_MODEL, DEFAULT_TARGET, MorphClient, MorphClientError
 
 from . import events
 from .form import FormError, MorphForm, read_form
@@ -42,7 +42,7 @@ class WebSettings:
     tokens: TokenSource | None = None
     deadline_s: float = 1800.0
     retries: int = 2
-    max_message_mb: int = 256
+    max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
 
 
 async def morph_stream(settings: WebSettings, form: MorphForm):

@@ -15,7 +15,7 @@ from typing import Any
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from morph_protocol import wire
+from morph_protocol import limits as service_limits
 
 from .limits import FORMATS, PageLimits
 
@@ -52,7 +52,7 @@ def check_length(request: Request, limits: PageLimits) -> None:
 async def read_form(request: Request, limits: PageLimits) -> MorphForm:
     check_length(request, limits)
     form = await request.form(max_files=limits.max_images + 1, max_fields=limits.max_images + 8,
-                              max_part_size=wire.MAX_OPTIONS_BYTES)
+                              max_part_size=service_limits.MAX_OPTIONS_BYTES)
     try:
         uploads = form.getlist("image")
         prompts = [str(prompt) for prompt in form.getlist("prompt")]

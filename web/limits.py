@@ -1,11 +1,13 @@
 """What the page may ask for, read from the service's own sources of truth (never copied here).
 
-- Option names, defaults, presets and the frame limit: `MorphConfig` (`diffmorpher.config`,
-  installed with the project). The core package imports its options without torch, so the web
-  process stays torch-free (tested).
-- The image count: `morph_protocol.wire.MAX_IMAGES`, which the service's request parser uses.
+- Option names, defaults and presets: `MorphConfig` (`diffmorpher.config`, installed with the
+  project). The core package imports its options without torch, so the web process stays
+  torch-free (tested).
+- The image count and frame limit: `morph_protocol.limits`, which the service's request parser
+  and option checks use.
 - The upload size: `max_request_size` of the config.properties TorchServe and the guard run
-  with (the guard's gateway refuses larger requests with RESOURCE_EXHAUSTED).
+  with (the guard's gateway refuses larger requests with RESOURCE_EXHAUSTED), read by
+  `morph_protocol.properties`.
 - Prompts for the demo images: assets/demo/prompts.json, as `make demo` uses them.
 """
 
@@ -19,14 +21,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from morph_protocol import wire
-from guard.gateway import max_request_bytes
-from guard.management import read_properties
+from morph_protocol import limits as service_limits
+from morph_protocol.properties import max_request_bytes, read_properties
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TS_CONFIG = REPO_ROOT / "config.properties"
 DEMO_PROMPTS = REPO_ROOT / "assets" / "demo" / "prompts.json"
-MIN_IMAGES = 2  # a morph is between at least two images
 
 # Options the page sets in its main form, and those that belong to the server (refused when a
 # request sends them): neither goes into the "advanced" fold.
@@ -73,10 +73,10 @@ class PageLimits:
     """Everything the page's form needs: bounds, defaults, presets and the advanced options."""
 
     max_request_bytes: int
-    max_images: int = wire.MAX_IMAGES
-    min_images: int = MIN_IMAGES
+    max_images: int = service_limits.MAX_IMAGES
+    min_images: int = service_limits.MIN_IMAGES
     min_frames: int = 2
-    max_frames: int = 256
+    max_frames: int = service_limits.MAX_FRAMES
     default_frames: int = 16
     default_seed: int = 0
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -118,8 +118,8 @@ def page_limits(ts_config: Path = DEFAULT_TS_CONFIG) -> PageLimits:
         options.append(entry)
     return PageLimits(
         max_request_bytes=read_max_request_bytes(ts_config),
-        min_frames=_lowest_valid(config, "num_frames", range(0, config.MAX_FRAMES + 1)),
-        max_frames=config.MAX_FRAMES,
+        min_frames=_lowest_valid(config, "num_frames", range(0, service_limits.MAX_FRAMES + 1)),
+        max_frames=service_limits.MAX_FRAMES,
         default_frames=defaults.num_frames,
         default_seed=defaults.seed,
         presets={name: dict(values) for name, values in config.PRESETS.items()},
