@@ -24,6 +24,7 @@ import grpc
 
 from grpc_api import stubs
 from morph_protocol import wire
+from morph_protocol.formats import MIME_TYPES
 from morph_protocol.torchserve import BUSY_MESSAGE, clean_details
 from morph_protocol.keyfile import TokenSource
 
@@ -93,9 +94,8 @@ class MorphResult:
     progress: list[dict[str, Any]] = field(default_factory=list)  # progress headers, in order
 
     def part_for(self, fmt: str) -> wire.Part:
-        wanted = {"gif": "image/gif", "mp4": "video/mp4", "frames-zip": "application/zip"}
         for part in self.parts:
-            if part.mime == wanted.get(fmt):
+            if part.mime == MIME_TYPES.get(fmt):
                 return part
         raise MorphClientError(None, f"the result has no {fmt} part: {[p.name for p in self.parts]}")
 

@@ -84,6 +84,9 @@ def test_format_from_output_suffix() -> None:
     assert format_for(Path("frames.zip"), None) == "frames-zip"
     assert format_for(Path("out/frames"), None) == "png"
     assert format_for(Path("a.gif"), "mp4") == "mp4"
+    assert format_for(Path("a.png"), "png") == "png"
+    with pytest.raises(SystemExit, match=r"'a\.png'.*\.gif \(gif\)"):
+        format_for(Path("a.png"), None)  # a frame directory has no suffix: one rule, morph_protocol.formats
 
 
 # ---------------------------------------------------------------------------- tokens

@@ -20,6 +20,7 @@ from types import ModuleType
 from typing import Any
 
 from morph_protocol import wire
+from morph_protocol.formats import FRAMES_ZIP, GIF, MP4
 from guard.gateway import max_request_bytes
 from guard.management import read_properties
 
@@ -35,7 +36,7 @@ SERVER_OPTIONS = ("device", "dtype")
 # The page's preset when the user picks none: a shared CPU server answers it in seconds.
 DEFAULT_PRESET = "fast"
 # One morph, every encoding the page offers: the GIF plays, MP4 and ZIP are downloads.
-FORMATS = ["gif", "mp4", "frames-zip"]
+FORMATS = [GIF, MP4, FRAMES_ZIP]
 
 
 def load_morph_config() -> ModuleType:
