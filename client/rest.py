@@ -17,7 +17,6 @@ sees only the close.
 from __future__ import annotations
 
 import http.client
-import socket
 import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -163,8 +162,8 @@ class RestClient:
                 connection.request("POST", self.path, body=body, headers=headers)
             except ConnectionError as error:  # closed mid-upload: its early answer may be readable
                 return self._read(connection, f"the server closed the connection during the upload: {error}")
-            except (socket.timeout, OSError) as error:
-                raise RestNoAnswer(f"sending to {self.url} failed: {error}") from error
+            except OSError as error:  # a timeout, typically
+                raise RestNoAnswer(f"sending to {self.url} failed: {error or type(error).__name__}") from error
             return self._read(connection, "")
         finally:
             connection.close()
@@ -173,9 +172,11 @@ class RestClient:
         try:
             response = connection.getresponse()
             return RestAnswer(response.status, response.read(), response.getheader("Content-Type", "") or "")
-        except (ConnectionError, http.client.HTTPException) as error:  # RemoteDisconnected is both
-            raise RestNoAnswer(closed_during_upload or f"the server closed the connection without an answer: "
-                               f"{error}", closed=True) from error  # fmt: skip
+        except (ConnectionError, http.client.IncompleteRead) as error:  # incl. RemoteDisconnected
+            raise RestNoAnswer(closed_during_upload or f"the server closed the connection without a "
+                               f"complete answer: {error!r}", closed=True) from error  # fmt: skip
+        except http.client.HTTPException as error:
+            raise RestNoAnswer(f"unreadable HTTP answer from {self.url}: {error!r}") from error
         except OSError as error:  # a timeout, typically
             raise RestNoAnswer(f"no answer from {self.url}: {error or type(error).__name__}") from error
 
