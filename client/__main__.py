@@ -8,8 +8,8 @@ Examples::
     python -m client morph a.png b.png c.png --prompt "a" --prompt "b" --prompt "c" \\
         --option lora_steps=50 --format png --out out/frames/
 
-The output format follows each --out's suffix (.gif, .mp4, .zip = frames-zip, a directory or no
-suffix = png per frame) unless --format is given.
+The output format follows each --out's suffix (.gif, .mp4, .zip = frames-zip; no suffix = a
+directory of one PNG per frame; morph_protocol.formats) unless --format is given.
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from morph_protocol import wire
+from morph_protocol.formats import FORMATS, format_for_path
 from morph_protocol.keyfile import TokenError, TokenSource
 from .morph_client import DEFAULT_MAX_MESSAGE_MB, DEFAULT_MODEL, DEFAULT_TARGET, MorphClient, MorphClientError, MorphResult
-
-SUFFIX_FORMATS = {".gif": "gif", ".mp4": "mp4", ".zip": "frames-zip", "": "png"}
 
 
 def _parse_option(text: str) -> tuple[str, Any]:
@@ -42,10 +41,10 @@ def _parse_option(text: str) -> tuple[str, Any]:
 def format_for(out: Path, explicit: str | None) -> str:
     if explicit:
         return explicit
-    fmt = SUFFIX_FORMATS.get(out.suffix.lower())
-    if fmt is None:
-        raise SystemExit(f"cannot tell the format of {out} from its suffix; pass --format")
-    return fmt
+    try:
+        return format_for_path(out)
+    except ValueError as error:
+        raise SystemExit(f"{error} (--format)") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     morph.add_argument("--seed", type=int, help="random seed")
     morph.add_argument("--option", action="append", type=_parse_option, default=[],
                        help="any MorphConfig option as key=value, e.g. lora_steps=50")
-    morph.add_argument("--format", choices=("gif", "mp4", "frames-zip", "png"),
+    morph.add_argument("--format", choices=FORMATS,
                        help="output format (default: from --out's suffix)")
     morph.add_argument("--frame-duration-ms", type=int, help="GIF/MP4 frame duration")
     morph.add_argument("--out", action="append", type=Path, default=[],

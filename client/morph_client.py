@@ -27,8 +27,9 @@ import grpc
 from grpc_api import stubs
 from morph_protocol import limits, wire
 from morph_protocol.errors import ERROR_CODE_METADATA, ErrorCode, parse_error
+from morph_protocol.formats import MIME_TYPES
 from morph_protocol.keyfile import TokenSource
-from morph_protocol.torchserve import BUSY_MESSAGE, is_busy_message
+from morph_protocol.torchserve import is_busy_message
 
 DEFAULT_TARGET = "127.0.0.1:7070"
 DEFAULT_MODEL = "diffmorpher"
@@ -109,9 +110,8 @@ class MorphResult:
     progress: list[dict[str, Any]] = field(default_factory=list)  # progress headers, in order
 
     def part_for(self, fmt: str) -> wire.Part:
-        wanted = {"gif": "image/gif", "mp4": "video/mp4", "frames-zip": "application/zip"}
         for part in self.parts:
-            if part.mime == wanted.get(fmt):
+            if part.mime == MIME_TYPES.get(fmt):
                 return part
         raise MorphClientError(None, f"the result has no {fmt} part: {[p.name for p in self.parts]}")
 
@@ -142,7 +142,7 @@ def build_input(
     stream: bool,
     deadline_s: float | None = None,
 ) -> dict[str, bytes]:
-    """The TorchServe input map for one morph (see client/wire.py for the schema). With
+    """The TorchServe input map for one morph (see morph_protocol/wire.py for the schema). With
     `deadline_s` the request carries its deadline, so the server stops working on it when this
     client stops waiting (the gateway also derives it from the gRPC deadline). An image may be
     a `wire.ImageRef` (the `image_key` of a previous result) instead of its bytes."""

@@ -1,6 +1,6 @@
 """Validate every manifest in deploy/ offline, against the real schemas, before `kubectl apply`.
 
-    python deploy/validate.py            # exit 1 and one line per invalid manifest
+    python -m deploy.validate            # exit 1 and one line per invalid manifest
 
 No cluster is needed. Core kinds (Deployment, Service, ConfigMap, HPA, ...) are checked with
 kubernetes-validate's strict schemas for Kubernetes KUBERNETES_VERSION, in which no object
@@ -13,6 +13,7 @@ metadata is checked as the Kubernetes ObjectMeta it is.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from dataclasses import dataclass
@@ -180,7 +181,8 @@ def errors(manifests: list[Manifest], version: str = KUBERNETES_VERSION) -> Iter
             yield str(error)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(prog="python -m deploy.validate", description=__doc__.split("\n")[0]).parse_args(argv)
     manifests = load_manifests(manifest_files())
     found = list(errors(manifests))
     for line in found:

@@ -3,6 +3,9 @@
     python -m diffmorpher morph A.png B.png --prompt-a "a red circle" --prompt-b "a blue triangle" \
         --out morph.gif [--model models/tiny-shapes-sd] [--frames 16] [--set lora_steps=100]
 
+The output format follows --out's suffix (.gif, .mp4, .zip = frames-zip; no suffix = a directory
+of one PNG per frame; morph_protocol.formats) unless --format is given.
+
 Every MorphConfig option is available, with its default, as `--set NAME=VALUE` (JSON values) and
 the common ones as flags; defaults come from MorphConfig, the same as the server's.
 """
@@ -19,8 +22,10 @@ from typing import Sequence
 from PIL import Image
 from tqdm import tqdm
 
+from morph_protocol.formats import PNG, format_for_path
+
 from .config import ConfigError, MorphConfig, OutputOptions
-from .encoding import encode_frames
+from .encoding import EncodedPart, encode_parts
 from .results import STAGE_FRAME_READY, ProgressEvent
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "tiny-shapes-sd"
@@ -37,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     morph.add_argument("--prompt-b", help="prompt of the second image (two-image shorthand)")
     morph.add_argument("--out", type=Path, default=Path("morph.gif"))
     morph.add_argument("--format", choices=OutputOptions.FORMATS, default=None,
-                       help="default: from the --out suffix")
+                       help="default: from the --out suffix (no suffix: a directory of PNG frames)")
     morph.add_argument("--frame-duration-ms", type=int, default=OutputOptions().frame_duration_ms)
     morph.add_argument("--model", default=str(DEFAULT_MODEL), help="diffusers SD folder or hub id")
     morph.add_argument("--device", default=None, help="a torch device such as cpu or mps (default: the best available)")
@@ -75,7 +80,10 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 def _output_format(args: argparse.Namespace) -> str:
     if args.format:
         return args.format
-    return {".mp4": "mp4", ".zip": "frames-zip", ".png": "png"}.get(args.out.suffix.lower(), "gif")
+    try:
+        return format_for_path(args.out)
+    except ValueError as error:
+        raise ConfigError(f"{error} (--format)") from None
 
 
 class _ProgressBars:
@@ -112,9 +120,7 @@ def morph_command(args: argparse.Namespace) -> int:
         result = pipe(images, prompts, config, progress=bars)
     finally:
         bars.close()
-    data, _mime = encode_frames(result.frames, output)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(data)
+    _write_parts(encode_parts(result.frames, output), args.out, output.format)
     if args.save_loras:
         args.save_loras.mkdir(parents=True, exist_ok=True)
         for index, lora in enumerate(result.loras):
@@ -124,6 +130,17 @@ def morph_command(args: argparse.Namespace) -> int:
     print(f"wrote {args.out} ({len(result.frames)} frames; {timings}; reschedule metric "
           f"{result.perceptual_metric})")
     return 0
+
+
+def _write_parts(parts: Sequence[EncodedPart], out: Path, fmt: str) -> None:
+    """The one part to `out`, or for `png` every frame PNG into the directory `out`."""
+    if fmt == PNG:
+        out.mkdir(parents=True, exist_ok=True)
+        for part in parts:
+            (out / part.name).write_bytes(part.data)
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(parts[0].data)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

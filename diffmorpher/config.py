@@ -249,7 +249,7 @@ class OutputOptions:
     frame_duration_ms: int = 100
     loop: bool = True
 
-    FORMATS = ("gif", "mp4", "frames-zip", "png")
+    from morph_protocol.formats import FORMATS  # the one list of output formats
 
     def __post_init__(self) -> None:
         _check_choice("format", self.format, self.FORMATS)

@@ -16,12 +16,14 @@ from typing import Sequence
 
 from PIL import Image
 
+from morph_protocol.formats import FRAMES_ZIP, GIF, MIME_TYPES, MP4, PNG
+
 from .config import ConfigError, OutputOptions
 
-MIME_GIF = "image/gif"
-MIME_MP4 = "video/mp4"
-MIME_ZIP = "application/zip"
-MIME_PNG = "image/png"
+MIME_GIF = MIME_TYPES[GIF]
+MIME_MP4 = MIME_TYPES[MP4]
+MIME_ZIP = MIME_TYPES[FRAMES_ZIP]
+MIME_PNG = MIME_TYPES[PNG]
 
 
 @dataclass(frozen=True)
@@ -128,13 +130,13 @@ def encode_parts(frames: Sequence[Image.Image], options: OutputOptions) -> list[
         raise ConfigError("there are no frames to encode")
     if len({frame.size for frame in frames}) != 1:
         raise ConfigError("all frames must have the same size to be encoded together")
-    if options.format == "gif":
+    if options.format == GIF:
         return [EncodedPart("morph.gif", MIME_GIF, encode_gif(frames, options))]
-    if options.format == "mp4":
+    if options.format == MP4:
         return [EncodedPart("morph.mp4", MIME_MP4, encode_mp4(frames, options))]
-    if options.format == "frames-zip":
+    if options.format == FRAMES_ZIP:
         return [EncodedPart("frames.zip", MIME_ZIP, encode_frames_zip(frames))]
-    if options.format == "png":
+    if options.format == PNG:
         return [
             EncodedPart(frame_name(i, len(frames)), MIME_PNG, encode_png(frame))
             for i, frame in enumerate(frames)
@@ -145,7 +147,7 @@ def encode_parts(frames: Sequence[Image.Image], options: OutputOptions) -> list[
 def encode_frames(frames: Sequence[Image.Image], options: OutputOptions) -> tuple[bytes, str]:
     """The result as one blob and its MIME type. For `png` (one file per frame) the single blob
     is the ZIP of PNGs; servers that can carry several parts use `encode_parts` instead."""
-    if options.format == "png":
+    if options.format == PNG:
         return encode_frames_zip(frames), MIME_ZIP
     (part,) = encode_parts(frames, options)
     return part.data, part.mime

@@ -8,7 +8,7 @@ import time
 from typing import Any, Callable
 
 from morph_protocol import wire
-from diffmorpher.encoding import encode_png, frame_name
+from diffmorpher.encoding import MIME_PNG, encode_png, frame_name
 from diffmorpher.results import MorphResult, ProgressEvent
 from handler.morph_request import MorphRequest
 
@@ -62,7 +62,7 @@ class StreamSender:
         if event.frame is not None:
             index = event.frame_index or 0
             header = {"index": index, "num_frames": event.num_frames, "stage": event.stage}
-            part = wire.Part(frame_name(index, event.num_frames or 0), "image/png", encode_png(event.frame))
+            part = wire.Part(frame_name(index, event.num_frames or 0), MIME_PNG, encode_png(event.frame))
             self._send(wire.encode_message(wire.TYPE_FRAME, header, [part]), "a streamed frame")
             return
         key = f"{event.stage}:{event.item}"

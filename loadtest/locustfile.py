@@ -40,7 +40,6 @@ import itertools  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import random  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -49,7 +48,6 @@ from typing import IO, Any  # noqa: E402
 # Locust puts only the locustfile's own directory on sys.path; the client and loadtest packages
 # come from the installed project (make setup).
 import gevent  # noqa: E402
-import requests  # noqa: E402
 from locust import stats as locust_stats  # noqa: E402
 from locust import LoadTestShape, User, events, task  # noqa: E402
 from locust.env import Environment  # noqa: E402
@@ -59,6 +57,7 @@ from locust.runners import WORKER_REPORT_INTERVAL, MasterRunner, WorkerRunner  #
 from morph_protocol import wire  # noqa: E402
 from morph_protocol.keyfile import TokenSource  # noqa: E402
 from client.morph_client import MorphClient, MorphClientError, MorphResult, build_input  # noqa: E402
+from client.rest import RestClient, RestNoAnswer  # noqa: E402
 from loadtest.outcomes import (  # noqa: E402
     Backoff,
     Ledger,
@@ -544,54 +543,35 @@ class FrameTimer:
 
 
 class RestMorphUser(MorphUser):
-    """POST multipart/form-data to /predictions/<model> (the same input map as gRPC)."""
+    """POST multipart/form-data to /predictions/<model> (the same input map as gRPC), through
+    the project's REST client (client.rest: standard library sockets, which Locust's gevent
+    patching makes cooperative); a rejected token is re-read from the key file once."""
 
     weight = 1
 
     def on_start(self) -> None:
         super().on_start()
-        self.session = requests.Session()
-        self.tokens = self.run.tokens(self.target)
-        self.url = f"{self.target.rest_url.rstrip('/')}/predictions/{self.run.options.model_name}"
-
-    def on_stop(self) -> None:
-        self.session.close()
+        self.client = RestClient(self.target.rest_url, self.run.options.model_name, tokens=self.run.tokens(self.target))
 
     @task
     def predictions(self) -> None:
         profile = self.run.profile
         fields = build_input(self.run.images, self.run.prompts, profile.request_options(self.rng), stream=False)
-        files = {
-            key: (f"{key}.png", value, "image/png") if key.startswith("image_")
-            else (None, value, "application/json" if key == wire.INPUT_OPTIONS else "text/plain")
-            for key, value in fields.items()
-        }  # fmt: skip
         started = self.begin("predictions")
         try:
-            response = self.post(files, profile.deadline_s)
-        except requests.RequestException as error:
+            answer = self.client.predict(fields, timeout_s=profile.deadline_s)
+        except RestNoAnswer as error:
             self.settle(REST, "predictions", started, Outcome.LOST, short(f"{type(error).__name__}: {error}"))
             return
-        outcome = classify_http(response.status_code)
+        outcome = classify_http(answer.status)
         if outcome is not Outcome.OK:
-            self.settle(REST, "predictions", started, outcome, short(f"HTTP {response.status_code}: {response.text}"),
-                        len(response.content), status=response.status_code)
+            self.settle(REST, "predictions", started, outcome, short(f"HTTP {answer.status}: {answer.text}"),
+                        len(answer.body), status=answer.status)
             return
         try:
-            message = wire.decode_message(response.content)
+            message = answer.message()
         except wire.WireError as error:
             self.settle(REST, "predictions", started, Outcome.ERROR, short(f"bad body: {error}"), status=200)
             return
-        self.settle(REST, "predictions", started, Outcome.OK, length=len(response.content), status=200)
+        self.settle(REST, "predictions", started, Outcome.OK, length=len(answer.body), status=200)
         self.observe_worker_time(message.header)
-
-    def post(self, files: dict, deadline_s: float) -> requests.Response:
-        """One POST; a rejected token is re-read from the key file once (keys expire)."""
-        for attempt in range(2):
-            token = self.tokens.get()
-            headers = {"Authorization": f"Bearer {token}"} if token else {}
-            response = self.session.post(self.url, files=files, headers=headers, timeout=(10.0, deadline_s))
-            if response.status_code in (401, 403) and attempt == 0 and self.tokens.refresh():
-                continue
-            return response
-        return response

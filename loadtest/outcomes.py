@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client.morph_client import BUSY_MESSAGE
+from morph_protocol.torchserve import BUSY_MESSAGE
 from morph_protocol.errors import ErrorCode
 
 BUSY_SUFFIX = "busy"  # Locust series of refusals: "<mode> busy"

@@ -10,7 +10,7 @@ step is bounded in time.
 
 Own servers: the embedded model is exported afresh (`python -m export`, no-archive layout, so the
 served handler is the checked-out one and the queue/worker settings can be overridden for the
-run) and served by --replicas tests/torchserve_server.TorchServeProcess instances (TorchServe +
+run) and served by --replicas launcher.torchserve.TorchServeProcess instances (TorchServe +
 guard each, started side by side) with the repository's config.properties on free loopback
 ports, their workers limited to --worker-threads torch threads. Running servers: one --target
 per replica (repeated or comma-separated), with its config (--ts-config: its REST, management and
@@ -46,7 +46,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import yaml
 
 from morph_protocol.keyfile import TokenError, read_key_file
 from morph_protocol.properties import read_properties

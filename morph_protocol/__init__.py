@@ -5,5 +5,6 @@ package; it imports nothing of the project and only the standard library, so it 
 inside the model archive. Modules: `wire` (message framing and request field names), `limits`
 (every size and count limit), `errors` (typed error codes), `control` (the control directory's
 layout), `properties` (TorchServe's config.properties), `keyfile` (TorchServe's key file),
-`oip` (Open Inference Protocol names), `torchserve` (TorchServe's own message texts).
+`oip` (Open Inference Protocol names), `torchserve` (TorchServe's own message texts),
+`formats` (the output formats: names, MIME types, file suffixes).
 """

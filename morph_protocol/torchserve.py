@@ -14,6 +14,9 @@ import re
 # A full job queue ("Model ... has no worker to serve inference request. Please use scale workers
 # API to add workers."), answered as INTERNAL (gRPC) or 503 (REST).
 BUSY_MESSAGE = "has no worker to serve inference request"
+# A REST request whose bearer token TorchServe refused (wrong, expired or missing): HTTP 400 with
+# "Token Authorization failed. Token either incorrect, expired, or not provided correctly".
+TOKEN_REFUSED = "Token Authorization failed"
 # The worker process running the job died (exit 137, i.e. SIGKILL, is reported as 413
 # RESOURCE_EXHAUSTED, anything else as INTERNAL).
 WORKER_DIED = "Worker died."

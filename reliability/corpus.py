@@ -5,7 +5,7 @@ plus what the service must answer: `ok`, `invalid` (HTTP 400 / gRPC INVALID_ARGU
 `too_large` (HTTP 413 / gRPC RESOURCE_EXHAUSTED) or `unauthenticated` (gRPC PERMISSION_DENIED,
 HTTP 401/403), and for errors a substring the server's message must contain. Nothing is
 committed as a binary: images are drawn with Pillow, hostile files are built by patching valid
-ones. Standard library, Pillow, numpy and `client.wire` only, so load tests and clients can use
+ones. Standard library, Pillow, numpy and `morph_protocol` only, so load tests and clients can use
 it without torch or the handler.
 
     python -m reliability.corpus --out DIR   # a folder per case: its fields as files, expect.json

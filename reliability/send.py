@@ -1,24 +1,22 @@
 """Sending one corpus case over one transport to a real server, and judging the answer.
 
 Used by the corpus test and the soak; grpcio + the standard library only (no torch). Transports:
-`unary` (gRPC Predictions), `stream` (gRPC StreamPredictions), `rest` (multipart/form-data POST).
+`unary` (gRPC Predictions), `stream` (gRPC StreamPredictions), `rest` (multipart/form-data POST,
+through the project's REST client, client.rest, which sends any field map as it is).
 A case's `token` is "valid" (the server's current inference key, re-read from its key file, and
 once more after PERMISSION_DENIED as clients do), None (no token) or "wrong".
 """
 
 from __future__ import annotations
 
-import io
 import time
-import urllib.error
-import urllib.request
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from client.rest import RestClient, RestNoAnswer, token_refused
 from grpc_api import stubs
 
 from morph_protocol import limits, wire
@@ -71,6 +69,7 @@ class Sender:
                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
         )
         self.stub = pb2_grpc.InferenceAPIsServiceStub(self.channel)
+        self.rest = RestClient(endpoints.rest_url, endpoints.model)
 
     def close(self) -> None:
         self.channel.close()
@@ -82,8 +81,8 @@ class Sender:
         """Send `case`; with a valid token, a PERMISSION_DENIED caused by a key rotation in
         between is retried once with the re-read key (what clients do)."""
         answer = self._send_once(case, transport, timeout_s)
-        denied = answer.code in ("PERMISSION_DENIED", "401", "403") or (
-            answer.code == "400" and "Token Authorization failed" in answer.message
+        denied = answer.code == "PERMISSION_DENIED" or (
+            answer.code.isdigit() and token_refused(int(answer.code), answer.message)
         )
         if case.token == "valid" and denied and self.tokens.refresh():
             answer = self._send_once(case, transport, timeout_s)
@@ -94,7 +93,7 @@ class Sender:
         started = time.perf_counter()
         token = self._token(case.token)
         if transport == "rest":
-            status, body, _ = rest_post(self.endpoints, case.fields, token, timeout_s)
+            status, body = rest_send(self.rest, case.fields, token, timeout_s)
             header, message = _decode(body) if status == 200 else (None, body.decode("utf-8", "replace"))
             return Answer(transport, str(status), message, time.perf_counter() - started, header)
         metadata = [("authorization", f"Bearer {token}")] if token else []
@@ -140,35 +139,14 @@ def judge(case: Case, answer: Answer) -> str | None:
     return None
 
 
-def rest_post(endpoints: Endpoints, fields: dict[str, bytes], token: str | None,
-              timeout_s: float) -> tuple[int, bytes, str]:
-    """POST multipart/form-data to /predictions/<model> (standard library only), as curl -F
-    would: images as files, options as application/json, prompts as text. Returns the status,
-    the body and the answer's Content-Type."""
-    boundary = uuid.uuid4().hex
-    body = io.BytesIO()
-    for name, data in fields.items():
-        is_file = name.startswith("image_")
-        disposition = f'form-data; name="{name}"' + ('; filename="image"' if is_file else "")
-        content_type = "application/octet-stream" if is_file else (
-            "application/json" if name == wire.INPUT_OPTIONS else "text/plain")
-        body.write(f"--{boundary}\r\nContent-Disposition: {disposition}\r\n"
-                   f"Content-Type: {content_type}\r\n\r\n".encode())
-        body.write(data + b"\r\n")
-    body.write(f"--{boundary}--\r\n".encode())
-    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(
-        f"{endpoints.rest_url}/predictions/{endpoints.model}", data=body.getvalue(), headers=headers
-    )
+def rest_send(client: RestClient, fields: dict[str, bytes], token: str | None,
+              timeout_s: float) -> tuple[int, bytes]:
+    """One POST of `fields` as they are; a connection the server closed without an answer (an
+    oversized body refused mid-upload) is status CLOSED with what happened as the body."""
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            return response.status, response.read(), response.headers.get("Content-Type", "")
-    except urllib.error.HTTPError as error:
-        return error.code, error.read(), error.headers.get("Content-Type", "")
-    except (urllib.error.URLError, ConnectionError) as error:
-        reason = getattr(error, "reason", error)
-        if isinstance(reason, ConnectionError):  # refused mid-upload (an oversized body)
-            return CLOSED, f"the server closed the connection during the upload: {reason}".encode(), ""
+        answer = client.post_fields(fields, token=token, timeout_s=timeout_s)
+    except RestNoAnswer as error:
+        if error.closed:
+            return CLOSED, str(error).encode()
         raise
+    return answer.status, answer.body

@@ -18,7 +18,7 @@ import argparse
 import itertools
 import json
 import os
-import sys
+
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -187,7 +187,7 @@ def write_report(report: SoakReport, out: Path) -> None:
 
 
 def server_pids(server) -> Callable[[], dict[str, list[int]]]:
-    """Process kind -> pids of a tests.torchserve_server.TorchServeProcess."""
+    """Process kind -> pids of a launcher.torchserve.TorchServeProcess."""
 
     def pids() -> dict[str, list[int]]:
         result = {"frontend": _java_children(server.process.pid) if server.process else []}

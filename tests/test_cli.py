@@ -27,3 +27,24 @@ def test_cli_reports_bad_options_without_a_traceback(tiny_sd_dir, tmp_path, caps
                  "--model", str(tiny_sd_dir), "--set", "num_frames=0"])
     assert code == 2
     assert "num_frames must be between 2" in capsys.readouterr().err
+
+
+def test_cli_writes_png_frames_into_a_directory_and_one_file_otherwise(tmp_path):
+    """`--out frames` (no suffix) is a directory of frame PNGs, as in `python -m client`; a
+    suffix picks the single-file format (morph_protocol.formats)."""
+    from diffmorpher.cli import _write_parts, build_parser, _output_format
+    from diffmorpher.config import OutputOptions
+    from diffmorpher.encoding import encode_parts
+
+    frames = [Image.new("RGB", (8, 8), (i * 60, 0, 0)) for i in range(3)]
+    out = tmp_path / "out" / "frames"
+    args = build_parser().parse_args(["morph", "a.png", "b.png", "--out", str(out)])
+    assert _output_format(args) == "png"
+    _write_parts(encode_parts(frames, OutputOptions(format="png")), out, "png")
+    assert sorted(p.name for p in out.iterdir()) == ["frame_000.png", "frame_001.png", "frame_002.png"]
+    with Image.open(out / "frame_002.png") as frame:
+        assert frame.getpixel((0, 0)) == (120, 0, 0)
+    archive = tmp_path / "frames.zip"
+    args = build_parser().parse_args(["morph", "a.png", "b.png", "--out", str(archive)])
+    _write_parts(encode_parts(frames, OutputOptions(format=_output_format(args))), archive, "frames-zip")
+    assert archive.read_bytes()[:2] == b"PK"

@@ -85,6 +85,9 @@ def test_format_from_output_suffix() -> None:
     assert format_for(Path("frames.zip"), None) == "frames-zip"
     assert format_for(Path("out/frames"), None) == "png"
     assert format_for(Path("a.gif"), "mp4") == "mp4"
+    assert format_for(Path("a.png"), "png") == "png"
+    with pytest.raises(SystemExit, match=r"'a\.png'.*\.gif \(gif\)"):
+        format_for(Path("a.png"), None)  # a frame directory has no suffix: one rule, morph_protocol.formats
 
 
 # ---------------------------------------------------------------------------- tokens
@@ -305,7 +308,8 @@ def test_cli_reports_unreachable_server_clearly(capsys) -> None:
 def test_a_full_queue_is_reported_as_busy_not_as_a_server_failure():
     import grpc
 
-    from client.morph_client import BUSY_HINT, BUSY_MESSAGE, MorphClientError
+    from client.morph_client import BUSY_HINT, MorphClientError
+    from morph_protocol.torchserve import BUSY_MESSAGE
 
 
     busy = MorphClientError(grpc.StatusCode.INTERNAL, f'Model "diffmorpher" {BUSY_MESSAGE}.')

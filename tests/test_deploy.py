@@ -17,13 +17,13 @@ import tomllib
 import time
 import zipfile
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Iterator
 
 import promql_parser
 import pytest
 import yaml
 
+from deploy import validate
 from morph_protocol.control import BUSY, IDLE, ControlDir, Heartbeat
 from morph_protocol.properties import read_properties
 
@@ -33,18 +33,6 @@ TS_JAR = Path(importlib.util.find_spec("ts").origin).parent / "frontend" / "mode
 LOOPBACK_LISTENERS = ("inference_address", "management_address", "grpc_inference_address",
                       "grpc_management_address")
 LOOPBACK_PORTS = (8080, 8081, 7170, 7071)
-
-
-def _load_validate() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("deploy_validate", DEPLOY / "validate.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["deploy_validate"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-validate = _load_validate()
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +71,10 @@ def test_every_manifest_is_valid_against_kubernetes_1_31_strict_and_kserves_crd(
     assert validate.KUBERNETES_VERSION == "1.31"
 
 
-def test_the_command_line_validates_every_manifest() -> None:
-    result = subprocess.run([sys.executable, str(DEPLOY / "validate.py")], capture_output=True, text=True,
-                            timeout=60, cwd=REPO_ROOT)
+def test_the_command_line_validates_every_manifest(tmp_path: Path) -> None:
+    """`python -m deploy.validate`, from any directory."""
+    result = subprocess.run([sys.executable, "-m", "deploy.validate"], capture_output=True, text=True,
+                            timeout=60, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     count = len(validate.load_manifests(validate.manifest_files()))
     assert f"{count}/{count} manifests valid (Kubernetes 1.31 strict; KServe" in result.stdout

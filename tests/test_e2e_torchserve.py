@@ -24,7 +24,7 @@ from morph_protocol import wire
 from morph_protocol.errors import ErrorCode
 from morph_protocol.keyfile import TokenSource
 from client.morph_client import MorphClient, MorphClientError
-from reliability.send import Endpoints, rest_post
+from client.rest import RestClient
 from tests.conftest import DEMO_DIR, EMBEDDED_MODEL
 from launcher.torchserve import TorchServeProcess
 
@@ -147,8 +147,8 @@ def test_rest_returns_the_same_result_for_the_same_seed(server: TorchServeProces
 
 
 def rest_predict(server: TorchServeProcess, fields: dict[str, bytes], token: str | None) -> tuple[int, bytes, str]:
-    endpoints = Endpoints(server.grpc_target, server.url("inference", ""), server.key_file, server.model_name)
-    return rest_post(endpoints, fields, token, timeout_s=600)
+    answer = RestClient(server.url("inference", ""), server.model_name).post_fields(fields, token=token, timeout_s=600)
+    return answer.status, answer.body, answer.content_type
 
 
 # ---------------------------------------------------------------------------- streaming

@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from morph_protocol import wire
+from morph_protocol.formats import FRAMES_ZIP, GIF, MIME_TYPES, MP4
 from client.morph_client import MorphClientError, MorphResult
 
 EVENT_ACCEPTED = "accepted"
@@ -23,7 +24,7 @@ EVENT_ERROR = "error"
 # browser tab while the service is still fitting LoRAs.
 KEEPALIVE = b": keep-alive\n\n"
 # Result parts the page offers, by MIME type: the key the page looks them up under.
-MEDIA_KEYS = {"image/gif": "gif", "video/mp4": "mp4", "application/zip": "zip"}
+MEDIA_KEYS = {MIME_TYPES[GIF]: "gif", MIME_TYPES[MP4]: "mp4", MIME_TYPES[FRAMES_ZIP]: "zip"}
 
 
 def sse(event: str, data: dict[str, Any]) -> bytes:

@@ -22,6 +22,7 @@ from types import ModuleType
 from typing import Any
 
 from morph_protocol import limits as service_limits
+from morph_protocol.formats import FRAMES_ZIP, GIF, MP4
 from morph_protocol.properties import max_request_bytes, read_properties
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +36,7 @@ SERVER_OPTIONS = ("device", "dtype")
 # The page's preset when the user picks none: a shared CPU server answers it in seconds.
 DEFAULT_PRESET = "fast"
 # One morph, every encoding the page offers: the GIF plays, MP4 and ZIP are downloads.
-FORMATS = ["gif", "mp4", "frames-zip"]
+FORMATS = [GIF, MP4, FRAMES_ZIP]
 
 
 def load_morph_config() -> ModuleType:
