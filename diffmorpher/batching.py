@@ -89,11 +89,6 @@ def frame_specs(per_segment: Sequence[Sequence[float]]) -> list[FrameSpec]:
     return specs
 
 
-def sequence_length(num_images: int, num_frames: int) -> int:
-    """Frames of a K-image morph: K-1 segments of `num_frames`, joints once."""
-    return (num_images - 1) * (num_frames - 1) + 1
-
-
 def inversion_batches(indices: list[int], num_images: int, config: MorphConfig) -> list[Batch]:
     """The images to invert, `frame_batch_size` per UNet call, each with its endpoint LoRA mix."""
     return [
