@@ -20,6 +20,7 @@ of segment k, so its LoRA, inverted latent and stored attention are computed onc
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -127,14 +128,13 @@ class DiffMorpherPipeline:
                 with _timed(timings, STAGE_INVERSION):
                     noise = self.invert(latent_mean, conditioning, controller, config, progress, stop, plan)
                 # 4. reschedule: alphas that even out the perceptual distance between frames
-                schedule, metric, schedule_state = [uniform_alphas(config.num_frames)] * (len(images) - 1), None, "off"
+                metric: PerceptualDistance | None = None
+                schedule, schedule_state = [uniform_alphas(config.num_frames)] * (len(images) - 1), "off"
                 if config.use_reschedule:
                     with _timed(timings, STAGE_RESCHEDULE):
                         metric = self.perceptual_metric(config)
-                        schedule, schedule_state = plan.schedule(
-                            config, metric, len(images),
-                            lambda: self.reschedule(noise, conditioning, controller, config, metric, progress, stop),
-                        )
+                        measure = partial(self.reschedule, noise, conditioning, controller, config, metric, progress, stop)
+                        schedule, schedule_state = plan.schedule(config, metric, len(images), measure)
                 # 5-6. endpoints (storing attention) and frames, reported in order as they finish
                 with _timed(timings, STAGE_FRAMES):
                     frames = self.denoise_sequence(
