@@ -67,7 +67,7 @@ $(STUBS): grpc_api/proto/inference.proto | $(INSTALLED)
 	$(PY) -m grpc_api.stubs
 
 $(LPIPS): | $(INSTALLED)
-	$(PY) -m diffmorpher.perceptual prepare
+	$(PY) -m export.lpips_weights prepare
 
 # ---------------------------------------------------------------------------- archive
 # Always rebuilt (seconds for the embedded model): MODEL may point anywhere.

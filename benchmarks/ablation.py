@@ -23,7 +23,6 @@ from PIL import Image
 from diffmorpher import MorphConfig
 from diffmorpher.config import PLAIN_BASELINE_OPTIONS
 from diffmorpher.ddim import ddim_sample
-from diffmorpher.interpolation import lerp
 from diffmorpher.metrics import sequence_quality
 from diffmorpher.pipeline import DiffMorpherPipeline
 from embedded_model.morph_pairs import PAIRS, QUALITY_OPTIONS, morph_pair
@@ -56,13 +55,13 @@ def text_path(pipe: DiffMorpherPipeline, prompts: list[str], frames: int, steps:
     """Frames sampled from one seed-0 noise along the lerped text embedding of the two prompts."""
     models = pipe.models
     text = pipe.encode_prompts(prompts)
-    embeddings = lerp(text[:1], text[1:], torch.linspace(0, 1, frames))
+    conditioning = text.select([0]).lerp(text.select([1]), torch.linspace(0, 1, frames))
     side = models.native_resolution // models.vae_scale_factor
     shape = (1, models.unet.config.in_channels, side, side)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(models.device, models.dtype)
 
     def predict(latents: torch.Tensor, timestep: torch.Tensor, step_index: int) -> torch.Tensor:
-        return models.unet(latents, timestep, encoder_hidden_states=embeddings).sample
+        return models.unet(latents, timestep, **conditioning.unet_kwargs()).sample
 
     with torch.no_grad():
         return pipe.decode(ddim_sample(models.scheduler, predict, noise.repeat(frames, 1, 1, 1), steps))

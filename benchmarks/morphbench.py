@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     report.fid_reason, report.fid_weights = fid_reason, inception.weights if inception else None
     if report.summary["metric"] != "lpips-alex":
         print(f"WARNING: PPL/PDV/endpoint LPIPS used {report.summary['metric']}, not LPIPS-alex (weights missing): "
-              "not comparable; run `make setup` (python -m diffmorpher.perceptual prepare)")
+              "not comparable; run `make setup` (python -m export.lpips_weights prepare)")
     header = (f"Model `{args.model}`, {len(pairs)} pairs of `{args.bench}`, {args.frames} frames, device "
               f"{args.device} {args.dtype}; options {json.dumps(overrides)}; metric {report.summary['metric']} "
               "(PPL/PDV raw LPIPS sums/variances).")

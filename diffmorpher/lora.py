@@ -17,97 +17,56 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-
 from PIL import Image
 
+from .attention import AttentionStore, MorphController, morph_attention
+from .conditioning import PromptConditioning
 from .config import LORA_TARGET_MODULES, MorphConfig
 from .ddim import NoiseSchedule, as_schedule
 from .lora_mix import OWN_LORA, LoraStack
 from .preprocess import to_model_square
 
-ADAPTER_NAME = "diffmorpher_fit"
+ADAPTER_NAME = "diffmorpher_fit"  # peft's name for the adapter that gives the initial LoRA
 
-# on_step(step, total, loss): `loss` stays a (detached) device tensor; turning it into a Python
-# number is the callback's choice, since it waits for the device.
+# on_step(step, total, losses): the (K,) per-image losses stay a (detached) device tensor; turning
+# them into Python numbers is the callback's choice, since it waits for the device.
 LoraStepCallback = Callable[[int, int, torch.Tensor], None]
 
 
-def fit_lora(
+def fit_loras(
     unet: UNet2DConditionModel,
     scheduler: "DDIMScheduler | NoiseSchedule",
     latent_mean: torch.Tensor,
     latent_std: torch.Tensor,
-    text_embedding: torch.Tensor,
-    config: MorphConfig,
-    seed: int,
-    on_step: LoraStepCallback | None = None,
-) -> dict[str, torch.Tensor]:
-    """Train a rank-r LoRA to denoise one image; return its tensors (peft state-dict keys, cpu).
-
-    `latent_mean`/`latent_std` are the VAE posterior of the image, already scaled by the VAE
-    scaling factor; each step samples from it (as the authors do). AdamW with the paper's
-    hyper-parameters, constant learning rate, MSE to the noise (or to v for v-prediction).
-    The UNet is left without adapters afterwards.
-    """
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    noising = ForwardNoising(scheduler, latent_mean.device)
-    with fitting_adapter(unet, config, seed) as params:
-        optimizer = _optimizer(params, config)
-        for step in range(config.lora_steps):
-            with torch.enable_grad():
-                loss = training_loss(unet, noising, latent_mean, latent_std, text_embedding, generator)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            if on_step:
-                on_step(step + 1, config.lora_steps, loss.detach())
-        state = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
-        return {key: value.detach().float().cpu().contiguous() for key, value in state.items()}
-
-
-def fit_loras_batched(
-    unet: UNet2DConditionModel,
-    scheduler: "DDIMScheduler | NoiseSchedule",
-    latent_mean: torch.Tensor,
-    latent_std: torch.Tensor,
-    text_embedding: torch.Tensor,
+    conditioning: PromptConditioning,
     config: MorphConfig,
     seed: int,
     on_step: LoraStepCallback | None = None,
 ) -> list[dict[str, torch.Tensor]]:
-    """Fit the LoRAs of K images together: one UNet call per step for all K, each sample
-    through its own LoRA (the per-sample mixing of lora_mix, with one-hot weights). The same as
-    K calls of `fit_lora`: every LoRA starts from the same peft initialisation (the seed), each
-    image draws its noise and timesteps from its own generator seeded alike, the loss is the
-    sum of the per-image losses (so each LoRA gets exactly its own gradient) and AdamW works
-    element-wise; tests compare the losses. `on_step` gets the (K,) per-image losses."""
-    from .attention import AttentionStore, MorphController, morph_attention  # attention -> lora_mix only
+    """Train one rank-r LoRA per image to denoise that image; return their tensors (peft
+    state-dict keys, fp32 on the CPU). The UNet is left as it was.
 
+    `latent_mean`/`latent_std` (K, C, h, w) are the images' VAE posteriors, already scaled by
+    the VAE scaling factor; each step samples from them (as the authors do). AdamW with the
+    paper's hyper-parameters, constant learning rate, MSE to the noise (or to v for
+    v-prediction).
+
+    The K images are fitted together, one UNet call per step, each sample through its own LoRA
+    (the per-sample mixing of lora_mix with OWN_LORA), and this equals K separate fits: every
+    LoRA starts from the same peft initialisation (the seed), each image draws its noise and
+    timesteps from its own generator seeded alike, the loss is the sum of the per-image losses
+    (so each LoRA gets exactly its own gradient) and AdamW works element-wise; tests compare a
+    batch with fits of one image each. `on_step` gets the (K,) per-image losses.
+    """
     count, device = len(latent_mean), latent_mean.device
-    with fitting_adapter(unet, config, seed):
-        initial = {k: v.detach().float() for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME).items()}
-    stacks: dict[str, LoraStack] = {}
-    for key in sorted(initial):
-        if key.endswith(".lora_A.weight"):
-            module = key[: -len(".lora_A.weight")]
-            down = initial[key].to(device).unsqueeze(0).repeat(count, 1, 1).requires_grad_(True)
-            up = initial[f"{module}.lora_B.weight"].to(device).unsqueeze(0).repeat(count, 1, 1).requires_grad_(True)
-            stacks[module] = LoraStack(down=down, up=up)
-    params = [tensor for stack in stacks.values() for tensor in (stack.down, stack.up)]
-    optimizer = _optimizer(params, config)
+    stacks = initial_lora_stacks(unet, config, seed, count, device)
+    optimizer = _optimizer([tensor for stack in stacks.values() for tensor in (stack.down, stack.up)], config)
     generators = [torch.Generator(device="cpu").manual_seed(seed) for _ in range(count)]
     noising = ForwardNoising(scheduler, device)
-    controller = MorphController(AttentionStore(count, 0))
-    controller.lora_weights = OWN_LORA
-    with morph_attention(unet, controller, stacks):
+    with lora_training(unet, stacks):
         for step in range(config.lora_steps):
-            draws = [_draw(latent_mean[k : k + 1], latent_std[k : k + 1], len(noising.alphas), g)
-                     for k, g in enumerate(generators)]
-            latents, noise, timesteps = (torch.cat(parts) for parts in zip(*draws))
-            noisy, target = noising(latents, noise, timesteps)
             with torch.enable_grad():
-                prediction = unet(noisy, timesteps, encoder_hidden_states=text_embedding).sample
-                losses = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+                losses = training_losses(unet, noising, latent_mean, latent_std, conditioning, generators)
                 optimizer.zero_grad(set_to_none=True)
                 losses.sum().backward()
                 optimizer.step()
@@ -123,27 +82,15 @@ def fit_loras_batched(
     ]
 
 
-def _optimizer(params: list[torch.Tensor], config: MorphConfig) -> torch.optim.Optimizer:
-    """AdamW with the paper's hyper-parameters and a constant learning rate."""
-    return torch.optim.AdamW(params, lr=config.lora_lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-
-
-def _draw(
-    latent_mean: torch.Tensor, latent_std: torch.Tensor, num_train_timesteps: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One image's sample of its posterior, its noise and its timestep, in `training_loss`'s order."""
-    latents = latent_mean + latent_std * _randn_like(latent_mean, generator)
-    noise = _randn_like(latent_mean, generator)
-    timestep = torch.randint(0, num_train_timesteps, (1,), generator=generator).to(latent_mean.device)
-    return latents, noise, timestep
-
-
-@contextmanager
-def fitting_adapter(unet: UNet2DConditionModel, config: MorphConfig, seed: int) -> Iterator[list[torch.nn.Parameter]]:
-    """A fresh trainable LoRA adapter on the UNet (its parameters in fp32, whatever the UNet's
-    dtype, so the optimiser state is fp32); removed again on exit, whatever happens."""
+def initial_lora_stacks(
+    unet: UNet2DConditionModel, config: MorphConfig, seed: int, count: int, device: torch.device
+) -> dict[str, LoraStack]:
+    """`count` copies of peft's initial LoRA for the seed, as trainable fp32 stacks by module
+    (fp32 whatever the UNet's dtype, so the optimiser state is fp32). peft initialises lora_A
+    from the global generator: it is seeded in a fork, leaving the caller's stream alone; the
+    adapter is removed again, whatever happens."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # peft initialises lora_A from the global generator
+        torch.manual_seed(seed)
         unet.add_adapter(
             LoraConfig(
                 r=config.lora_rank,
@@ -154,38 +101,69 @@ def fitting_adapter(unet: UNet2DConditionModel, config: MorphConfig, seed: int) 
             adapter_name=ADAPTER_NAME,
         )
     try:
-        params = [p for name, p in unet.named_parameters() if ADAPTER_NAME in name]
-        for param in params:
-            param.data = param.data.float()
-            param.requires_grad_(True)
-        yield params
+        initial = {k: v.detach().float() for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME).items()}
     finally:
         unet.unload_lora()
         unet.requires_grad_(False)
+    stacks: dict[str, LoraStack] = {}
+    for key in sorted(initial):
+        if key.endswith(".lora_A.weight"):
+            module = key[: -len(".lora_A.weight")]
+            down = initial[key].to(device).unsqueeze(0).repeat(count, 1, 1).requires_grad_(True)
+            up = initial[f"{module}.lora_B.weight"].to(device).unsqueeze(0).repeat(count, 1, 1).requires_grad_(True)
+            stacks[module] = LoraStack(down=down, up=up)
+    return stacks
 
 
-def training_loss(
+@contextmanager
+def lora_training(unet: UNet2DConditionModel, stacks: dict[str, LoraStack]) -> Iterator[MorphController]:
+    """The UNet with row k of every batch through LoRA k of `stacks` (attention processors
+    restored on exit)."""
+    controller = MorphController(AttentionStore(num_images=0, num_steps=0), lora_weights=OWN_LORA)  # stores nothing
+    with morph_attention(unet, controller, stacks):
+        yield controller
+
+
+def _optimizer(params: list[torch.Tensor], config: MorphConfig) -> torch.optim.Optimizer:
+    """AdamW with the paper's hyper-parameters and a constant learning rate."""
+    return torch.optim.AdamW(params, lr=config.lora_lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+
+
+def _draw(
+    latent_mean: torch.Tensor, latent_std: torch.Tensor, num_train_timesteps: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One image's sample of its posterior, its noise and its timestep (drawn on the CPU
+    generator, so a seed gives the same LoRA on every device)."""
+    latents = latent_mean + latent_std * _randn_like(latent_mean, generator)
+    noise = _randn_like(latent_mean, generator)
+    timestep = torch.randint(0, num_train_timesteps, (1,), generator=generator).to(latent_mean.device)
+    return latents, noise, timestep
+
+
+def training_losses(
     unet: UNet2DConditionModel,
     noising: "ForwardNoising",
     latent_mean: torch.Tensor,
     latent_std: torch.Tensor,
-    text_embedding: torch.Tensor,
-    generator: torch.Generator,
+    conditioning: PromptConditioning,
+    generators: list[torch.Generator],
 ) -> torch.Tensor:
-    """One step's loss: a sample of the image's posterior, noised at a random timestep (drawn on
-    the CPU generator, so a seed gives the same LoRA on every device), and the MSE of the UNet's
-    prediction to the target, in fp32. Device tensors only: nothing is read back to the host."""
-    latents, noise, timestep = _draw(latent_mean, latent_std, len(noising.alphas), generator)
-    noisy, target = noising(latents, noise, timestep)
-    prediction = unet(noisy, timestep, encoder_hidden_states=text_embedding).sample
-    return F.mse_loss(prediction.float(), target.float())
+    """One step's (K,) per-image losses: a sample of each image's posterior, noised at a random
+    timestep, and the MSE of the UNet's prediction to the target, in fp32. Device tensors only:
+    nothing is read back to the host."""
+    draws = [_draw(latent_mean[k : k + 1], latent_std[k : k + 1], len(noising.alphas), g)
+             for k, g in enumerate(generators)]
+    latents, noise, timesteps = (torch.cat(parts) for parts in zip(*draws))
+    noisy, target = noising(latents, noise, timesteps)
+    prediction = unet(noisy, timesteps, **conditioning.unet_kwargs()).sample
+    return (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
 
 def denoising_loss(
     unet: UNet2DConditionModel,
     scheduler: "DDIMScheduler | NoiseSchedule",
     latents: torch.Tensor,
-    text_embedding: torch.Tensor,
+    conditioning: PromptConditioning,
     timesteps: list[int],
     seed: int,
 ) -> float:
@@ -199,7 +177,7 @@ def denoising_loss(
             noise = _randn_like(latents, generator)
             timestep = torch.tensor([t], device=latents.device)
             noisy, target = noising(latents, noise, timestep)
-            prediction = unet(noisy, timestep, encoder_hidden_states=text_embedding).sample
+            prediction = unet(noisy, timestep, **conditioning.unet_kwargs()).sample
             losses.append(F.mse_loss(prediction.float(), target.float()))
     return float(torch.stack(losses).mean())
 

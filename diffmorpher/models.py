@@ -1,4 +1,8 @@
-"""Loading a Stable Diffusion checkpoint (diffusers folder layout) into the parts the morph uses."""
+"""Loading a Stable Diffusion checkpoint (diffusers folder layout) into the parts the morph uses.
+
+What differs between model families (how prompts become UNet conditioning) is the `conditioner`
+(conditioning.py), chosen here from the folder's components; the rest of the morph sees only it.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from .conditioning import StableDiffusionConditioner, TextConditioner
 from .config import ConfigError
 from .ddim import NoiseSchedule
 
@@ -21,12 +26,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class MorphModels:
-    """The frozen components of an SD 1.x/2.x pipeline, on one device and dtype."""
+    """The frozen components of a diffusion pipeline, on one device and dtype."""
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
+    conditioner: TextConditioner  # prompts -> UNet conditioning, for this model family
     scheduler: DDIMScheduler  # always DDIM, built from the checkpoint's scheduler config
     device: torch.device
     dtype: torch.dtype
@@ -44,7 +48,7 @@ class MorphModels:
         once; a few seconds for SD, where the page cache already holds the files). A path or
         a modification time would change with every unpacked copy of the same archive."""
         digest = hashlib.sha256(str(self.dtype).encode())
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in (self.unet, self.vae, *self.conditioner.encoders):
             config = module.config  # diffusers: a FrozenDict; transformers: a PretrainedConfig
             fields = config.to_dict() if hasattr(config, "to_dict") else dict(config)
             fields = {k: v for k, v in fields.items() if k not in ("_name_or_path", "_diffusers_version")}
@@ -86,12 +90,13 @@ def load_morph_models(
     local = Path(source)
     if local.exists() and not (local / "unet").is_dir():
         raise ConfigError(f"{source} is not a diffusers Stable Diffusion folder (no unet/)")
+    if (local / "text_encoder_2").is_dir():
+        raise ConfigError(f"{source} is an SDXL folder (text_encoder_2/); only SD 1.x/2.x is supported")
     unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype)
     vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype)
-    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype)
-    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+    conditioner = _load_conditioner(source, device, dtype)
     scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler")
-    for module in (unet, vae, text_encoder):
+    for module in (unet, vae, *conditioner.encoders):
         module.requires_grad_(False)
         module.eval()
         module.to(device)
@@ -99,4 +104,11 @@ def load_morph_models(
         "loaded %s on %s (%s), prediction_type=%s",
         source, device, dtype, scheduler.config.prediction_type,
     )
-    return MorphModels(unet, vae, text_encoder, tokenizer, scheduler, device, dtype, source)
+    return MorphModels(unet, vae, conditioner, scheduler, device, dtype, source)
+
+
+def _load_conditioner(source: str, device: torch.device, dtype: torch.dtype) -> TextConditioner:
+    """The family's prompt encoder: SD 1.x/2.x's one CLIP text encoder (the only family yet)."""
+    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype)
+    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+    return StableDiffusionConditioner(tokenizer, text_encoder, device, dtype)

@@ -27,12 +27,14 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from diffmorpher.attention import AttentionStore, MorphController, morph_attention
+from diffmorpher.batching import frame_specs, segment_weights
+from diffmorpher.conditioning import StableDiffusionConditioner
 from diffmorpher.config import MorphConfig
 from diffmorpher.ddim import NoiseSchedule
-from diffmorpher.lora import ForwardNoising, fit_lora, fit_loras_batched, fitting_adapter, training_loss
+from diffmorpher.lora import ForwardNoising, fit_loras, initial_lora_stacks, lora_training, training_losses
 from diffmorpher.lora_mix import build_lora_stacks
 from diffmorpher.models import MorphModels
-from diffmorpher.pipeline import DiffMorpherPipeline, _FrameEmitter, _segment_weights, _specs
+from diffmorpher.pipeline import DiffMorpherPipeline
 from diffmorpher.reschedule import uniform_alphas
 from tests.conftest import EMBEDDED_MODEL
 
@@ -93,11 +95,9 @@ def fake_models(size: str, device: str, dtype: torch.dtype, scheduler: DDIMSched
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
         module.eval()
-    return MorphModels(
-        unet, vae, text_encoder,
-        CLIPTokenizer.from_pretrained(EMBEDDED_MODEL, subfolder="tokenizer"),
-        scheduler, torch.device(device), dtype, f"fake-{size}", schedule,
-    )
+    tokenizer = CLIPTokenizer.from_pretrained(EMBEDDED_MODEL, subfolder="tokenizer")
+    conditioner = StableDiffusionConditioner(tokenizer, text_encoder, torch.device(device), dtype)
+    return MorphModels(unet, vae, conditioner, scheduler, torch.device(device), dtype, f"fake-{size}", schedule)
 
 
 def images() -> list[Image.Image]:
@@ -119,15 +119,17 @@ def test_the_morph_tensor_path_runs_on_cuda(size: str, dtype: torch.dtype, monke
         pipe = DiffMorpherPipeline(models, None)
         text = pipe.encode_prompts(["a red circle", "a blue square"])
         mean, std = pipe.encode_images(images(), 64)
-        assert on(text, "cuda", dtype) and on(mean, "cuda", dtype)
+        assert on(text.encoder_hidden_states, "cuda", dtype) and on(mean, "cuda", dtype)
 
-        # A LoRA training step's forward and loss (its backward: see the CPU test below).
-        generator = torch.Generator().manual_seed(0)
-        with fitting_adapter(models.unet, CONFIG, seed=0) as params:
-            assert params and all(on(p, "cuda", torch.float32) for p in params)
-            loss = training_loss(models.unet, ForwardNoising(models.schedule, models.device),
-                                 mean[:1], std[:1], text[:1], generator)
-        assert on(loss, "cuda", torch.float32) and loss.shape == ()
+        # A LoRA training step's forward and losses (its backward: see the CPU test below).
+        generators = [torch.Generator().manual_seed(0) for _ in range(2)]
+        stacks = initial_lora_stacks(models.unet, CONFIG, 0, 2, models.device)
+        params = [t for stack in stacks.values() for t in (stack.down, stack.up)]
+        assert params and all(on(p, "cuda", torch.float32) for p in params)
+        with lora_training(models.unet, stacks):
+            losses = training_losses(models.unet, ForwardNoising(models.schedule, models.device),
+                                     mean, std, text, generators)
+        assert on(losses, "cuda", torch.float32) and losses.shape == (2,)
 
         # Fresh adapters (0 steps) stand in for fitted LoRAs: same keys, shapes and dtypes.
         loras = pipe.fit_loras(mean, std, text, CONFIG.replace(lora_steps=0), None, None)
@@ -138,8 +140,7 @@ def test_the_morph_tensor_path_runs_on_cuda(size: str, dtype: torch.dtype, monke
         with morph_attention(models.unet, controller, stacks):
             noise = pipe.invert(mean, text, controller, CONFIG, None)
             frames = pipe.denoise_sequence(
-                _specs(2, uniform_alphas(3)), noise, text, controller, CONFIG, "frames", None,
-                _FrameEmitter(None, 3),
+                frame_specs([uniform_alphas(3)]), noise, text, controller, CONFIG, "frames", None,
             )
         assert on(noise, "cuda", dtype) and noise.shape == mean.shape
         assert store.tensors and all(on(t, "cuda", dtype) for t in store.tensors.values())
@@ -152,7 +153,7 @@ def test_attention_mix_takes_weights_built_on_the_cpu(monkeypatch: pytest.Monkey
     with fake_device("cuda", monkeypatch):
         store = AttentionStore(2, 1)
         store.put("layer", 0, [0, 1], torch.randn(2, 16, 8, dtype=torch.bfloat16))
-        weights = torch.stack([_segment_weights(0, 0.25, 2)]).to("cpu")
+        weights = torch.stack([segment_weights(0, 0.25, 2)]).to("cpu")
         mixed = store.mix("layer", 0, weights)
     assert on(mixed, "cuda", torch.bfloat16) and mixed.shape == (1, 16, 8)
 
@@ -163,8 +164,8 @@ def test_a_lora_training_step_with_backward_and_update_in_half_precision(
     size: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """fp32 LoRA parameters and optimiser state on a half-precision UNet: forward, backward and
-    AdamW step, one image (peft adapter) and two at once (the pipeline's batched fit, through
-    the per-sample LoRA mixing), with the fitted LoRAs returned in fp32 on the CPU."""
+    AdamW step, one image and two at once (through the per-sample LoRA mixing), with the fitted
+    LoRAs returned in fp32 on the CPU."""
     scheduler = DDIMScheduler.from_pretrained(EMBEDDED_MODEL, subfolder="scheduler")
     schedule = NoiseSchedule.from_scheduler(scheduler)
     with fake_device("cpu", monkeypatch):
@@ -173,12 +174,12 @@ def test_a_lora_training_step_with_backward_and_update_in_half_precision(
         text = pipe.encode_prompts(["a red circle", "a blue square"])
         mean, std = pipe.encode_images(images(), 64)
         losses = []
-        lora = fit_lora(models.unet, models.schedule, mean[:1], std[:1], text[:1], CONFIG.replace(lora_steps=2),
-                        seed=0, on_step=lambda step, total, loss: losses.append(loss))
-        batched = fit_loras_batched(models.unet, models.schedule, mean, std, text, CONFIG.replace(lora_steps=2),
-                                    seed=0, on_step=lambda step, total, loss: losses.append(loss))
+        (lora,) = fit_loras(models.unet, models.schedule, mean[:1], std[:1], text.select([0]),
+                            CONFIG.replace(lora_steps=2), seed=0, on_step=lambda step, total, loss: losses.append(loss))
+        batched = fit_loras(models.unet, models.schedule, mean, std, text, CONFIG.replace(lora_steps=2),
+                            seed=0, on_step=lambda step, total, loss: losses.append(loss))
     assert len(losses) == 4 and all(on(loss, "cpu", torch.float32) for loss in losses)
-    assert [loss.shape for loss in losses] == [(), (), (2,), (2,)]
+    assert [loss.shape for loss in losses] == [(1,), (1,), (2,), (2,)]
     for fitted in (lora, *batched):
         assert fitted.keys() == lora.keys() and all(on(t, "cpu", torch.float32) for t in fitted.values())
     assert not any("lora" in name for name, _ in models.unet.named_parameters())  # adapter removed

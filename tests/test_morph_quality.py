@@ -14,7 +14,7 @@ import torch
 from diffmorpher import MorphConfig
 from diffmorpher.attention import AttentionStore, MorphController, morph_attention
 from diffmorpher.config import PLAIN_BASELINE_OPTIONS
-from diffmorpher.lora import denoising_loss, fit_lora
+from diffmorpher.lora import denoising_loss, fit_loras
 from diffmorpher.lora_mix import build_lora_stacks
 from diffmorpher.metrics import psnr, sequence_quality
 from diffmorpher.pipeline import DiffMorpherPipeline
@@ -56,24 +56,27 @@ def test_endpoints_reproduce_the_inputs(pipe):
 
 
 def test_lora_fitting_lowers_the_denoising_loss_on_its_image(pipe):
-    """Each image's LoRA lowers the UNet's denoising loss on that image (fixed noise and
-    timesteps), on three pairs' first images. Why three and a mean: how much one image gains
-    depends on how well the base model already denoises it (after / before was 0.93, 0.74 and
-    0.96 on the previous embedded model, 0.89, 0.91 and 0.82 on the current one), so a single
-    image's ratio is a poor bar."""
+    """Each image's LoRA, fitted by the trainer the pipeline runs (lora.fit_loras: the three
+    images in one batch, as a morph fits its images), lowers the UNet's denoising loss on that
+    image (fixed noise and timesteps), on three pairs' first images. Why three and a mean: how
+    much one image gains depends on how well the base model already denoises it (after / before
+    was 0.93, 0.74 and 0.96 on the previous embedded model, 0.89, 0.91 and 0.82 on the current
+    one), so a single image's ratio is a poor bar."""
     models = pipe.models
     config = MorphConfig()
     timesteps = [50, 200, 400, 600, 800]
+    images, prompts = zip(*(morph_pair(index) for index in range(3)))
+    firsts, first_prompts = [pair[0] for pair in images], [pair[0] for pair in prompts]
+    text = pipe.encode_prompts(first_prompts)
+    mean, std = pipe.encode_images(firsts, models.native_resolution)
+    loras = fit_loras(models.unet, models.schedule, mean, std, text, config, seed=0)
     losses = []
-    for index in range(3):
-        images, prompts = morph_pair(index)
-        text = pipe.encode_prompts(prompts[:1])
-        mean, std = pipe.encode_images(images[:1], models.native_resolution)
-        before = denoising_loss(models.unet, models.scheduler, mean, text, timesteps, seed=1)
-        lora = fit_lora(models.unet, models.scheduler, mean, std, text, config, seed=0)
+    for index, lora in enumerate(loras):
+        own_mean, own_text = mean[index : index + 1], text.select([index])
+        before = denoising_loss(models.unet, models.schedule, own_mean, own_text, timesteps, seed=1)
         controller = MorphController(AttentionStore(1, 0), lora_weights=torch.ones(1, 1))
         with morph_attention(models.unet, controller, build_lora_stacks([lora], models.device, models.dtype)):
-            after = denoising_loss(models.unet, models.scheduler, mean, text, timesteps, seed=1)
+            after = denoising_loss(models.unet, models.schedule, own_mean, own_text, timesteps, seed=1)
         losses.append({"pair": index, "before": before, "after": after})
     _record("lora_denoising_loss", losses)
     assert all(r["after"] < r["before"] for r in losses), losses

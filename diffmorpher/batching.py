@@ -1,0 +1,153 @@
+"""Batch planning: which rows share a UNet call, and each row's weights over the K images.
+
+A morph of K images has K-1 segments; a point of segment k at alpha is the mix (1 - alpha) of
+image k and alpha of image k+1, written as weights over the K images. Those weights drive every
+per-sample interpolation of a batch (attention mix, text conditioning, LoRA mix), so frames of
+different segments and alphas share one UNet call. The K endpoint rows come first in a pass and
+ride in its first batch: their attention store at a layer and step is written before the frames
+of the same call read it (attention.MorphController), so they cost no pass of their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence, TypeVar
+
+import torch
+
+from .attention import MODE_OFF, MODE_REPLACE, MODE_STORE, MorphController
+from .conditioning import PromptConditioning, cat
+from .config import MorphConfig
+from .interpolation import interpolate_latents
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class FrameSpec:
+    """One frame to denoise: segment k (between images k and k+1) at alpha."""
+
+    segment: int
+    alpha: float
+    index: int  # position in the final, concatenated sequence
+
+    @property
+    def is_intermediate(self) -> bool:
+        """Strictly between the endpoints: denoised as a frame (an endpoint is reconstructed)."""
+        return 0.0 < self.alpha < 1.0
+
+    @property
+    def endpoint(self) -> int:
+        """The image an endpoint frame reproduces (alpha 0: image k, alpha 1: image k+1)."""
+        return self.segment + (1 if self.alpha >= 1.0 else 0)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The rows of one UNet call: endpoint images first, then frames.
+
+    `weights` (len(frames), K) places each frame between the K images (attention and text mix);
+    `lora_weights` (rows, K) is each row's LoRA mix, None without LoRAs. `mode` is what the
+    up-block self-attention does: off (inversion), store (endpoints only) or replace.
+    """
+
+    mode: str
+    images: list[int]
+    frames: list[FrameSpec]
+    weights: torch.Tensor
+    lora_weights: torch.Tensor | None
+
+    def apply(self, controller: MorphController) -> None:
+        """Tell the attention processors what this batch's rows are, before its UNet calls."""
+        controller.mode = self.mode
+        controller.weights = self.weights
+        controller.lora_weights = self.lora_weights
+        controller.image_indices = self.images or None
+
+    def conditioning(self, prompts: PromptConditioning) -> PromptConditioning:
+        """The rows' prompt conditioning: the endpoints' own, then each frame's mix."""
+        return cat([prompts.select(self.images), prompts.mix(self.weights)])
+
+    def start_latents(self, noise: torch.Tensor, use_adain: bool) -> torch.Tensor:
+        """z_T of the rows: an endpoint's inverted latent; a frame's slerp (+ AdaIN) of its
+        segment's two (paper Sec. 3.2)."""
+        return torch.cat([noise[self.images], *(
+            interpolate_latents(noise[s.segment : s.segment + 1], noise[s.segment + 1 : s.segment + 2],
+                                torch.tensor([s.alpha]), use_adain)
+            for s in self.frames
+        )])
+
+
+def frame_specs(per_segment: Sequence[Sequence[float]]) -> list[FrameSpec]:
+    """Frame specs of the concatenated sequence; joints appear once (as alpha 1 of a segment
+    they are skipped, being alpha 0 of the next)."""
+    specs: list[FrameSpec] = []
+    for segment, alphas in enumerate(per_segment):
+        last = segment == len(per_segment) - 1
+        for alpha in alphas if last else alphas[:-1]:
+            specs.append(FrameSpec(segment, float(alpha), len(specs)))
+    return specs
+
+
+def inversion_batches(indices: list[int], num_images: int, config: MorphConfig) -> list[Batch]:
+    """The images to invert, `frame_batch_size` per UNet call, each with its endpoint LoRA mix."""
+    return [
+        Batch(MODE_OFF, chunk, [], torch.zeros(0, num_images), endpoint_lora_weights(chunk, num_images, config))
+        for chunk in chunks(indices, config.frame_batch_size)
+    ]
+
+
+def sequence_batches(specs: list[FrameSpec], num_images: int, config: MorphConfig) -> list[Batch]:
+    """A pass's rows (the K endpoints, then the intermediate frames) cut into batches of
+    `frame_batch_size`; a batch with frames replaces attention, one of endpoints only stores."""
+    rows: list[int | FrameSpec] = [*range(num_images), *(s for s in specs if s.is_intermediate)]
+    batches = []
+    for chunk in chunks(rows, config.frame_batch_size):
+        images = [row for row in chunk if isinstance(row, int)]
+        frames = [row for row in chunk if isinstance(row, FrameSpec)]
+        weights = (torch.stack([segment_weights(s.segment, s.alpha, num_images) for s in frames])
+                   if frames else torch.zeros(0, num_images))
+        lora_parts = [endpoint_lora_weights(images, num_images, config) if images else None,
+                      frame_lora_weights(frames, num_images, config) if frames else None]
+        lora_weights = None if config.lora_mode == "none" else torch.cat([w for w in lora_parts if w is not None])
+        batches.append(Batch(MODE_REPLACE if frames else MODE_STORE, images, frames, weights, lora_weights))
+    return batches
+
+
+def endpoint_lora_weights(images: list[int], num_images: int, config: MorphConfig) -> torch.Tensor | None:
+    """LoRA mix used to invert and reconstruct image i: its own LoRA, or in fixed mode the
+    fixed mix of the segment it starts (the last image: the segment it ends)."""
+    if config.lora_mode == "none":
+        return None
+    if config.lora_mode == "interpolate":
+        return one_hot(images, num_images)
+    fixed = float(config.fixed_lora_alpha or 0.0)
+    return torch.stack([segment_weights(min(i, num_images - 2), fixed, num_images) for i in images])
+
+
+def frame_lora_weights(specs: list[FrameSpec], num_images: int, config: MorphConfig) -> torch.Tensor | None:
+    """LoRA mix of each frame: its own alpha's (paper Sec. 3.2), or the fixed one."""
+    if config.lora_mode == "none":
+        return None
+    fixed = config.fixed_lora_alpha
+    return torch.stack([segment_weights(s.segment, s.alpha if fixed is None else fixed, num_images) for s in specs])
+
+
+def one_hot(indices: list[int], num_images: int) -> torch.Tensor:
+    """Row i all on image indices[i]."""
+    weights = torch.zeros(len(indices), num_images)
+    weights[torch.arange(len(indices)), torch.tensor(indices)] = 1.0
+    return weights
+
+
+def segment_weights(segment: int, alpha: float, num_images: int) -> torch.Tensor:
+    """Weights over the K images for a point of segment k: (1 - alpha) on k, alpha on k+1."""
+    weights = torch.zeros(num_images)
+    weights[segment] = 1.0 - alpha
+    weights[segment + 1] += alpha
+    return weights
+
+
+def chunks(items: list[T], size: int) -> Iterator[list[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
