@@ -11,7 +11,6 @@ measuring pass and the final pass only. Results and the choice of defaults: docs
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
