@@ -273,27 +273,19 @@ class MorphClient:
 
     def _call(self, invoke: Callable[[list[tuple[str, str]]], Any]) -> Any:
         """Run a unary call with token refresh (once) and UNAVAILABLE retries."""
-        refreshed = False
-        attempt = 0
+        retry = self._retry()
         while True:
             try:
                 return invoke(self.tokens.metadata())
             except grpc.RpcError as error:
-                code = error.code()
-                if code == grpc.StatusCode.PERMISSION_DENIED and not refreshed and self.tokens.refresh():
-                    refreshed = True
-                    continue
-                if code == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
-                    attempt += 1
-                    time.sleep(self.backoff_s * 2 ** (attempt - 1))
+                if retry.again(error.code()):
                     continue
                 raise MorphClientError.from_rpc(error) from error
 
     def _stream(self, request, timeout_s: float | None) -> Iterator[wire.Message]:
         """Iterate a StreamPredictions call. Retries/refresh only before the first message, so
         a morph is never silently restarted half-way."""
-        refreshed = False
-        attempt = 0
+        retry = self._retry()
         while True:
             received = False
             try:
@@ -305,16 +297,35 @@ class MorphClient:
                     yield _decode(response.prediction)
                 return
             except grpc.RpcError as error:
-                code = error.code()
-                if not received:
-                    if code == grpc.StatusCode.PERMISSION_DENIED and not refreshed and self.tokens.refresh():
-                        refreshed = True
-                        continue
-                    if code == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
-                        attempt += 1
-                        time.sleep(self.backoff_s * 2 ** (attempt - 1))
-                        continue
+                if not received and retry.again(error.code()):
+                    continue
                 raise MorphClientError.from_rpc(error) from error
+
+    def _retry(self) -> "_Retry":
+        return _Retry(self.tokens, self.retries, self.backoff_s)
+
+
+@dataclass
+class _Retry:
+    """One call's second chances: a token refresh (once, when the server refused the key) and
+    UNAVAILABLE retries with exponential backoff."""
+
+    tokens: TokenSource
+    retries: int
+    backoff_s: float
+    refreshed: bool = False
+    attempt: int = 0
+
+    def again(self, code: grpc.StatusCode | None) -> bool:
+        """True when the call should be made again (after sleeping the backoff)."""
+        if code == grpc.StatusCode.PERMISSION_DENIED and not self.refreshed and self.tokens.refresh():
+            self.refreshed = True
+            return True
+        if code == grpc.StatusCode.UNAVAILABLE and self.attempt < self.retries:
+            self.attempt += 1
+            time.sleep(self.backoff_s * 2 ** (self.attempt - 1))
+            return True
+        return False
 
 
 def _metadata_code(error: grpc.RpcError) -> ErrorCode | None:

@@ -103,6 +103,17 @@ def test_streaming_sends_intermediate_responses(handler: DiffMorpherHandler, tin
     assert context.get_response_headers(0)["ts_stream_next"] == "true"  # turned "false" at the end by TorchServe
 
 
+def changed_request(change: dict) -> dict:
+    """good_request() with the fields in `change` replaced (a value of None removes the field)."""
+    request = good_request()
+    for key, value in change.items():
+        if value is None:
+            request.pop(key)
+        else:
+            request[key] = value
+    return request
+
+
 @pytest.mark.parametrize(
     ("request_change", "message"),
     [
@@ -125,12 +136,7 @@ def test_streaming_sends_intermediate_responses(handler: DiffMorpherHandler, tin
 def test_bad_requests_are_refused_with_their_code_and_a_specific_message(
     handler: DiffMorpherHandler, tiny_sd_dir: Path, request_change: dict, message: str
 ) -> None:
-    request = good_request()
-    for key, value in request_change.items():
-        if value is None:
-            request.pop(key)
-        else:
-            request[key] = value
+    request = changed_request(request_change)
     with pytest.raises(PredictionException) as raised:
         handler.handle([request], make_context(tiny_sd_dir))
     code, text = parse_error(raised.value.message)
@@ -180,12 +186,7 @@ def test_in_a_batch_only_the_bad_request_fails(handler: DiffMorpherHandler, tiny
 )
 def test_errors_name_their_request_field_as_data(request_change: dict, field: str | None, message: str) -> None:
     """The field is an attribute (the OIP path names tensors from it), the text says it too."""
-    request = good_request()
-    for key, value in request_change.items():
-        if value is None:
-            request.pop(key)
-        else:
-            request[key] = value
+    request = changed_request(request_change)
     with pytest.raises(ConfigError) as raised:
         parse_request(request, MorphConfig())
     assert message in str(raised.value) and raised.value.field == field
