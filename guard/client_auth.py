@@ -83,7 +83,7 @@ class PassThrough:
         return [(k, v) for k, v in context.invocation_metadata() if k == "authorization"]
 
     def renew_upstream_key(self) -> bool:
-        return False  # the client's key: the client renews it (client/auth.py)
+        return False  # the client's key: the client renews it (morph_protocol/keyfile.py)
 
     def status(self) -> dict[str, object]:
         return {"mode": "passthrough"}

@@ -10,7 +10,7 @@ The gateway sits in front of TorchServe's (loopback-only) gRPC port and, per cal
   intermediate message kills the worker too; no client can cause either through the gateway;
 - turns the gRPC deadline into the request's `deadline` field (on this server's clock) and gives
   the call a `call_id`; when the call ends without an answer (cancelled, deadline passed) it
-  writes the call's cancellation marker (guard.control), which stops the morph within a step;
+  writes the call's cancellation marker (morph_protocol.control), which stops the morph within a step;
 - returns errors without the Java class or the worker's code tag, the code as trailing
   metadata (`diffmorpher-error-code`, morph_protocol.errors), the queue-full refusal as
   UNAVAILABLE "server busy", out-of-memory as RESOURCE_EXHAUSTED, and a worker that died

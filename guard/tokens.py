@@ -4,7 +4,7 @@ TorchServe 0.12 writes key_file.json once at start; its management and inference
 expire (token_expiration_min) and are replaced only when someone calls POST /token with the
 API key. Unattended, the service would answer PERMISSION_DENIED to everyone an hour after start.
 The rotator renews each key when less than half of its lifetime is left; TorchServe rewrites
-the key file, and clients that read the file (client/auth.py) pick the new key up on their next
+the key file, and clients that read the file (morph_protocol/keyfile.py) pick the new key up on their next
 call (they re-read when the file changes, and once more on PERMISSION_DENIED).
 """
 

@@ -4,7 +4,7 @@ Three failures TorchServe 0.12 does not repair by itself:
 - dead: the management API reports a worker READY whose process is gone (the unary/stream trap,
   or any other path where the frontend lost track of its worker). Requests queue behind it
   forever. Repair: scale the model to 0 workers and back (TorchServe starts fresh ones).
-- wedged: the worker process lives but its heartbeat (guard.control, written at every morph
+- wedged: the worker process lives but its heartbeat (morph_protocol.control, written at every morph
   step) says busy and has not moved for `wedge_after_s`. Repair: SIGKILL it; TorchServe notices
   the dead process, fails its request ("Worker died.") and starts a new worker.
 - stalled: requests wait in the queue while every worker's heartbeat has said idle for

@@ -2,7 +2,7 @@
 
 A caller that has stopped waiting gets nothing from a finished morph, and a worker busy with it
 serves nobody else for minutes. So every request carries (or is given by the gateway) a
-`deadline`, and the gateway marks cancelled calls in the control directory (guard.control).
+`deadline`, and the gateway marks cancelled calls in the control directory (morph_protocol.control).
 `CallStop` turns both into the core's StopCheck; it also writes the worker's heartbeat, since it
 is called at every step: a worker whose heartbeat stops while busy is wedged (the watchdog
 replaces it).

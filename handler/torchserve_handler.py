@@ -18,7 +18,7 @@ fields, so the same parser checks it, and writes the answer as the JSON TorchSer
 ModelInferResponse. ModelInfer is unary: it never gets intermediate responses.
 
 Stopping: every request may carry a `deadline`, and the gateway marks cancelled calls in the
-control directory (guard/control.py); request_stop.CallStop turns both into the core's StopCheck,
+control directory (morph_protocol/control.py); request_stop.CallStop turns both into the core's StopCheck,
 asked at every LoRA and denoising step, and writes this worker's heartbeat for the watchdog.
 """
 

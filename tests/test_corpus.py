@@ -43,7 +43,7 @@ def test_ok_cases_use_the_small_base_options() -> None:
 
 
 def test_corpus_needs_no_torch_and_no_handler() -> None:
-    """Load tests and clients import it: standard library, Pillow, numpy and client.wire only."""
+    """Load tests and clients import it: standard library, Pillow, numpy and morph_protocol.wire only."""
     code = (
         "import sys, reliability.corpus as c; c.build_corpus({'num_frames': 2}); "
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
