@@ -26,6 +26,7 @@ from PIL import Image
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from benchmarks.architectures import ARCHITECTURES
 from diffmorpher.attention import AttentionStore, MorphController, morph_attention
 from diffmorpher.batching import frame_specs, segment_weights
 from diffmorpher.conditioning import StableDiffusionConditioner
@@ -40,21 +41,8 @@ from tests.conftest import EMBEDDED_MODEL
 
 pytestmark = pytest.mark.skipif(not (EMBEDDED_MODEL / "unet").is_dir(), reason="needs the embedded model's configs")
 
-# stabilityai/stable-diffusion-2-1-base, unet/config.json and text_encoder/config.json (sizes).
-SD21_UNET = {
-    "act_fn": "silu", "attention_head_dim": [5, 10, 20, 20], "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False, "cross_attention_dim": 1024,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1, "dual_cross_attention": False, "flip_sin_to_cos": True, "freq_shift": 0,
-    "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
-    "out_channels": 4, "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "use_linear_projection": True,
-}
-SD21_TEXT = {
-    "hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 23,
-    "projection_dim": 512, "hidden_act": "gelu", "max_position_embeddings": 77, "vocab_size": 49408,
-}
+# stabilityai/stable-diffusion-2-1-base's published sizes (benchmarks/architectures.py).
+SD21_UNET, SD21_TEXT = ARCHITECTURES["sd21-base"].unet, ARCHITECTURES["sd21-base"].text_encoders[0]
 CONFIG = MorphConfig(num_frames=3, lora_steps=1, num_inference_steps=2, use_reschedule=False, seed=3)
 
 
