@@ -46,6 +46,7 @@ help:
 	@echo "make soak      30-minute soak: mixed good/hostile requests, worker RSS/fd trends (SOAK_MINUTES=...)"
 	@echo "make train-model  retrain the embedded model into models/tiny-shapes-sd"
 	@echo "make eval      MorphBench with MODEL=<sd folder> BENCH=<MorphBench folder>: PPL, PDV, endpoint PSNR/LPIPS, FID (EVAL_ARGS=\"--device cuda --dtype float16\")"
+	@echo "make sized-e2e ARCH=sd15|sd21-base|sd21|sdxl-base: a real-size random-weight model served and morphed at its native resolution"
 	@echo "make web       the morph web page on http://127.0.0.1:$(WEB_PORT)/ against make serve's TorchServe (started if needed)"
 
 # ---------------------------------------------------------------------------- setup
@@ -171,6 +172,15 @@ EVAL_ARGS ?=
 eval: setup
 	@test -n "$(BENCH)" || { echo "make eval needs BENCH=<MorphBench folder> (Metamorphosis/ and Animation/ holding <name>_0.png, <name>_1.png)"; exit 2; }
 	$(PY) -m benchmarks.morphbench --model "$(MODEL)" --bench "$(BENCH)" $(EVAL_ARGS)
+
+# ---------------------------------------------------------------------------- real-size models
+# A random-weight model of a published architecture (benchmarks/architectures.py: sd15, sd21-base,
+# sd21, sdxl-base) exported, served and morphed at its native resolution with tiny step counts:
+# archive size, time to ready, worker peak RSS, seconds per stage and per UNet call.
+ARCH ?= sd15
+.PHONY: sized-e2e
+sized-e2e: setup
+	$(PY) -m benchmarks.sized_e2e --arch $(ARCH)
 
 # ---------------------------------------------------------------------------- web page
 # A client of the service (python -m web, no torch): `make serve` first (a no-op when it already

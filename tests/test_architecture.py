@@ -38,7 +38,7 @@ ALLOWED: dict[str, set[str]] = {
     "launcher": {"morph_protocol", "grpc_api", "client"},
     "loadtest": {"client", "morph_protocol", "grpc_api", "launcher"},
     "reliability": {"client", "morph_protocol", "grpc_api", "launcher"},
-    "benchmarks": {"diffmorpher", "morph_protocol", "embedded_model", "export"},
+    "benchmarks": {"diffmorpher", "morph_protocol", "embedded_model", "export", "client", "grpc_api", "launcher"},
     "embedded_model": {"diffmorpher", "morph_protocol", "export"},
     "deploy": set(),
 }
