@@ -58,7 +58,9 @@ def detect_family(folder: str | Path) -> ModelFamily:
     has_first, has_second = (folder / "text_encoder").is_dir(), (folder / "text_encoder_2").is_dir()
     if has_second or addition is not None or class_name == SDXL.pipeline_class:
         if not has_first or unet.get("requires_aesthetics_score") or index.get("requires_aesthetics_score"):
-            raise ConfigError(f"{folder}: found an SDXL refiner (no text_encoder/, aesthetics score); {SUPPORTED}")
+            raise ConfigError(
+                f"{folder}: found an SDXL refiner (no text_encoder/, aesthetics score); {SUPPORTED}"
+            )
         if addition != "text_time" or not has_second:
             raise ConfigError(
                 f"{folder}: found text_encoder_2/={has_second} with a UNet addition_embed_type={addition!r} "
@@ -68,5 +70,7 @@ def detect_family(folder: str | Path) -> ModelFamily:
     else:
         family = SD
     if class_name is not None and class_name != family.pipeline_class:
-        raise ConfigError(f"{folder}: model_index.json names {class_name} but the parts are {family.pipeline_class}'s; {SUPPORTED}")
+        raise ConfigError(
+            f"{folder}: model_index.json names {class_name} but the parts are {family.pipeline_class}'s; {SUPPORTED}"
+        )
     return family

@@ -1,10 +1,10 @@
 """SDXL as a second model family, on the tiny random SDXL folder (tests/tiny_sdxl.py): its
 conditioning, a whole morph (LoRA fitting, inversion, frames with attention replacement and
-LoRA mixing, reschedule), the family check at load and at export, and the fp16 VAE upcast."""
+LoRA mixing, reschedule), the export of both encoders, the model identity and the fp16 VAE
+upcast. The family check itself: tests/test_families.py."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from diffmorpher import ConfigError, MorphConfig
+from diffmorpher import MorphConfig
 from diffmorpher.conditioning import StableDiffusionXLConditioner
-from diffmorpher.families import SD, SDXL, detect_family
+from diffmorpher.families import SDXL
 from diffmorpher.models import load_morph_models, vae_dtype
 from diffmorpher.pipeline import DiffMorpherPipeline
 from export.build_mar import ExportError, check_sd_folder, copy_weights
@@ -87,37 +87,6 @@ def test_a_whole_morph_on_sdxl_interpolates_the_pooled_embeddings(pipe) -> None:
     assert 0 < middle < 1
     expected = (1 - middle) * pooled[0] + middle * pooled[1]
     assert (rows - expected).abs().amax(dim=1).min() < 1e-5  # some frame row is exactly that lerp
-
-
-def _folder(root: Path, name: str, class_name: str | None, parts: dict[str, dict]) -> Path:
-    folder = root / name
-    folder.mkdir()
-    if class_name:
-        (folder / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
-    for part, config in parts.items():
-        (folder / part).mkdir()
-        (folder / part / "config.json").write_text(json.dumps(config))
-    return folder
-
-
-def test_unsupported_families_are_refused_at_load_and_at_export(tmp_path: Path, tiny_sd_dir, tiny_sdxl_dir) -> None:
-    assert detect_family(tiny_sd_dir) is SD and detect_family(tiny_sdxl_dir) is SDXL
-    text_time = {"addition_embed_type": "text_time"}
-    cases = {
-        "FluxPipeline": _folder(tmp_path, "flux", "FluxPipeline", {"transformer": {}, "vae": {}}),
-        "transformer/": _folder(tmp_path, "sd3", None, {"transformer": {}, "vae": {}}),
-        "StableDiffusionXLImg2ImgPipeline": _folder(
-            tmp_path, "refiner", "StableDiffusionXLImg2ImgPipeline", {"unet": text_time, "text_encoder_2": {}}),
-        "refiner": _folder(tmp_path, "refiner-no-index", None, {"unet": text_time, "text_encoder_2": {}}),
-        "addition_embed_type=None": _folder(tmp_path, "half-xl", None, {"unet": {}, "text_encoder": {}, "text_encoder_2": {}}),
-    }
-    for found, folder in cases.items():
-        for error_type, call in ((ConfigError, lambda: load_morph_models(folder, torch.device("cpu"))),
-                                 (ExportError, lambda: check_sd_folder(folder))):
-            with pytest.raises(error_type) as raised:
-                call()
-            message = str(raised.value)
-            assert found in message and "StableDiffusionPipeline" in message and "StableDiffusionXLPipeline" in message
 
 
 def test_the_export_copies_both_encoders_of_sdxl(tmp_path: Path, tiny_sdxl_dir: Path) -> None:
