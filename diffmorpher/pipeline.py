@@ -202,7 +202,7 @@ class DiffMorpherPipeline:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> (B, 3, H, W) float32 images in [0, 1] on the CPU."""
         scale = self.models.vae.config.scaling_factor
-        images = self.models.vae.decode((latents / scale).to(self.models.vae.dtype)).sample
+        images = self.models.vae.decode(latents.to(self.models.vae.dtype) / scale).sample
         return ((images.float() + 1) / 2).clamp(0, 1).cpu()
 
     def stored_image(self, key: str) -> Image.Image:
