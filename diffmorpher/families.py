@@ -29,6 +29,8 @@ SDXL = ModelFamily(
     ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
 )
 FAMILIES = (SD, SDXL)
+# SD 1.x/2.x UNets take no added conditioning (None) or derive it from the text states ("text").
+SD_ADDITION_EMBED_TYPES = (None, "text")
 SUPPORTED = "supported: StableDiffusionPipeline (SD 1.x/2.x) and StableDiffusionXLPipeline (SDXL base)"
 
 
@@ -56,7 +58,7 @@ def detect_family(folder: str | Path) -> ModelFamily:
     unet = _read_json(unet_config) if unet_config.is_file() else {}
     addition = unet.get("addition_embed_type")
     has_first, has_second = (folder / "text_encoder").is_dir(), (folder / "text_encoder_2").is_dir()
-    if has_second or addition is not None or class_name == SDXL.pipeline_class:
+    if has_second or addition == "text_time" or class_name == SDXL.pipeline_class:
         if not has_first or unet.get("requires_aesthetics_score") or index.get("requires_aesthetics_score"):
             raise ConfigError(
                 f"{folder}: found an SDXL refiner (no text_encoder/, aesthetics score); {SUPPORTED}"
@@ -67,6 +69,8 @@ def detect_family(folder: str | Path) -> ModelFamily:
                 f"(SDXL needs both text_encoder_2/ and 'text_time'); {SUPPORTED}"
             )
         family = SDXL
+    elif addition not in SD_ADDITION_EMBED_TYPES:  # image / text_image / image_hint: an adapter's inputs
+        raise ConfigError(f"{folder}: found a UNet with addition_embed_type={addition!r}; {SUPPORTED}")
     else:
         family = SD
     if class_name is not None and class_name != family.pipeline_class:

@@ -218,7 +218,7 @@ def build(args: argparse.Namespace) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=str(REPO_ROOT / "models" / "tiny-shapes-sd"),
-                        help="diffusers SD 1.x/2.x folder (default: the embedded model)")
+                        help="diffusers SD 1.x/2.x or SDXL-base folder (default: the embedded model)")
     parser.add_argument("--name", default="diffmorpher", help="model name in TorchServe")
     parser.add_argument("--version", default="1.0")
     parser.add_argument("--export-path", default=str(REPO_ROOT / "model_store"))

@@ -14,6 +14,7 @@ from diffmorpher import ConfigError
 from diffmorpher.families import SD, SDXL, detect_family
 from diffmorpher.models import load_morph_models
 from export.build_mar import ExportError, check_sd_folder
+from tests.conftest import EMBEDDED_MODEL
 
 
 def _folder(root: Path, name: str, class_name: str | None, parts: dict[str, dict]) -> Path:
@@ -29,6 +30,7 @@ def _folder(root: Path, name: str, class_name: str | None, parts: dict[str, dict
 
 def test_unsupported_families_are_refused_at_load_and_at_export(tmp_path: Path, tiny_sd_dir, tiny_sdxl_dir) -> None:
     assert detect_family(tiny_sd_dir) is SD and detect_family(tiny_sdxl_dir) is SDXL
+    assert detect_family(EMBEDDED_MODEL) is SD  # its UNet has addition_embed_type "text": still SD
     text_time = {"addition_embed_type": "text_time"}
     cases = {
         "FluxPipeline": _folder(tmp_path, "flux", "FluxPipeline", {"transformer": {}, "vae": {}}),
@@ -37,6 +39,7 @@ def test_unsupported_families_are_refused_at_load_and_at_export(tmp_path: Path, 
             tmp_path, "refiner", "StableDiffusionXLImg2ImgPipeline", {"unet": text_time, "text_encoder_2": {}}),
         "refiner": _folder(tmp_path, "refiner-no-index", None, {"unet": text_time, "text_encoder_2": {}}),
         "addition_embed_type=None": _folder(tmp_path, "half-xl", None, {"unet": {}, "text_encoder": {}, "text_encoder_2": {}}),
+        "addition_embed_type='image'": _folder(tmp_path, "image-emb", None, {"unet": {"addition_embed_type": "image"}}),
     }
     for found, folder in cases.items():
         for error_type, call in ((ConfigError, lambda: load_morph_models(folder, torch.device("cpu"))),
