@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 
 @dataclass(frozen=True)
@@ -109,3 +109,45 @@ class StableDiffusionConditioner:
             truncation=True, return_tensors="pt",
         ).input_ids.to(self.device)
         return PromptConditioning(self.text_encoder(tokens)[0].to(self.dtype))
+
+
+class StableDiffusionXLConditioner:
+    """SDXL base: two CLIP text encoders (ViT-L, then OpenCLIP bigG with a projection). As in
+    diffusers' StableDiffusionXLPipeline.encode_prompt (no guidance): the UNet cross-attends to the
+    concatenation of both encoders' penultimate hidden states; `added_cond_kwargs` holds the
+    projected pooled embedding of the second encoder (`text_embeds`) and, as `_get_add_time_ids`
+    builds them, the six time ids original size (H, W), crop top-left (0, 0), target size (H, W)
+    at the morph's square resolution."""
+
+    def __init__(
+        self,
+        tokenizers: tuple[CLIPTokenizer, CLIPTokenizer],
+        text_encoders: tuple[CLIPTextModel, CLIPTextModelWithProjection],
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.tokenizers = tokenizers
+        self.text_encoders = text_encoders
+        self.device = device
+        self.dtype = dtype
+
+    @property
+    def encoders(self) -> tuple[torch.nn.Module, ...]:
+        return tuple(self.text_encoders)
+
+    def encode(self, prompts: Sequence[str], resolution: int) -> PromptConditioning:
+        hidden, pooled = [], None
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+            tokens = tokenizer(
+                list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                truncation=True, return_tensors="pt",
+            ).input_ids.to(self.device)
+            output = encoder(tokens, output_hidden_states=True)
+            hidden.append(output.hidden_states[-2])
+            pooled = output[0]  # the last encoder's (with projection) text_embeds
+        assert pooled is not None
+        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=self.device)
+        return PromptConditioning(
+            torch.cat(hidden, dim=-1).to(self.dtype),
+            {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids.to(self.dtype).repeat(len(prompts), 1)},
+        )

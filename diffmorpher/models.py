@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .conditioning import StableDiffusionConditioner, TextConditioner
-from .config import ConfigError
+from .conditioning import StableDiffusionConditioner, StableDiffusionXLConditioner, TextConditioner
 from .ddim import NoiseSchedule
+from .families import SD, SDXL, ModelFamily, detect_family
 
 logger = logging.getLogger(__name__)
 
@@ -88,13 +88,11 @@ def load_morph_models(
     """
     source = str(source)
     local = Path(source)
-    if local.exists() and not (local / "unet").is_dir():
-        raise ConfigError(f"{source} is not a diffusers Stable Diffusion folder (no unet/)")
-    if (local / "text_encoder_2").is_dir():
-        raise ConfigError(f"{source} is an SDXL folder (text_encoder_2/); only SD 1.x/2.x is supported")
+    family = detect_family(local) if local.exists() else _hub_family(source)
     unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype)
-    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype)
-    conditioner = _load_conditioner(source, device, dtype)
+    vae_config = AutoencoderKL.load_config(source, subfolder="vae")
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=vae_dtype(vae_config, dtype))
+    conditioner = _load_conditioner(family, source, device, dtype)
     scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler")
     for module in (unet, vae, *conditioner.encoders):
         module.requires_grad_(False)
@@ -107,8 +105,27 @@ def load_morph_models(
     return MorphModels(unet, vae, conditioner, scheduler, device, dtype, source)
 
 
-def _load_conditioner(source: str, device: torch.device, dtype: torch.dtype) -> TextConditioner:
-    """The family's prompt encoder: SD 1.x/2.x's one CLIP text encoder (the only family yet)."""
+def vae_dtype(vae_config: dict, dtype: torch.dtype) -> torch.dtype:
+    """The VAE's dtype: float32 where its config asks for an upcast (`force_upcast`, SDXL's VAE,
+    which overflows in float16) and the run is float16; else the run dtype. The pipeline feeds
+    the VAE in its own dtype and returns latents in the run dtype."""
+    if dtype == torch.float16 and vae_config.get("force_upcast", False):
+        return torch.float32
+    return dtype
+
+
+def _hub_family(source: str) -> ModelFamily:
+    """A hub id (where a hub is reachable): SDXL where its UNet config says text_time."""
+    config = UNet2DConditionModel.load_config(source, subfolder="unet")
+    return SDXL if config.get("addition_embed_type") == "text_time" else SD
+
+
+def _load_conditioner(family: ModelFamily, source: str, device: torch.device, dtype: torch.dtype) -> TextConditioner:
+    """The family's prompt encoder: SD 1.x/2.x's one CLIP text encoder, SDXL's two."""
     text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype)
     tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
-    return StableDiffusionConditioner(tokenizer, text_encoder, device, dtype)
+    if family is SD:
+        return StableDiffusionConditioner(tokenizer, text_encoder, device, dtype)
+    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", torch_dtype=dtype)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2")
+    return StableDiffusionXLConditioner((tokenizer, tokenizer_2), (text_encoder, text_encoder_2), device, dtype)

@@ -193,15 +193,16 @@ class DiffMorpherPipeline:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """VAE posterior mean and std of each image, scaled like the latents the UNet sees."""
         pixels = torch.cat([image_to_tensor(image, resolution) for image in images])
-        pixels = pixels.to(device=self.models.device, dtype=self.models.dtype)
-        posterior = self.models.vae.encode(pixels).latent_dist
-        scale = self.models.vae.config.scaling_factor
-        return posterior.mean * scale, posterior.std * scale
+        vae = self.models.vae  # float32 where its config forces an upcast of float16 (models.vae_dtype)
+        pixels = pixels.to(device=self.models.device, dtype=vae.dtype)
+        posterior = vae.encode(pixels).latent_dist
+        scale = vae.config.scaling_factor
+        return (posterior.mean * scale).to(self.models.dtype), (posterior.std * scale).to(self.models.dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> (B, 3, H, W) float32 images in [0, 1] on the CPU."""
         scale = self.models.vae.config.scaling_factor
-        images = self.models.vae.decode(latents / scale).sample
+        images = self.models.vae.decode(latents.to(self.models.vae.dtype) / scale).sample
         return ((images.float() + 1) / 2).clamp(0, 1).cpu()
 
     def stored_image(self, key: str) -> Image.Image:

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from diffmorpher.config import ConfigError, MorphConfig
+from diffmorpher.families import ModelFamily, detect_family
 from morph_protocol import limits, properties
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +39,6 @@ ARCHIVE_PACKAGES = ("handler", "diffmorpher", "morph_protocol")
 HANDLER_FILE = REPO_ROOT / "handler" / "torchserve_handler.py"
 TEMPLATE = Path(__file__).resolve().parent / "model-config.yaml"
 DEFAULT_LPIPS = REPO_ROOT / ".cache" / "lpips" / "lpips_alex_backbone.safetensors"
-SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 ARCHIVE_FORMATS = ("default", "zip-store", "no-archive", "tgz")
 
 logger = logging.getLogger("export")
@@ -69,24 +69,30 @@ def model_defaults(model: Path) -> dict[str, Any]:
     return defaults
 
 
-def check_sd_folder(model: Path) -> None:
-    """A diffusers SD 1.x/2.x folder: model_index.json plus the five parts the morph loads."""
+def check_sd_folder(model: Path) -> ModelFamily:
+    """A diffusers folder of a supported family (diffmorpher.families: SD 1.x/2.x or SDXL base):
+    model_index.json plus the parts the morph loads. Returns the family."""
     if not model.is_dir():
         raise ExportError(f"model folder {model} does not exist (train or download it first)")
-    missing = [name for name in SD_SUBFOLDERS if not (model / name).is_dir()]
+    try:
+        family = detect_family(model)
+    except ConfigError as error:
+        raise ExportError(str(error)) from error
+    missing = [name for name in family.subfolders if not (model / name).is_dir()]
     if missing or not (model / "model_index.json").is_file():
         raise ExportError(
             f"{model} is not a diffusers Stable Diffusion folder: missing "
             f"{missing + ([] if (model / 'model_index.json').is_file() else ['model_index.json'])}"
         )
+    return family
 
 
 def copy_weights(model: Path, destination: Path) -> None:
-    """Copy only what the morph loads: the five parts and model_index.json. Where a part has
+    """Copy only what the morph loads: the family's parts and model_index.json. Where a part has
     both .safetensors and legacy .bin weights, the .bin files are left out."""
     destination.mkdir(parents=True)
     shutil.copy2(model / "model_index.json", destination / "model_index.json")
-    for name in SD_SUBFOLDERS:
+    for name in detect_family(model).subfolders:
         source = model / name
         has_safetensors = any(source.glob("*.safetensors"))
         ignore = shutil.ignore_patterns("*.bin", "*.ckpt", "*.msgpack", "*.onnx*") if has_safetensors \
@@ -212,7 +218,7 @@ def build(args: argparse.Namespace) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=str(REPO_ROOT / "models" / "tiny-shapes-sd"),
-                        help="diffusers SD 1.x/2.x folder (default: the embedded model)")
+                        help="diffusers SD 1.x/2.x or SDXL-base folder (default: the embedded model)")
     parser.add_argument("--name", default="diffmorpher", help="model name in TorchServe")
     parser.add_argument("--version", default="1.0")
     parser.add_argument("--export-path", default=str(REPO_ROOT / "model_store"))

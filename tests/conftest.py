@@ -49,3 +49,10 @@ def model_store(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixtur
     """The served model's archive in a model store shared by every end-to-end server of the
     session."""
     return export_model(served_model(request), tmp_path_factory.mktemp("model_store"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tiny_sdxl import save_tiny_sdxl
+
+    return save_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))

@@ -4,7 +4,8 @@ PyTorch's FakeTensorMode runs every op for its metadata only (shape, dtype, devi
 on a device mismatch (a CPU tensor meeting a CUDA one) and on reading a value back to the host
 (`int(t)`, `.item()`, `bool(t)`: a GPU sync, and data a fake tensor does not have). Models are
 built from configs inside the mode (random fake weights, no memory): the embedded model, and a
-UNet + text encoder of Stable Diffusion 2.1-base's published sizes with a small latent.
+UNet + text encoder of Stable Diffusion 2.1-base's published sizes with a small latent, and
+SDXL base (UNet, both text encoders, VAE) at its published sizes with a 16x16 latent in bf16.
 
 What runs on fake CUDA, in bf16 and fp16: prompt and image encoding, a LoRA training step's
 forward and loss, inversion, the endpoint pass that stores attention, and frame batches with
@@ -24,17 +25,17 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from PIL import Image
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from benchmarks.architectures import ARCHITECTURES
 from diffmorpher.attention import AttentionStore, MorphController, morph_attention
 from diffmorpher.batching import frame_specs, segment_weights
-from diffmorpher.conditioning import StableDiffusionConditioner
+from diffmorpher.conditioning import StableDiffusionConditioner, StableDiffusionXLConditioner
 from diffmorpher.config import MorphConfig
 from diffmorpher.ddim import NoiseSchedule
 from diffmorpher.lora import ForwardNoising, fit_loras, initial_lora_stacks, lora_training, training_losses
 from diffmorpher.lora_mix import build_lora_stacks
-from diffmorpher.models import MorphModels
+from diffmorpher.models import MorphModels, vae_dtype
 from diffmorpher.pipeline import DiffMorpherPipeline
 from diffmorpher.reschedule import uniform_alphas
 from tests.conftest import EMBEDDED_MODEL
@@ -43,6 +44,7 @@ pytestmark = pytest.mark.skipif(not (EMBEDDED_MODEL / "unet").is_dir(), reason="
 
 # stabilityai/stable-diffusion-2-1-base's published sizes (benchmarks/architectures.py).
 SD21_UNET, SD21_TEXT = ARCHITECTURES["sd21-base"].unet, ARCHITECTURES["sd21-base"].text_encoders[0]
+SDXL = ARCHITECTURES["sdxl-base"]  # UNet, CLIP ViT-L + OpenCLIP bigG, VAE (force_upcast)
 CONFIG = MorphConfig(num_frames=3, lora_steps=1, num_inference_steps=2, use_reschedule=False, seed=3)
 
 
@@ -171,3 +173,69 @@ def test_a_lora_training_step_with_backward_and_update_in_half_precision(
     for fitted in (lora, *batched):
         assert fitted.keys() == lora.keys() and all(on(t, "cpu", torch.float32) for t in fitted.values())
     assert not any("lora" in name for name, _ in models.unet.named_parameters())  # adapter removed
+
+
+def fake_sdxl_models(device: str, dtype: torch.dtype, scheduler: DDIMScheduler, schedule: NoiseSchedule) -> MorphModels:
+    """SDXL base at its published sizes (UNet, both text encoders, VAE), the UNet with a 16x16
+    latent (128 px), built inside a fake mode; the VAE in the dtype the loader gives it."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        unet = UNet2DConditionModel.from_config({**SDXL.unet, "sample_size": 16})
+        text_encoders = (CLIPTextModel(CLIPTextConfig(**SDXL.text_encoders[0])),
+                         CLIPTextModelWithProjection(CLIPTextConfig(**SDXL.text_encoders[1])))
+        torch.set_default_dtype(vae_dtype(SDXL.vae, dtype))
+        vae = AutoencoderKL.from_config(SDXL.vae)
+    finally:
+        torch.set_default_dtype(default)
+    for module in (unet, vae, *text_encoders):
+        module.requires_grad_(False)
+        module.eval()
+    tokenizer = CLIPTokenizer.from_pretrained(EMBEDDED_MODEL, subfolder="tokenizer")
+    tokenizer_2 = CLIPTokenizer.from_pretrained(EMBEDDED_MODEL, subfolder="tokenizer", pad_token="!")
+    conditioner = StableDiffusionXLConditioner((tokenizer, tokenizer_2), text_encoders, torch.device(device), dtype)
+    return MorphModels(unet, vae, conditioner, scheduler, torch.device(device), dtype, "fake-sdxl", schedule)
+
+
+def test_the_sdxl_morph_tensor_path_runs_on_cuda_in_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SDXL base's sizes on fake CUDA in bf16: both encoders' conditioning (2048 channels, pooled
+    1280, time ids), a LoRA step's forward, inversion, and frames with up-block attention
+    replacement (10 transformer layers per block) and LoRA mixing, all through `unet_kwargs`."""
+    dtype = torch.bfloat16
+    scheduler = DDIMScheduler.from_pretrained(EMBEDDED_MODEL, subfolder="scheduler")
+    schedule = NoiseSchedule.from_scheduler(scheduler)
+    sdxl_images = [Image.new("RGB", (128, 128), "red"), Image.new("RGB", (128, 128), "blue")]
+    with fake_device("cuda", monkeypatch):
+        models = fake_sdxl_models("cuda", dtype, scheduler, schedule)
+        pipe = DiffMorpherPipeline(models, None)
+        text = pipe.encode_prompts(["a red circle", "a blue square"], 128)
+        added = text.added_cond_kwargs
+        assert added is not None and on(text.encoder_hidden_states, "cuda", dtype)
+        assert text.encoder_hidden_states.shape == (2, 77, 2048)
+        assert added["text_embeds"].shape == (2, 1280) and on(added["text_embeds"], "cuda", dtype)
+        assert added["time_ids"].shape == (2, 6) and on(added["time_ids"], "cuda", dtype)
+        mean, std = pipe.encode_images(sdxl_images, 128)
+        assert on(mean, "cuda", dtype) and mean.shape == (2, 4, 16, 16)
+
+        generators = [torch.Generator().manual_seed(0) for _ in range(2)]
+        stacks = initial_lora_stacks(models.unet, CONFIG, 0, 2, models.device)
+        with lora_training(models.unet, stacks):
+            losses = training_losses(models.unet, ForwardNoising(models.schedule, models.device),
+                                     mean, std, text, generators)
+        assert on(losses, "cuda", torch.float32) and losses.shape == (2,)
+
+        loras = pipe.fit_loras(mean, std, text, CONFIG.replace(lora_steps=0), None, None)
+        assert any(".transformer_blocks.9.attn1.to_q" in key for key in loras[0])  # 10 layers per block
+        stacks = build_lora_stacks(loras, models.device, models.dtype)
+        store = AttentionStore(2, CONFIG.num_attn_replace_steps)
+        controller = MorphController(store, beta=CONFIG.attn_beta)
+        with morph_attention(models.unet, controller, stacks):
+            noise = pipe.invert(mean, text, controller, CONFIG, None)
+            frames = pipe.denoise_sequence(
+                frame_specs([uniform_alphas(3)]), noise, text, controller, CONFIG, "frames", None,
+            )
+        assert on(noise, "cuda", dtype) and noise.shape == mean.shape
+        layers = {layer for layer, _ in store.tensors}
+        assert len(layers) == 3 * 10 + 3 * 2  # up blocks 0 and 1: 3 attentions of 10 and of 2 layers
+        assert all(on(t, "cuda", dtype) for t in store.tensors.values())
+        assert on(frames, "cpu", torch.float32) and frames.shape == (3, 3, 128, 128)
