@@ -27,6 +27,7 @@ from .keyfile import TokenError, read_key_file
 
 READY = "READY"
 WORKER_DIED = "Backend worker process died."
+NOT_REGISTERED_S = 30.0  # a 404 this long after the start is a missing model, not a slow start
 _MODEL_LOG_PREFIX = re.compile(r"^.*? MODEL_LOG - ")
 _WORKER_START = ("Listening on port", "Torch worker started")
 _ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Failure)\b.*")
@@ -158,7 +159,13 @@ def wait_for_worker(
                 return elapsed
             state = "loading" if statuses else "no worker yet"
         except ManagementError as error:
-            state = f"management API not answering ({str(error)[:120]})"
+            if "HTTP 404" in str(error):  # TorchServe answers but has no such model (load_models?)
+                state = f"model {model} not registered"
+                if elapsed >= NOT_REGISTERED_S:
+                    raise WorkerLoadError(f"TorchServe has no model {model} after {elapsed:.0f} s "
+                                          f"(load_models / model_store?): {str(error)[:200]}") from error
+            else:
+                state = f"management API not answering ({str(error)[:80]})"
         if model_log is not None and (reason := worker_death(model_log, log_offset)) is not None:
             time.sleep(1.0)  # the traceback follows the death's line: let it be written
             reason = worker_death(model_log, log_offset) or reason
