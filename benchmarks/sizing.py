@@ -310,7 +310,12 @@ def markdown(report: dict[str, Any]) -> str:
     if report.get("measured"):
         m = report["measured"]
         out += ["", f"**Measured** (calibration): one SD 1.5 UNet forward at 512 px, batch 1, fp32, CPU: peak RSS "
-                f"growth {m['peak_rss_growth_gb']:.2f} GB in {m['seconds']:.1f} s (random weights)."]
+                f"growth {m['peak_rss_growth_gb']:.2f} GB in {m['seconds']:.1f} s (random weights; ru_maxrss, so a "
+                "lower bound: an earlier peak while building the model can mask part of it). The estimate "
+                "column is meant to stay above this (bf16 = half of fp32)."]
+    out += ["", "Not covered: the LoRA fit's activations kept for the backward (autograd, batch of the K "
+            "images), which exceed the inference figures above; size a card for that stage by a run "
+            "(make bench reports peak memory) before trusting the frame_batch_size column at the limit."]
     out += ["", "Rule (benchmarks.sizing.recommend): a morph is compute-bound, so a second worker only "
             "overlaps one worker's CPU/Python gaps: two workers where each still gets a frame batch of "
             f">= 8, else one; each worker holds its own weights plus {RESERVE_GB:.0f} GB reserve; "
