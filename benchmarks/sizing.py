@@ -37,9 +37,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.architectures import ARCHITECTURES, Architecture
-from diffmorpher.config import MorphConfig
+from diffmorpher.config import LORA_TARGET_MODULES, MorphConfig
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_TARGETS = list(LORA_TARGET_MODULES)  # the pipeline's own (diffmorpher.lora)
 NUM_IMAGES = 2  # a morph of two images (the service's common case)
 # Dense (no sparsity) BF16 tensor-core peaks, TFLOP/s, from NVIDIA's datasheets: A100 SXM 312,
 # H100 SXM 989, H200 SXM 989 (same compute as H100), L4 121.
