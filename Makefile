@@ -79,7 +79,9 @@ export: setup
 # ---------------------------------------------------------------------------- server
 # TorchServe writes key_file.json (the tokens) and logs/ into the directory it starts from. The
 # guard (gateway on 7070, watchdog, token rotation, health on 8090) runs beside it; both share
-# the control directory (cancellation markers, worker heartbeats).
+# the control directory (cancellation markers, worker heartbeats). Ready means a morph would be
+# served: the model's worker READY (management API) and the gateway answering; a worker that
+# dies loading fails `make serve` at once with its error (client wait --model-ready).
 CONTROL_DIR := $(CURDIR)/logs/control
 GUARD_PID := logs/guard.pid
 export DIFFMORPHER_CONTROL_DIR := $(CONTROL_DIR)
@@ -93,6 +95,7 @@ serve: setup
 	else \
 		rm -f key_file.json; \
 		mkdir -p logs $(CONTROL_DIR); \
+		log_offset=$$(stat -c %s logs/model_log.log 2>/dev/null || echo 0); \
 		PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/torchserve --start --ncs --ts-config config.properties >>logs/torchserve.out 2>&1; \
 		echo "TorchServe starting (log: logs/torchserve.out, logs/model_log.log)"; \
 		if ! { test -f $(GUARD_PID) && kill -0 $$(cat $(GUARD_PID)) 2>/dev/null; }; then \
@@ -101,7 +104,9 @@ serve: setup
 			echo $$! > $(GUARD_PID); \
 			echo "guard started (gateway $(GRPC_TARGET), health http://127.0.0.1:8090/healthz, log: logs/guard.out)"; \
 		fi; \
-		$(PY) -m client --target $(GRPC_TARGET) --key-file key_file.json wait --timeout $(SERVE_TIMEOUT); \
+		$(PY) -m client --target $(GRPC_TARGET) --key-file key_file.json wait --timeout $(SERVE_TIMEOUT) \
+			--model-ready --ts-config config.properties --model-log logs/model_log.log --log-offset $$log_offset \
+			|| { echo "stopping TorchServe and the guard (make stop)"; $(MAKE) --no-print-directory stop >/dev/null 2>&1; exit 1; }; \
 	fi
 
 stop:

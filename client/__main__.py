@@ -62,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     wait = commands.add_parser("wait", help="wait until the server reports Healthy (model ready)")
     wait.add_argument("--timeout", type=float, default=600.0, help="seconds")
+    wait.add_argument("--model-ready", action="store_true",
+                      help="first wait until the model's worker is READY (TorchServe's management API, "
+                           "with the key file's management key); fail at once when it dies loading")
+    wait.add_argument("--ts-config", type=Path, default=Path("config.properties"),
+                      help="config.properties naming the management address (--model-ready)")
+    wait.add_argument("--management-url", help="the management API, e.g. http://127.0.0.1:8081 (default: --ts-config's)")
+    wait.add_argument("--model-log", type=Path, help="TorchServe's logs/model_log.log: a worker death there fails the wait")
+    wait.add_argument("--log-offset", type=int, default=None,
+                      help="read --model-log from this byte (its size before TorchServe started; default: its size now)")
 
     strip = commands.add_parser("strip", help="lay frame PNGs side by side into one picture")
     strip.add_argument("frames_dir", type=Path, help="directory of frame_*.png")
@@ -195,6 +204,8 @@ def _wait(args: argparse.Namespace, tokens: TokenSource) -> int:
     """Poll Ping until "Healthy" (TorchServe says so once every model has its workers). The key
     file appears only after TorchServe started, so token errors are retried too."""
     deadline = time.monotonic() + args.timeout
+    if args.model_ready and _wait_model_ready(args) != 0:
+        return 1
     last = "no answer"
     while True:
         try:
@@ -212,6 +223,26 @@ def _wait(args: argparse.Namespace, tokens: TokenSource) -> int:
                   file=sys.stderr)
             return 1
         time.sleep(1.0)
+
+
+def _wait_model_ready(args: argparse.Namespace) -> int:
+    """The model's worker READY per the management API (morph_protocol.management, the wait the
+    test launcher uses too), with a progress line every few seconds."""
+    from morph_protocol.management import ManagementApi, WorkerLoadError, log_size, wait_for_worker
+    from morph_protocol.properties import read_properties
+
+    url = args.management_url or read_properties(args.ts_config).get("management_address", "http://127.0.0.1:8081")
+    key_file = None if args.no_auth else Path(args.key_file or "key_file.json")
+    offset = args.log_offset if args.log_offset is not None else log_size(args.model_log)
+    try:
+        waited = wait_for_worker(ManagementApi(url, key_file, timeout_s=5.0), args.model, args.timeout,
+                                 model_log=args.model_log, log_offset=offset,
+                                 progress=lambda line: print(line, flush=True))
+    except WorkerLoadError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"worker of {args.model} READY after {waited:.0f} s", flush=True)
+    return 0
 
 
 def _strip(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from morph_protocol.management import ManagementApi, ManagementError, WorkerLoadError, WorkerLoadTimeout, log_size, wait_for_worker
 from morph_protocol.properties import replace_properties
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -55,6 +56,7 @@ class TorchServeProcess:
     overrides: dict[str, str] = field(default_factory=dict)  # more config.properties settings
     env: dict[str, str] = field(default_factory=dict)  # more environment for TorchServe and its workers
     guard_process: subprocess.Popen | None = None
+    log_offset: int = 0  # the model log's size when this start began: older deaths are not ours
 
     # ------------------------------------------------------------------ config
     def write_config(self) -> Path:
@@ -81,7 +83,9 @@ class TorchServeProcess:
         return path
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self, timeout_s: float = 300.0) -> "TorchServeProcess":
+    def start(self, timeout_s: float = 300.0, wait: bool = True) -> "TorchServeProcess":
+        """Start TorchServe (and the guard); with `wait`, return once the worker is READY, else
+        at once (the guard then only has to answer /status)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         tmp = self.workdir / "tmp"
         tmp.mkdir(exist_ok=True)
@@ -105,6 +109,7 @@ class TorchServeProcess:
             "--ts-config", str(config),
             "--model-store", str(self.model_store),
         ]  # fmt: skip
+        self.log_offset = log_size(self.model_log)
         self.process = subprocess.Popen(
             command,
             cwd=self.workdir,
@@ -114,15 +119,16 @@ class TorchServeProcess:
             start_new_session=True,  # its own process group: stop() signals exactly this tree
         )
         try:
-            self.wait_ready(timeout_s)
+            if wait:
+                self.wait_ready(timeout_s)
             if self.guard:
-                self.start_guard(config, env)
+                self.start_guard(config, env, "/healthz" if wait else "/status")
         except BaseException:
             self.stop()
             raise
         return self
 
-    def start_guard(self, config: Path, env: dict[str, str]) -> None:
+    def start_guard(self, config: Path, env: dict[str, str], ready_path: str = "/healthz") -> None:
         command = [
             sys.executable, "-m", "guard", "--ts-config", str(config), "--key-file", str(self.key_file),
             "--model", self.model_name, *self.guard_args,
@@ -136,7 +142,7 @@ class TorchServeProcess:
             if self.guard_process.poll() is not None:
                 raise RuntimeError(f"the guard exited:\n{(self.workdir / 'guard.out').read_text()}")
             try:
-                if self.health()[0] == 200:
+                if self.health(ready_path)[0] == 200:
                     return
             except OSError:
                 pass
@@ -144,17 +150,20 @@ class TorchServeProcess:
         raise TimeoutError(f"the guard did not report healthy:\n{(self.workdir / 'guard.out').read_text()}")
 
     def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        """Until the model's worker is READY: morph_protocol.management's wait (the one `make
+        serve` runs), failing at once when TorchServe exits or the worker dies loading."""
+        def alive() -> str | None:
             if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"TorchServe exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                if self.worker_status() == "READY":
-                    return
-            except (OSError, KeyError, ValueError, urllib.error.URLError):
-                pass
-            time.sleep(1.0)
-        raise TimeoutError(f"TorchServe not ready after {timeout_s:.0f}s:\n{self.log_tail()}")
+                return f"TorchServe exited with {self.process.returncode}"
+            return None
+
+        try:
+            wait_for_worker(self.management_api(), self.model_name, timeout_s, model_log=self.model_log,
+                            log_offset=self.log_offset, alive=alive)
+        except WorkerLoadTimeout as error:
+            raise TimeoutError(f"{error}:\n{self.log_tail()}") from error
+        except WorkerLoadError as error:
+            raise RuntimeError(f"{error}:\n{self.log_tail()}") from error
 
     def stop(self, timeout_s: float = 30.0) -> None:
         if self.guard_process is not None:
@@ -225,14 +234,20 @@ class TorchServeProcess:
     def url(self, api: str, path: str) -> str:
         return f"http://127.0.0.1:{self.ports[api]}{path}"
 
-    def describe(self) -> dict:
+    def management_api(self) -> ManagementApi:
         tokens = self.overrides.get("disable_token_authorization", "false") != "true"
-        request = urllib.request.Request(
-            self.url("management", f"/models/{self.model_name}"),
-            headers={"Authorization": f"Bearer {self.key('management')}"} if tokens else {},
-        )
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read())[0]
+        return ManagementApi(self.url("management", ""), self.key_file if tokens else None)
+
+    @property
+    def model_log(self) -> Path:
+        return self.workdir / "logs" / "model_log.log"
+
+    def describe(self) -> dict:
+        """The model's description; OSError when the management API does not answer."""
+        try:
+            return self.management_api().describe(self.model_name)
+        except ManagementError as error:
+            raise OSError(str(error)) from error
 
     def worker_status(self) -> str:
         return self.describe()["workers"][0]["status"]
