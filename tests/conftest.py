@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from launcher.archive import export_model
 from tests.tiny_sd import save_tiny_sd
@@ -56,3 +59,18 @@ def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.tiny_sdxl import save_tiny_sdxl
 
     return save_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+def demo_inputs() -> tuple[list[bytes], list[str]]:
+    """The demo pair when the embedded model landed, else two flat-colour squares."""
+    prompts_file = DEMO_DIR / "prompts.json"
+    if (EMBEDDED_MODEL / "unet").is_dir() and prompts_file.is_file():
+        prompts = json.loads(prompts_file.read_text())  # {"red_circle.png": "a red circle ...", ...}
+        names = ("red_circle.png", "blue_triangle.png")
+        return [(DEMO_DIR / n).read_bytes() for n in names], [str(prompts[n]) for n in names]
+    pngs = []
+    for colour in ("red", "blue"):
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 64), colour).save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+    return pngs, ["a red square", "a blue square"]

@@ -25,7 +25,7 @@ from morph_protocol.errors import ErrorCode
 from morph_protocol.keyfile import TokenSource
 from client.morph_client import MorphClient, MorphClientError
 from client.rest import RestClient
-from tests.conftest import DEMO_DIR, EMBEDDED_MODEL
+from tests.conftest import EMBEDDED_MODEL, demo_inputs
 from launcher.torchserve import TorchServeProcess
 
 pytestmark = pytest.mark.slow
@@ -33,21 +33,6 @@ pytestmark = pytest.mark.slow
 FRAMES = 4
 TINY = {"num_frames": FRAMES, "lora_steps": 3, "num_inference_steps": 8, "use_reschedule": False, "seed": 7}
 HAS_EMBEDDED = (EMBEDDED_MODEL / "unet").is_dir()
-
-
-def demo_inputs() -> tuple[list[bytes], list[str]]:
-    """The demo pair when the embedded model landed, else two flat-colour squares."""
-    prompts_file = DEMO_DIR / "prompts.json"
-    if HAS_EMBEDDED and prompts_file.is_file():
-        prompts = json.loads(prompts_file.read_text())  # {"red_circle.png": "a red circle ...", ...}
-        names = ("red_circle.png", "blue_triangle.png")
-        return [(DEMO_DIR / n).read_bytes() for n in names], [str(prompts[n]) for n in names]
-    pngs = []
-    for colour in ("red", "blue"):
-        buffer = io.BytesIO()
-        Image.new("RGB", (64, 64), colour).save(buffer, format="PNG")
-        pngs.append(buffer.getvalue())
-    return pngs, ["a red square", "a blue square"]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ needs a driver (pytorch/pytorch#92627).
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -64,6 +63,20 @@ def fake_device(device: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeTe
     monkeypatch.setattr(torch.utils, "swap_tensors", swap_or_assign)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.device(device):
         yield mode
+
+
+def invert_and_denoise(pipe: DiffMorpherPipeline, models: MorphModels, mean: torch.Tensor, std: torch.Tensor,
+                       text) -> tuple:
+    """Zero-step LoRAs (the fit's backward runs on fake CPU, tested apart), inversion storing the
+    endpoints' attention, and one frame batch with attention replacement and LoRA mixing."""
+    loras = pipe.fit_loras(mean, std, text, CONFIG.replace(lora_steps=0), None, None)
+    stacks = build_lora_stacks(loras, models.device, models.dtype)
+    store = AttentionStore(2, CONFIG.num_attn_replace_steps)
+    controller = MorphController(store, beta=CONFIG.attn_beta)
+    with morph_attention(models.unet, controller, stacks):
+        noise = pipe.invert(mean, text, controller, CONFIG, None)
+        frames = pipe.denoise_sequence(frame_specs([uniform_alphas(3)]), noise, text, controller, CONFIG, "frames", None)
+    return loras, store, noise, frames
 
 
 def fake_models(size: str, device: str, dtype: torch.dtype, scheduler: DDIMScheduler,
@@ -122,16 +135,8 @@ def test_the_morph_tensor_path_runs_on_cuda(size: str, dtype: torch.dtype, monke
         assert on(losses, "cuda", torch.float32) and losses.shape == (2,)
 
         # Fresh adapters (0 steps) stand in for fitted LoRAs: same keys, shapes and dtypes.
-        loras = pipe.fit_loras(mean, std, text, CONFIG.replace(lora_steps=0), None, None)
+        loras, store, noise, frames = invert_and_denoise(pipe, models, mean, std, text)
         assert all(on(t, "cpu", torch.float32) for lora in loras for t in lora.values())
-        stacks = build_lora_stacks(loras, models.device, models.dtype)
-        store = AttentionStore(2, CONFIG.num_attn_replace_steps)
-        controller = MorphController(store, beta=CONFIG.attn_beta)
-        with morph_attention(models.unet, controller, stacks):
-            noise = pipe.invert(mean, text, controller, CONFIG, None)
-            frames = pipe.denoise_sequence(
-                frame_specs([uniform_alphas(3)]), noise, text, controller, CONFIG, "frames", None,
-            )
         assert on(noise, "cuda", dtype) and noise.shape == mean.shape
         assert store.tensors and all(on(t, "cuda", dtype) for t in store.tensors.values())
         assert on(frames, "cpu", torch.float32) and frames.shape == (3, 3, 64, 64)
@@ -224,16 +229,8 @@ def test_the_sdxl_morph_tensor_path_runs_on_cuda_in_bf16(monkeypatch: pytest.Mon
                                      mean, std, text, generators)
         assert on(losses, "cuda", torch.float32) and losses.shape == (2,)
 
-        loras = pipe.fit_loras(mean, std, text, CONFIG.replace(lora_steps=0), None, None)
+        loras, store, noise, frames = invert_and_denoise(pipe, models, mean, std, text)
         assert any(".transformer_blocks.9.attn1.to_q" in key for key in loras[0])  # 10 layers per block
-        stacks = build_lora_stacks(loras, models.device, models.dtype)
-        store = AttentionStore(2, CONFIG.num_attn_replace_steps)
-        controller = MorphController(store, beta=CONFIG.attn_beta)
-        with morph_attention(models.unet, controller, stacks):
-            noise = pipe.invert(mean, text, controller, CONFIG, None)
-            frames = pipe.denoise_sequence(
-                frame_specs([uniform_alphas(3)]), noise, text, controller, CONFIG, "frames", None,
-            )
         assert on(noise, "cuda", dtype) and noise.shape == mean.shape
         layers = {layer for layer, _ in store.tensors}
         assert len(layers) == 3 * 10 + 3 * 2  # up blocks 0 and 1: 3 attentions of 10 and of 2 layers

@@ -26,7 +26,7 @@ from morph_protocol.management import WORKER_DIED, worker_death
 from client.morph_client import MorphClient
 from launcher.archive import export_model
 from launcher.torchserve import TorchServeProcess
-from tests.conftest import EMBEDDED_MODEL, REPO_ROOT
+from tests.conftest import EMBEDDED_MODEL, REPO_ROOT, demo_inputs
 
 TINY = {"num_frames": 3, "lora_steps": 2, "num_inference_steps": 4, "use_reschedule": False, "seed": 1}
 LOADED = "model identity for the cache"  # the handler's last line of initialize()
@@ -87,7 +87,7 @@ def test_wait_returns_when_a_morph_is_served(tmp_path: Path, model_store: Path) 
         assert wall_before <= loaded[0] <= wall_after
         # And a morph right after it is served.
         with MorphClient(server.grpc_target, tokens=TokenSource(key_file=server.key_file), retries=0) as client:
-            result = client.morph(*_inputs(), TINY, deadline_s=300)
+            result = client.morph(*demo_inputs(), TINY, deadline_s=300)
         assert len(result.metadata["alphas"]) == TINY["num_frames"] and result.parts, result.metadata
 
 
@@ -111,16 +111,3 @@ def test_wait_fails_at_once_when_the_worker_dies_loading(tmp_path: Path) -> None
         with pytest.raises(RuntimeError, match="Unable to load weights"):
             server.wait_ready(240)
         assert time.monotonic() - begun < 60
-
-
-def _inputs() -> tuple[list[bytes], list[str]]:
-    import io
-
-    from PIL import Image
-
-    pngs = []
-    for colour in ("red", "blue"):
-        buffer = io.BytesIO()
-        Image.new("RGB", (64, 64), colour).save(buffer, format="PNG")
-        pngs.append(buffer.getvalue())
-    return pngs, ["a red square", "a blue square"]
