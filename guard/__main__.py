@@ -19,7 +19,7 @@ from .client_auth import admission_from_args
 from morph_protocol.control import CONTROL_DIR_ENV, ControlDir
 from morph_protocol.properties import read_properties
 from .gateway import Gateway, GatewayConfig
-from .management import ManagementApi
+from morph_protocol.management import ManagementApi
 from .service import Guard
 from .tokens import TokenRotator
 from .watchdog import Watchdog, WatchdogConfig

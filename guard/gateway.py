@@ -48,6 +48,7 @@ from morph_protocol import limits, properties, torchserve, wire
 from morph_protocol.errors import ERROR_CODE_METADATA, ErrorCode, parse_error
 
 from grpc_api import oip_proto
+from morph_protocol import oip as oip_names
 
 from . import oip
 from .client_auth import UPSTREAM_KEY_REFUSED, Admission, PassThrough
@@ -283,7 +284,7 @@ class Gateway:
         cancel marker of Predictions, but the call to TorchServe is left for the stopped worker
         to answer (OIP_UPSTREAM_GRACE_S); guard/oip.py adapts request and response."""
         self._admit(context, "ModelInfer")
-        sent = request.parameters.get(oip.PARAM_DEADLINE)
+        sent = request.parameters.get(oip_names.PARAM_DEADLINE)
         call = _Call(self, context, None if sent is None else oip.parameter_value(sent))
         try:
             oip.upstream_request(request, deadline=call.deadline, call_id=call.call_id)
@@ -432,8 +433,8 @@ def _float(value: Any) -> float | None:
 
 def _describe_tensors(response: Any) -> None:
     """The morph's tensors in a ModelMetadataResponse (-1: any size)."""
-    for name, shape in ((oip.INPUT_IMAGES, [-1]), (oip.INPUT_PROMPTS, [-1])):
-        response.inputs.add(name=name, datatype=oip.BYTES, shape=shape)
-    for name, shape in ((oip.OUTPUT_FRAMES, [-1]), (oip.OUTPUT_METADATA, [1])):
-        response.outputs.add(name=name, datatype=oip.BYTES, shape=shape)
+    for name, shape in ((oip_names.INPUT_IMAGES, [-1]), (oip_names.INPUT_PROMPTS, [-1])):
+        response.inputs.add(name=name, datatype=oip_names.BYTES, shape=shape)
+    for name, shape in ((oip_names.OUTPUT_FRAMES, [-1]), (oip_names.OUTPUT_METADATA, [1])):
+        response.outputs.add(name=name, datatype=oip_names.BYTES, shape=shape)
 

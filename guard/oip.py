@@ -27,13 +27,8 @@ import json
 import struct
 from typing import Any
 
-from morph_protocol.oip import (  # noqa: F401 - the gateway's side of the contract
+from morph_protocol.oip import (
     BYTES,
-    INPUT_IMAGES,
-    INPUT_PROMPTS,
-    OUTPUT_FRAMES,
-    OUTPUT_METADATA,
-    IMAGE_REF_PREFIX,
     GATEWAY_INPUT,
     KEY_PARAMETERS,
     KEY_OUTPUTS,

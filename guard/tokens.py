@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from .management import ManagementApi, ManagementError
+from morph_protocol.management import ManagementApi, ManagementError
 
 logger = logging.getLogger(__name__)
 

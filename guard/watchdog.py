@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from morph_protocol.control import BUSY, IDLE, ControlDir
-from .management import ManagementApi, ManagementError
+from morph_protocol.management import ManagementApi, ManagementError
 
 logger = logging.getLogger(__name__)
 

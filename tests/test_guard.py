@@ -14,7 +14,7 @@ import pytest
 from morph_protocol.errors import ErrorCode, format_error
 from morph_protocol.control import BUSY, ControlDir, Heartbeat
 from guard.gateway import BUSY_DETAILS, ClientError, translate_error, translate_oip_error
-from guard.management import ManagementError
+from morph_protocol.management import ManagementError
 from guard.tokens import TokenRotator, expirations
 from guard.watchdog import Watchdog, WatchdogConfig, pid_alive
 
