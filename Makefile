@@ -185,7 +185,7 @@ eval: setup
 ARCH ?= sd15
 .PHONY: sized-e2e
 sized-e2e: setup
-	$(PY) -m benchmarks.sized_e2e --arch $(ARCH)
+	$(PY) -m benchmarks.sized_e2e --arch $(ARCH) $(if $(DTYPE),--dtype $(DTYPE))
 
 # ---------------------------------------------------------------------------- web page
 # A client of the service (python -m web, no torch): `make serve` first (a no-op when it already

@@ -53,11 +53,12 @@ class SizedRun:
     lora_step_s: float  # LoRA seconds per step (forward + backward, both images batched, derived)
     frames: int
     host: str
+    dtype: str = "float32"
 
     def table(self) -> str:
         stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.stages_s.items())
         return "\n".join([
-            f"{self.arch} at {self.resolution} px ({self.host})",
+            f"{self.arch} at {self.resolution} px, {self.dtype} ({self.host})",
             f"  model folder        {self.model_bytes / GB:.2f} GB (float16 safetensors)",
             f"  archive             {self.archive_bytes / 1e6:.1f} MB (external weights), export {self.export_s:.1f} s",
             f"  time to ready       {self.ready_s:.1f} s (TorchServe start, worker load, guard)",
@@ -77,14 +78,15 @@ def peak_rss(pid: int) -> int:
     raise RuntimeError(f"no VmHWM for pid {pid}")
 
 
-def run(arch_name: str, out: Path, model_dir: Path | None = None) -> SizedRun:
+def run(arch_name: str, out: Path, model_dir: Path | None = None, dtype: str = "float32") -> SizedRun:
     arch = ARCHITECTURES[arch_name]
     model = write_random_model(arch, model_dir or REPO_ROOT / ".cache" / "sized-models" / arch_name)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="sized-e2e-", dir=out) as tmp:
         store = Path(tmp) / "model_store"
         started = time.perf_counter()
-        export_model(model, store, "--weights", "external", "--archive-format", "no-archive", quiet=True)
+        export_model(model, store, "--weights", "external", "--archive-format", "no-archive",
+                     "--default", f"dtype={dtype}", quiet=True)
         export_s = time.perf_counter() - started
         # Every core for the one worker (the launcher's default is one thread, for tests that
         # share two cores between several processes).
@@ -119,6 +121,7 @@ def run(arch_name: str, out: Path, model_dir: Path | None = None) -> SizedRun:
             lora_step_s=round(stages["lora"] / OPTIONS["lora_steps"], 3),
             frames=int(result.metadata["num_frames"]),
             host=f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
+            dtype=dtype,
         )
 
 
@@ -126,9 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sized_e2e", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), required=True)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the worker's dtype (bfloat16: half the memory, and on CPUs with AVX512-BF16 "
+                             "about 4x fp32's matmul rate; what fits SDXL-base on a 24 GB host)")
     args = parser.parse_args(argv)
-    sized = run(args.arch, args.out)
-    path = args.out / f"sized-e2e-{args.arch}.json"
+    sized = run(args.arch, args.out, dtype=args.dtype)
+    suffix = "" if args.dtype == "float32" else f"-{args.dtype}"
+    path = args.out / f"sized-e2e-{args.arch}{suffix}.json"
     path.write_text(json.dumps(asdict(sized), indent=2) + "\n")
     print(sized.table())
     print(f"wrote {path}")
