@@ -50,10 +50,11 @@ class SizedRun:
     worker_peak_rss_bytes: int
     stages_s: dict[str, float]
     unet_forward_s: float  # inversion seconds per image per step (a batch-1 forward, derived)
-    lora_step_s: float  # LoRA seconds per step (forward + backward, both images batched, derived)
+    lora_step_s: float  # LoRA seconds per step (forward + backward of both images, derived)
     frames: int
     host: str
     dtype: str = "float32"
+    options: dict[str, Any] | None = None  # the morph's options beyond OPTIONS (--option)
 
     def table(self) -> str:
         stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.stages_s.items())
@@ -66,7 +67,7 @@ class SizedRun:
             f"  morph (client)      {self.morph_s:.1f} s, {self.frames} frames",
             f"  stages              {stages}",
             f"  per UNet call       forward {self.unet_forward_s:.2f} s (batch 1); LoRA step {self.lora_step_s:.2f} s "
-            f"(forward + backward, batch 2)",
+            f"(forward + backward of both images)",
         ])
 
 
@@ -78,8 +79,10 @@ def peak_rss(pid: int) -> int:
     raise RuntimeError(f"no VmHWM for pid {pid}")
 
 
-def run(arch_name: str, out: Path, model_dir: Path | None = None, dtype: str = "float32") -> SizedRun:
+def run(arch_name: str, out: Path, model_dir: Path | None = None, dtype: str = "float32",
+        options: dict[str, Any] | None = None) -> SizedRun:
     arch = ARCHITECTURES[arch_name]
+    extra = dict(options or {})
     model = write_random_model(arch, model_dir or REPO_ROOT / ".cache" / "sized-models" / arch_name)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="sized-e2e-", dir=out) as tmp:
@@ -100,7 +103,7 @@ def run(arch_name: str, out: Path, model_dir: Path | None = None, dtype: str = "
             prompts = ["a red circle on a white background", "a blue triangle on a white background"]
             started = time.perf_counter()
             with MorphClient(server.grpc_target, tokens=TokenSource(key_file=server.key_file)) as client:
-                result = client.morph(images, prompts, {**OPTIONS, "format": "gif"}, deadline_s=3600)
+                result = client.morph(images, prompts, {**OPTIONS, **extra, "format": "gif"}, deadline_s=3600)
             morph_s = time.perf_counter() - started
             rss = peak_rss(int(result.metadata["worker_pid"]))
         finally:
@@ -122,7 +125,16 @@ def run(arch_name: str, out: Path, model_dir: Path | None = None, dtype: str = "
             frames=int(result.metadata["num_frames"]),
             host=f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
             dtype=dtype,
+            options=extra,
         )
+
+
+def _option_value(raw: str) -> Any:
+    """A JSON value (1, true, 0.5), else the text itself."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,8 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="the worker's dtype (bfloat16: half the memory, and on CPUs with AVX512-BF16 "
                              "about 4x fp32's matmul rate; what fits SDXL-base on a 24 GB host)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a morph option on top of the tiny step counts, e.g. frame_batch_size=1 "
+                             "(the LoRA fit then holds one image's activations at a time)")
     args = parser.parse_args(argv)
-    sized = run(args.arch, args.out, dtype=args.dtype)
+    options = {key: _option_value(value) for key, _, value in (item.partition("=") for item in args.option)}
+    sized = run(args.arch, args.out, dtype=args.dtype, options=options)
     suffix = "" if args.dtype == "float32" else f"-{args.dtype}"
     path = args.out / f"sized-e2e-{args.arch}{suffix}.json"
     path.write_text(json.dumps(asdict(sized), indent=2) + "\n")
