@@ -1,4 +1,4 @@
-"""A random-weight diffusers folder of a real architecture (benchmarks/architectures.py).
+"""A random-weight diffusers folder of a real architecture (checkpoints/architectures.py).
 
     python -m benchmarks.sized_model --arch sd21-base --out .cache/sized-models/sd21-base
 
@@ -21,7 +21,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from .architectures import ARCHITECTURES, Architecture
+from checkpoints.architectures import ARCHITECTURES, Architecture
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = REPO_ROOT / "models" / "tiny-shapes-sd" / "tokenizer"
