@@ -25,6 +25,20 @@ TEXT_CLASSES = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": C
 DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS = "diffusion_pytorch_model.safetensors", "model.safetensors"
 
 
+def canonical_key(model_class: type, key: str) -> str:
+    """A text encoder key with the `text_model.` level that the original checkpoints' CLIP-L and
+    older saved folders use. transformers 5's CLIPTextModel drops that level from its state dict
+    and its new files (CLIPTextModelWithProjection keeps it), so folders differ by when they were
+    saved; the key table is written against this one form."""
+    if model_class is CLIPTextModel and not key.startswith("text_model."):
+        return f"text_model.{key}"
+    return key
+
+
+def canonical_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {canonical_key(type(module), key): tensor for key, tensor in module.state_dict().items()}
+
+
 @dataclass(frozen=True)
 class Component:
     """One part of the folder: its skeleton (meta tensors) and where its tensors sit in the file."""
@@ -35,18 +49,20 @@ class Component:
 
     def original_shapes(self) -> dict[str, tuple[int, ...]]:
         """The shape each original key of this component must have."""
-        state = self.skeleton.state_dict()
+        state = canonical_state(self.skeleton)
         return {key: tuple(tensor.shape) for key, tensor in to_original(state, self.where).items()}
 
     def save(self, out: Path, state: dict[str, torch.Tensor]) -> None:
-        """config.json + weights, as from_pretrained reads them."""
+        """config.json + weights (`state` keyed by canonical names), as from_pretrained reads them."""
         folder = out / self.folder
         folder.mkdir(parents=True, exist_ok=True)
         if isinstance(self.skeleton, CLIPTextModel | CLIPTextModelWithProjection):
             config = self.skeleton.config
             config.architectures = [type(self.skeleton).__name__]
             config.save_pretrained(folder)
-            save_file(state, folder / TRANSFORMERS_WEIGHTS, metadata={"format": "pt"})
+            # under the installed transformers' own names, as its save_pretrained would write them
+            native = {key: state[canonical_key(type(self.skeleton), key)] for key in self.skeleton.state_dict()}
+            save_file(native, folder / TRANSFORMERS_WEIGHTS, metadata={"format": "pt"})
         else:
             self.skeleton.save_config(folder)
             save_file(state, folder / DIFFUSERS_WEIGHTS)
@@ -64,7 +80,7 @@ def components(spec: ModelSpec) -> list[Component]:
     ]
     for slot, encoder in zip(spec.slots(), encoders, strict=True):
         parts.append(Component(slot.folder, encoder,
-                               placements("text", encoder.state_dict(), prefix=slot.prefix, layout=slot.layout)))
+                               placements("text", canonical_state(encoder), prefix=slot.prefix, layout=slot.layout)))
     return parts
 
 

@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTokenizer
 
 from diffmorpher.config import ConfigError
 from diffmorpher.families import SDXL, detect_family
 
-from .components import TEXT_CLASSES, components
+from .components import DIFFUSERS_WEIGHTS, TEXT_CLASSES, TRANSFORMERS_WEIGHTS, canonical_key, components
 from .errors import CheckpointError
 from .keymap import CLIP, OPENCLIP, to_original
 from .spec import SD, ModelSpec
@@ -56,19 +55,31 @@ def folder_spec(model: Path, text_layout: str = "auto") -> ModelSpec:
                      _config(model / "scheduler"), text, CLIP if is_sdxl else text_layout, pads)
 
 
-def load_states(model: Path, spec: ModelSpec, dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
-    """Each component's state dict, by folder name."""
-    states = {
-        "unet": UNet2DConditionModel.from_pretrained(model / "unet", torch_dtype=dtype).state_dict(),
-        "vae": AutoencoderKL.from_pretrained(model / "vae", torch_dtype=dtype).state_dict(),
-    }
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """A component's tensors as saved, dtype included: one safetensors file or a sharded set."""
+    for name in (DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS):
+        if (folder / name).is_file():
+            return load_file(folder / name)
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return {key: tensor for shard in shards for key, tensor in load_file(folder / shard).items()}
+    raise CheckpointError(f"{folder}: no {DIFFUSERS_WEIGHTS} or {TRANSFORMERS_WEIGHTS} (safetensors weights)")
+
+
+def load_states(model: Path, spec: ModelSpec, dtype: torch.dtype | None) -> dict[str, dict[str, torch.Tensor]]:
+    """Each component's state dict by folder name, in its saved dtype unless `dtype` is given."""
+    states = {name: read_weights(model / name) for name in ("unet", "vae")}
     for slot in spec.slots():
-        encoder = TEXT_CLASSES[slot.model_class].from_pretrained(model / slot.folder, dtype=dtype)
-        states[slot.folder] = encoder.state_dict()
+        model_class = TEXT_CLASSES[slot.model_class]
+        states[slot.folder] = {canonical_key(model_class, key): tensor
+                               for key, tensor in read_weights(model / slot.folder).items()}
+    if dtype is not None:
+        states = {name: {key: tensor.to(dtype) for key, tensor in state.items()} for name, state in states.items()}
     return states
 
 
-def original_state(model: Path, spec: ModelSpec, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def original_state(model: Path, spec: ModelSpec, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The folder's tensors under their original names."""
     states = load_states(model, spec, dtype)
     original: dict[str, torch.Tensor] = {}
@@ -77,7 +88,7 @@ def original_state(model: Path, spec: ModelSpec, dtype: torch.dtype) -> dict[str
     return {key: tensor.contiguous() for key, tensor in original.items()}
 
 
-def write_single_file(model: Path, out: Path, *, text_layout: str = "auto", dtype: torch.dtype = torch.float32) -> Path:
+def write_single_file(model: Path, out: Path, *, text_layout: str = "auto", dtype: torch.dtype | None = None) -> Path:
     spec = folder_spec(model, text_layout)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(original_state(model, spec, dtype), out, metadata=spec.to_metadata())
@@ -91,10 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help=".safetensors file to write")
     parser.add_argument("--text-layout", choices=("auto", CLIP, OPENCLIP), default="auto",
                         help="an SD folder's text encoder as SD 1.x CLIP or SD 2.x OpenCLIP keys")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: as saved)")
     args = parser.parse_args(argv)
     try:
-        write_single_file(args.model, args.out, text_layout=args.text_layout, dtype=DTYPES[args.dtype])
+        write_single_file(args.model, args.out, text_layout=args.text_layout, dtype=DTYPES[args.dtype] if args.dtype else None)
     except CheckpointError as error:
         print(f"error: {error}")
         return 1
