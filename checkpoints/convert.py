@@ -32,10 +32,15 @@ logger = logging.getLogger(__name__)
 SOURCE_FILE = "converted_from.json"
 
 
+def same_shape(found: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+    """Equal, or a 1x1 convolution (the VAE attention's) stored as its 2-D linear weight."""
+    return found == expected or (len(expected) == 4 and expected[2:] == (1, 1) and found == expected[:2])
+
+
 def check_shapes(checkpoint: CheckpointFile, expected: dict[str, tuple[int, ...]], part: str) -> None:
     missing = [key for key in expected if key not in checkpoint.shapes]
     wrong = [f"{key} {checkpoint.shapes[key]} (expected {expected[key]})" for key in expected
-             if key in checkpoint.shapes and checkpoint.shapes[key] != expected[key]]
+             if key in checkpoint.shapes and not same_shape(checkpoint.shapes[key], expected[key])]
     if missing or wrong:
         details = "; ".join(filter(None, [
             f"{len(missing)} keys missing, e.g. {', '.join(missing[:3])}" if missing else "",

@@ -249,8 +249,9 @@ def from_original(get: Callable[[str], torch.Tensor], where: Mapping[str, Placem
             if placement.key not in cache:
                 cache[placement.key] = get(placement.key)
             state[key] = cache[placement.key].chunk(3, dim=0)[placement.part].clone()
-        elif placement.kind == "conv1x1":
-            state[key] = get(placement.key)[:, :, 0, 0].clone()
+        elif placement.kind == "conv1x1":  # some re-saved files already hold the 2-D linear weight
+            tensor = get(placement.key)
+            state[key] = tensor[:, :, 0, 0].clone() if tensor.ndim == 4 else tensor
         elif placement.kind == "transpose":
             state[key] = get(placement.key).T.contiguous()
         else:

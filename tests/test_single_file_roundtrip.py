@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTokenizer
 
 from checkpoints.convert import SOURCE_FILE, convert_single_file
@@ -96,6 +96,21 @@ def test_embedded_model_and_its_round_trip_morph_the_same(embedded_round_trip: t
               for folder in (EMBEDDED_MODEL, converted)]
     assert frames[0].shape == (3, 3, 64, 64)
     assert torch.equal(frames[0], frames[1])
+
+
+def test_vae_attention_stored_as_linear_weights_reads_the_same(tmp_path: Path,
+                                                                embedded_round_trip: tuple[Path, Path]) -> None:
+    """Some re-saved original files hold the VAE attention's q/k/v/proj_out as 2-D weights."""
+    file, converted = embedded_round_trip
+    tensors = load_file(file)
+    flattened = {key: tensor[:, :, 0, 0].contiguous() if ".attn_1." in key and tensor.ndim == 4 else tensor
+                 for key, tensor in tensors.items()}
+    assert sum(tensor.ndim == 2 for key, tensor in flattened.items() if ".attn_1." in key) == 8  # encoder + decoder
+    with safe_open(str(file), "pt") as handle:
+        metadata = handle.metadata()
+    save_file(flattened, tmp_path / "linear.safetensors", metadata=metadata)
+    again = convert_single_file(tmp_path / "linear.safetensors", tmp_path / "converted")
+    assert assert_same_tensors(converted, again, ("vae",)) == len(load_file(converted / "vae" / WEIGHT_FILES["vae"]))
 
 
 def test_reconversion_is_skipped_only_for_the_same_file(tmp_path: Path, embedded_round_trip: tuple[Path, Path]) -> None:
