@@ -22,12 +22,12 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTokenizer
 
 from diffmorpher.config import ConfigError
-from diffmorpher.families import SDXL, detect_family
+from diffmorpher.families import SDXL as SDXL_FAMILY, detect_family
 
 from .components import DIFFUSERS_WEIGHTS, TEXT_CLASSES, TRANSFORMERS_WEIGHTS, canonical_key, components
 from .errors import CheckpointError
 from .keymap import CLIP, OPENCLIP, to_original
-from .spec import SD, ModelSpec
+from .spec import SD, SDXL, ModelSpec
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SD2_TEXT_WIDTH = 1024  # OpenCLIP ViT-H, SD 2.x's text encoder
@@ -44,14 +44,14 @@ def folder_spec(model: Path, text_layout: str = "auto") -> ModelSpec:
         family = detect_family(model)
     except ConfigError as error:
         raise CheckpointError(str(error)) from error
-    is_sdxl = family == SDXL
+    is_sdxl = family == SDXL_FAMILY
     encoders = ("text_encoder", "text_encoder_2") if is_sdxl else ("text_encoder",)
     tokenizers = ("tokenizer", "tokenizer_2") if is_sdxl else ("tokenizer",)
     text = tuple(_config(model / name) for name in encoders)
     if text_layout == "auto":
         text_layout = OPENCLIP if not is_sdxl and text[0]["hidden_size"] == SD2_TEXT_WIDTH else CLIP
     pads = tuple(str(CLIPTokenizer.from_pretrained(model / name).pad_token) for name in tokenizers)
-    return ModelSpec("sdxl" if is_sdxl else SD, _config(model / "unet"), _config(model / "vae"),
+    return ModelSpec(SDXL if is_sdxl else SD, _config(model / "unet"), _config(model / "vae"),
                      _config(model / "scheduler"), text, CLIP if is_sdxl else text_layout, pads)
 
 
