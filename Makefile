@@ -19,6 +19,10 @@ MODEL ?= models/tiny-shapes-sd
 MODEL_NAME ?= diffmorpher
 ARCHIVE_FORMAT ?= default
 WEIGHTS ?= copy
+# MODEL may be one original single-file checkpoint (.safetensors): SD 2.x files need
+# SINGLE_FILE_ARCH=sd21-base|sd21; .ckpt/.pt/.bin pickles need TRUST_PICKLE=1 (they run code).
+SINGLE_FILE_ARCH ?=
+TRUST_PICKLE ?=
 DEVICE_TYPE ?= cpu
 MAR := model_store/$(MODEL_NAME).mar
 GRPC_TARGET ?= 127.0.0.1:7070
@@ -35,7 +39,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make setup     venv with pinned deps (torch 2.14.1 via constraints.txt), the project (editable), gRPC stubs, LPIPS weights"
-	@echo "make export    model_store/$(MODEL_NAME).mar from MODEL=$(MODEL) (ARCHIVE_FORMAT=default|zip-store|no-archive, WEIGHTS=copy|external)"
+	@echo "make export    model_store/$(MODEL_NAME).mar from MODEL=$(MODEL), a diffusers folder or a single .safetensors (ARCHIVE_FORMAT=default|zip-store|no-archive, WEIGHTS=copy|external, SINGLE_FILE_ARCH=sd21-base|sd21|sd15|sdxl-base, TRUST_PICKLE=1)"
 	@echo "make serve     start TorchServe in the background (config.properties), wait until the model is ready"
 	@echo "               CLIENT_TOKENS=<file|dir>: the guard checks clients' tokens itself (guard/client_auth.py)"
 	@echo "make stop      stop it"
@@ -74,7 +78,8 @@ $(LPIPS): | $(INSTALLED)
 # Always rebuilt (seconds for the embedded model): MODEL may point anywhere.
 export: setup
 	$(PY) -m export --model "$(MODEL)" --name $(MODEL_NAME) --archive-format $(ARCHIVE_FORMAT) \
-		--weights $(WEIGHTS) --device-type $(DEVICE_TYPE)
+		--weights $(WEIGHTS) --device-type $(DEVICE_TYPE) \
+		$(if $(SINGLE_FILE_ARCH),--single-file-arch $(SINGLE_FILE_ARCH)) $(if $(TRUST_PICKLE),--trust-pickle)
 
 # ---------------------------------------------------------------------------- server
 # TorchServe writes key_file.json (the tokens) and logs/ into the directory it starts from. The
@@ -179,7 +184,7 @@ eval: setup
 	$(PY) -m benchmarks.morphbench --model "$(MODEL)" --bench "$(BENCH)" $(EVAL_ARGS)
 
 # ---------------------------------------------------------------------------- real-size models
-# A random-weight model of a published architecture (benchmarks/architectures.py: sd15, sd21-base,
+# A random-weight model of a published architecture (checkpoints/architectures.py: sd15, sd21-base,
 # sd21, sdxl-base) exported, served and morphed at its native resolution with tiny step counts:
 # archive size, time to ready, worker peak RSS, seconds per stage and per UNet call.
 ARCH ?= sd15

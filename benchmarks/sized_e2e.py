@@ -28,7 +28,7 @@ from launcher.archive import MODEL_NAME, export_model
 from launcher.torchserve import TorchServeProcess
 from morph_protocol.keyfile import TokenSource
 
-from .architectures import ARCHITECTURES
+from checkpoints.architectures import ARCHITECTURES
 from .sized_model import REPO_ROOT, folder_bytes, write_random_model
 
 DEMO = REPO_ROOT / "assets" / "demo"

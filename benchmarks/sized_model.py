@@ -1,4 +1,4 @@
-"""A random-weight diffusers folder of a real architecture (benchmarks/architectures.py).
+"""A random-weight diffusers folder of a real architecture (checkpoints/architectures.py).
 
     python -m benchmarks.sized_model --arch sd21-base --out .cache/sized-models/sd21-base
 
@@ -21,10 +21,9 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from .architectures import ARCHITECTURES, Architecture
+from checkpoints.architectures import ARCHITECTURES, TOKENIZER_DIR, Architecture
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TOKENIZER = REPO_ROOT / "models" / "tiny-shapes-sd" / "tokenizer"
 COMPLETE = ".complete"  # written last: a folder without it is a half-written one
 
 
@@ -52,7 +51,7 @@ def write_random_model(arch: Architecture, out: Path, *, dtype: torch.dtype = to
         # SDXL's second encoder is the one with the projection that gives the pooled embedding.
         model_class = CLIPTextModelWithProjection if index == 1 else CLIPTextModel
         save(encoder_name, model_class(CLIPTextConfig(**encoder_config)), "transformers")
-        shutil.copytree(TOKENIZER, out / tokenizer_name)
+        shutil.copytree(TOKENIZER_DIR, out / tokenizer_name)
         components[tokenizer_name] = ["transformers", "CLIPTokenizer"]
     DDIMScheduler(**arch.scheduler).save_pretrained(out / "scheduler")
     components["scheduler"] = ["diffusers", "DDIMScheduler"]

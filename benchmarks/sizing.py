@@ -5,7 +5,7 @@ and activation memory, and a frame_batch_size / workers-per-GPU rule, per publis
 
 FLOPs are counted, not estimated: torch.utils.flop_counter.FlopCounterMode (a multiply-add = 2
 FLOPs; matmuls, convolutions and attention, not element-wise ops) over models built from
-benchmarks.architectures' configs under FakeTensorMode (no memory, no time). The training step is
+checkpoints.architectures' configs under FakeTensorMode (no memory, no time). The training step is
 a real forward + backward with requires_grad only on LoRA parameters (peft LoraConfig on the
 pipeline's LoRA target modules, unet.add_adapter): the backward computes input gradients through
 the whole UNet but weight gradients only for the LoRA matrices, so it costs less than 2x forward.
@@ -36,7 +36,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.architectures import ARCHITECTURES, Architecture
+from checkpoints.architectures import ARCHITECTURES, Architecture
 from diffmorpher.config import LORA_TARGET_MODULES, MorphConfig
 
 LORA_TARGETS = list(LORA_TARGET_MODULES)  # the pipeline's own (diffmorpher.lora)

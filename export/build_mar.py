@@ -10,6 +10,16 @@ Archive formats (torch-model-archiver's `--archive-format`):
   serves it in place (no unpacking into /tmp at each start); register it as `<name>=<name>`.
 With `--weights external` the weights are not copied at all: the handler loads them from the
 absolute `--model` path, which must exist on the serving host (e.g. a mounted volume).
+
+`--model` may also be one original single-file checkpoint (`model.safetensors` in the CompVis /
+Stability layout: SD 1.x, 2.x, SDXL base). It is converted once, offline, into a diffusers folder
+(`checkpoints.convert`), which then goes the folder's way: into the archive (`--weights copy`,
+converted in a temporary folder), or, with `--weights external`, into `--single-file-out`
+(default: `<file's folder>/<file name without suffix>-diffusers/`, beside the file), the path the
+archive references; a later export of the unchanged file reuses that folder. A file the project
+wrote carries its configs; a hub file is matched to a shipped architecture, and an SD 2.x file
+needs `--single-file-arch sd21-base|sd21` (its prediction type is not in the weights). Pickles
+(.ckpt/.pt/.bin) are refused unless `--trust-pickle`.
 """
 
 from __future__ import annotations
@@ -26,6 +36,10 @@ from typing import Any
 
 import yaml
 
+from checkpoints.architectures import ARCHITECTURES
+from checkpoints.convert import convert_single_file
+from checkpoints.detect import is_single_file
+from checkpoints.errors import CheckpointError
 from diffmorpher.config import ConfigError, MorphConfig
 from diffmorpher.families import ModelFamily, detect_family
 from morph_protocol import limits, properties
@@ -169,8 +183,32 @@ def stage(
         shutil.copy2(lpips, staging / "lpips" / lpips.name)
 
 
+def converted_folder(path: Path, args: argparse.Namespace, tmp: Path) -> Path:
+    """The diffusers folder of a single-file checkpoint: converted for this export only where its
+    weights are copied into the archive, kept beside the file (or at --single-file-out) and reused
+    where the archive references it (--weights external)."""
+    if args.single_file_out:
+        out, keep = Path(args.single_file_out).resolve(), True
+    elif args.weights == "external":
+        out, keep = path.with_name(f"{path.stem}-diffusers"), True
+    else:
+        out, keep = tmp / "converted", False
+    try:
+        return convert_single_file(path, out, arch=args.single_file_arch, trust_pickle=args.trust_pickle, reuse=keep)
+    except CheckpointError as error:
+        raise ExportError(str(error)) from error
+
+
 def build(args: argparse.Namespace) -> Path:
-    model = Path(args.model).resolve()
+    with tempfile.TemporaryDirectory(prefix="diffmorpher-export-") as tmp:
+        model = Path(args.model).resolve()
+        if is_single_file(model):
+            model = converted_folder(model, args, Path(tmp))
+        return build_from_folder(args, model, Path(tmp))
+
+
+def build_from_folder(args: argparse.Namespace, model: Path, tmp: Path) -> Path:
+    """The archive of a diffusers folder; `tmp` holds the staging files until it is written."""
     check_sd_folder(model)
     export_path = Path(args.export_path).resolve()
     export_path.mkdir(parents=True, exist_ok=True)
@@ -192,25 +230,24 @@ def build(args: argparse.Namespace) -> Path:
         response_timeout=args.response_timeout,
         defaults=defaults,
     )
-    with tempfile.TemporaryDirectory(prefix="diffmorpher-export-") as tmp:
-        staging = Path(tmp) / "extra"
-        staging.mkdir()
-        stage(staging, model, weights=args.weights, lpips=lpips)
-        config_file = Path(tmp) / "model-config.yaml"
-        config_file.write_text(yaml.safe_dump(model_config, sort_keys=False))
-        command = [
-            str(Path(sys.executable).with_name("torch-model-archiver")),
-            "--model-name", args.name,
-            "--version", args.version,
-            "--handler", str(HANDLER_FILE),
-            "--extra-files", str(staging),
-            "--config-file", str(config_file),
-            "--export-path", str(export_path),
-            "--archive-format", args.archive_format,
-            "--force",
-        ]  # fmt: skip
-        logger.info("running %s", " ".join(command))
-        subprocess.run(command, check=True)
+    staging = tmp / "extra"
+    staging.mkdir()
+    stage(staging, model, weights=args.weights, lpips=lpips)
+    config_file = tmp / "model-config.yaml"
+    config_file.write_text(yaml.safe_dump(model_config, sort_keys=False))
+    command = [
+        str(Path(sys.executable).with_name("torch-model-archiver")),
+        "--model-name", args.name,
+        "--version", args.version,
+        "--handler", str(HANDLER_FILE),
+        "--extra-files", str(staging),
+        "--config-file", str(config_file),
+        "--export-path", str(export_path),
+        "--archive-format", args.archive_format,
+        "--force",
+    ]  # fmt: skip
+    logger.info("running %s", " ".join(command))
+    subprocess.run(command, check=True)
     suffix = {"default": ".mar", "zip-store": ".mar", "tgz": ".tar.gz", "no-archive": ""}
     return export_path / f"{args.name}{suffix[args.archive_format]}"
 
@@ -218,13 +255,22 @@ def build(args: argparse.Namespace) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=str(REPO_ROOT / "models" / "tiny-shapes-sd"),
-                        help="diffusers SD 1.x/2.x or SDXL-base folder (default: the embedded model)")
+                        help="diffusers SD 1.x/2.x or SDXL-base folder, or an original single-file "
+                             "checkpoint (.safetensors) of one (default: the embedded model)")
     parser.add_argument("--name", default="diffmorpher", help="model name in TorchServe")
     parser.add_argument("--version", default="1.0")
     parser.add_argument("--export-path", default=str(REPO_ROOT / "model_store"))
     parser.add_argument("--archive-format", choices=ARCHIVE_FORMATS, default="default")
     parser.add_argument("--weights", choices=("copy", "external"), default="copy",
                         help="copy the weights into the archive, or load them from --model's path")
+    parser.add_argument("--single-file-arch", choices=sorted(ARCHITECTURES),
+                        help="architecture of a single file without the project's metadata (SD 2.x needs it: "
+                             "sd21-base = 512 px epsilon, sd21 = 768 px v-prediction)")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="accept a .ckpt/.pt/.bin pickle single file (loading it runs its code)")
+    parser.add_argument("--single-file-out",
+                        help="where a single file's converted diffusers folder is kept (default: beside the "
+                             "file with --weights external, a temporary folder with --weights copy)")
     parser.add_argument("--lpips-weights", default=str(DEFAULT_LPIPS),
                         help="LPIPS backbone safetensors to ship ('' for none)")
     parser.add_argument("--device-type", choices=("cpu", "gpu"), default="cpu")

@@ -22,7 +22,8 @@ PACKAGES: list[str] = PYPROJECT["tool"]["setuptools"]["packages"]
 
 # The product: what runs in production. Tooling (benchmarks, load test, soak, corpus, the
 # launcher, the embedded model's training, the manifests' validator, tests) may import it.
-PRODUCT = ("morph_protocol", "grpc_api", "diffmorpher", "handler", "guard", "client", "web", "export")
+PRODUCT = ("morph_protocol", "grpc_api", "diffmorpher", "handler", "guard", "client", "web", "checkpoints",
+           "export")
 TOOLING = ("launcher", "loadtest", "reliability", "benchmarks", "embedded_model", "deploy", "tests")
 
 # package -> the project packages it may import (the arrows of docs/architecture.md).
@@ -34,11 +35,13 @@ ALLOWED: dict[str, set[str]] = {
     "guard": {"morph_protocol", "grpc_api"},
     "client": {"morph_protocol", "grpc_api"},
     "web": {"client", "morph_protocol", "grpc_api", "diffmorpher"},
-    "export": {"diffmorpher", "handler", "morph_protocol"},
+    "checkpoints": {"diffmorpher"},
+    "export": {"checkpoints", "diffmorpher", "handler", "morph_protocol"},
     "launcher": {"morph_protocol", "grpc_api", "client"},
     "loadtest": {"client", "morph_protocol", "grpc_api", "launcher"},
     "reliability": {"client", "morph_protocol", "grpc_api", "launcher"},
-    "benchmarks": {"diffmorpher", "morph_protocol", "embedded_model", "export", "client", "grpc_api", "launcher"},
+    "benchmarks": {"checkpoints", "diffmorpher", "morph_protocol", "embedded_model", "export", "client", "grpc_api",
+                   "launcher"},
     "embedded_model": {"diffmorpher", "morph_protocol", "export"},
     "deploy": set(),
 }

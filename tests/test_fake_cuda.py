@@ -26,7 +26,7 @@ from PIL import Image
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from benchmarks.architectures import ARCHITECTURES
+from checkpoints.architectures import ARCHITECTURES
 from diffmorpher.attention import AttentionStore, MorphController, morph_attention
 from diffmorpher.batching import frame_specs, segment_weights
 from diffmorpher.conditioning import StableDiffusionConditioner, StableDiffusionXLConditioner
@@ -41,7 +41,7 @@ from tests.conftest import EMBEDDED_MODEL
 
 pytestmark = pytest.mark.skipif(not (EMBEDDED_MODEL / "unet").is_dir(), reason="needs the embedded model's configs")
 
-# stabilityai/stable-diffusion-2-1-base's published sizes (benchmarks/architectures.py).
+# stabilityai/stable-diffusion-2-1-base's published sizes (checkpoints/architectures.py).
 SD21_UNET, SD21_TEXT = ARCHITECTURES["sd21-base"].unet, ARCHITECTURES["sd21-base"].text_encoders[0]
 SDXL = ARCHITECTURES["sdxl-base"]  # UNet, CLIP ViT-L + OpenCLIP bigG, VAE (force_upcast)
 CONFIG = MorphConfig(num_frames=3, lora_steps=1, num_inference_steps=2, use_reschedule=False, seed=3)

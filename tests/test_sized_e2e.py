@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.architectures import ARCHITECTURES
+from checkpoints.architectures import ARCHITECTURES
 from benchmarks.sized_e2e import OPTIONS, run
 
 pytestmark = pytest.mark.slow

@@ -4,7 +4,7 @@ no time) and the morph's FLOPs following the pipeline's call counts."""
 from __future__ import annotations
 
 from benchmarks import sizing
-from benchmarks.architectures import ARCHITECTURES
+from checkpoints.architectures import ARCHITECTURES
 from diffmorpher.config import MorphConfig
 
 SD21_BASE = ARCHITECTURES["sd21-base"]

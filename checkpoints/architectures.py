@@ -10,12 +10,22 @@ published `config.json` fields of each checkpoint's components (facts, not code)
 - `sd21`: stabilityai/stable-diffusion-2-1, the same UNet at 768 px, v-prediction.
 - `sdxl-base`: stabilityai/stable-diffusion-xl-base-1.0 (CLIP ViT-L/14 + OpenCLIP ViT-bigG/14,
   pooled text embeddings and time ids as added conditioning), 1024 px.
+
+They live in the product because the export needs them: an original single-file checkpoint from
+a hub carries weights only, so `checkpoints.convert` builds its diffusers folder from these
+configs (benchmarks' random-weight models read the same ones). The tokenizer is the real CLIP
+BPE of the embedded model (`TOKENIZER_DIR`); SD 2.x's and SDXL's OpenCLIP tokenizer is the same
+BPE padding with "!" (`OPENCLIP_PAD_TOKEN`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "models" / "tiny-shapes-sd" / "tokenizer"
+CLIP_PAD_TOKEN, OPENCLIP_PAD_TOKEN = "<|endoftext|>", "!"
 
 _SD_DOWN = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
 _SD_UP = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
@@ -83,6 +93,9 @@ class Architecture:
     text_encoders: tuple[dict[str, Any], ...]  # SDXL: (CLIP ViT-L, OpenCLIP bigG with projection)
     vae: dict[str, Any]
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(SCHEDULER))
+    # How an original single file stores an SD text encoder: "clip" (SD 1.x's transformers CLIP)
+    # or "openclip" (SD 2.x's OpenCLIP, fused q/k/v); SDXL's two are always CLIP then OpenCLIP.
+    text_layout: str = "clip"
 
     @property
     def resolution(self) -> int:
@@ -96,8 +109,8 @@ class Architecture:
 
 ARCHITECTURES: dict[str, Architecture] = {
     "sd15": Architecture("sd15", SD15_UNET, (CLIP_VIT_L,), SD_VAE),
-    "sd21-base": Architecture("sd21-base", SD21_UNET, (OPENCLIP_VIT_H,), SD_VAE),
+    "sd21-base": Architecture("sd21-base", SD21_UNET, (OPENCLIP_VIT_H,), SD_VAE, text_layout="openclip"),
     "sd21": Architecture("sd21", {**SD21_UNET, "sample_size": 96}, (OPENCLIP_VIT_H,), {**SD_VAE, "sample_size": 768},
-                         {**SCHEDULER, "prediction_type": "v_prediction"}),
+                         {**SCHEDULER, "prediction_type": "v_prediction"}, text_layout="openclip"),
     "sdxl-base": Architecture("sdxl-base", SDXL_UNET, (CLIP_VIT_L, OPENCLIP_VIT_BIGG), SDXL_VAE),
 }
