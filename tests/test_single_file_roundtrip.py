@@ -160,3 +160,25 @@ def test_sd2_openclip_text_encoder_layout_round_trips(tmp_path: Path) -> None:
     assert torch.equal(fused[64:128], encoder[layer + "k_proj.weight"])  # the order is q, k, v
     converted = convert_single_file(file, tmp_path / "converted")
     assert assert_same_tensors(EMBEDDED_MODEL, converted, ("text_encoder",)) == len(encoder)
+
+
+def test_files_written_here_read_the_same_with_diffusers_own_single_file_reader(
+    tmp_path: Path, tiny_sdxl_dir: Path
+) -> None:
+    """An independent check of the key table: diffusers' `from_single_file` (its own conversion
+    code, what users load hub files with) reads our SDXL file - the UNet with its added
+    conditioning, the VAE's conv attention, CLIP-L and OpenCLIP bigG with its projection - back
+    to the same tensors, offline, from the folder's configs."""
+    from diffusers import StableDiffusionXLPipeline
+
+    file = write_single_file(tiny_sdxl_dir, tmp_path / "sdxl.safetensors")
+    read = StableDiffusionXLPipeline.from_single_file(str(file), config=str(tiny_sdxl_dir), local_files_only=True)
+    reference = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    compared = 0
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        ours, theirs = getattr(reference, part).state_dict(), getattr(read, part).state_dict()
+        assert sorted(theirs) == sorted(ours), part
+        different = [key for key, tensor in ours.items() if not torch.equal(theirs[key].to(tensor.dtype), tensor)]
+        assert different == [], f"{part}: {different[:5]}"
+        compared += len(ours)
+    assert compared > 500
