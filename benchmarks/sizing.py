@@ -214,7 +214,7 @@ def recommend(weights_gb: float, activation_gb: float, card_gb: float) -> dict[s
     throughput beyond overlapping one worker's CPU/Python gaps with another's GPU work: two
     workers where each still gets a frame batch of at least 8, else one. Each worker holds its
     own weights plus RESERVE_GB; frame_batch_size is the largest power of two whose activations
-    fit the rest, at most MorphConfig's default. 0 x 0: does not fit."""
+    fit the rest, at most DEFAULT_FRAME_BATCH (16). 0 x 0: does not fit."""
     default_batch = DEFAULT_FRAME_BATCH
 
     def batch_for(workers: int) -> int:
@@ -314,7 +314,7 @@ def markdown(report: dict[str, Any]) -> str:
             "overlaps one worker's CPU/Python gaps: two workers where each still gets a frame batch of "
             f">= 8, else one; each worker holds its own weights plus {RESERVE_GB:.0f} GB reserve; "
             "frame_batch_size the largest power of two whose (estimated) activations fit the rest, at "
-            "most MorphConfig's default. 0 x 0: does not fit."]
+            "most DEFAULT_FRAME_BATCH (16). 0 x 0: does not fit."]
     out += ["", *WORKER_RULE]
     return "\n".join(out) + "\n"
 

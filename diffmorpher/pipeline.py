@@ -413,14 +413,14 @@ class DiffMorpherPipeline:
                 except Exception as error:  # noqa: BLE001 - only an out-of-memory error is retried
                     if not is_out_of_memory(error) or part.rows == 1:
                         raise
-                    result = None
-                if result is None:  # outside the except: its traceback no longer holds the batch's tensors
-                    release_cached_memory(self.models.device)
-                    limit = (part.rows + 1) // 2
-                    logger.warning("a frame batch of %d rows ran out of memory; retrying %d at a time", part.rows, limit)
-                    pending.insert(0, part)
+                else:
+                    yield part, result
                     continue
-                yield part, result
+                # Out of memory; released here, where the error's traceback no longer holds the part's tensors.
+                release_cached_memory(self.models.device)
+                limit = (part.rows + 1) // 2
+                logger.warning("a frame batch of %d rows ran out of memory; retrying %d at a time", part.rows, limit)
+                pending.insert(0, part)
 
     # ------------------------------------------------------------------ the UNet call
     def _predictor(
