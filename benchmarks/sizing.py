@@ -37,7 +37,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from checkpoints.architectures import ARCHITECTURES, Architecture
-from diffmorpher.config import LORA_TARGET_MODULES, MorphConfig
+from diffmorpher.batching import ACTIVATION_FACTOR, activation_bytes, decode_bytes
+from diffmorpher.config import DEFAULT_FRAME_BATCH, LORA_TARGET_MODULES, MorphConfig
 
 LORA_TARGETS = list(LORA_TARGET_MODULES)  # the pipeline's own (diffmorpher.lora)
 NUM_IMAGES = 2  # a morph of two images (the service's common case)
@@ -181,22 +182,15 @@ def morph_flops(calls: MorphCalls, unet: dict[str, int], vae: dict[str, int], te
 
 
 def activation_estimate_gb(arch: Architecture, size: int, bytes_per_value: int) -> float:
-    """Peak inference activation per sample (documented estimate): the UNet's live tensors at its
-    largest resolution, taken as ACTIVATION_FACTOR x the first block's feature map (batch 1,
-    block_out_channels[0] x latent^2), plus the decoder's largest live tensors (VAE decode of one
-    frame: 3 x its widest full-resolution feature map, 128 x size^2), with SDPA (flash or
-    memory-efficient attention: no materialised score matrix)."""
-    latent = size // 8
-    unet = ACTIVATION_FACTOR * arch.unet["block_out_channels"][0] * latent * latent
-    decode = 3 * arch.vae["block_out_channels"][0] * size * size
-    return max(unet, decode) * bytes_per_value / 1e9
-
-
-# The UNet's peak live activations over its first feature map, from the measurement of SD 1.5 at
-# 512 px on the CPU in fp32 (--measure; docs/sizing.md) where it was run; this default is a
-# conservative round figure of the same order (skip connections of the down path alive across
-# the whole call: ~12 maps, x a few for the attention blocks' intermediates).
-ACTIVATION_FACTOR = 40
+    """Peak inference activation per sample (documented estimate, the worker's own:
+    diffmorpher.batching): the UNet's live tensors at its largest resolution, taken as
+    ACTIVATION_FACTOR x the first block's feature map (batch 1, block_out_channels[0] x latent^2),
+    or the decoder's largest live tensors (VAE decode of one frame: 3 x its widest
+    full-resolution feature map, 128 x size^2), with SDPA (flash or memory-efficient attention:
+    no materialised score matrix)."""
+    unet = activation_bytes(arch.unet["block_out_channels"][0], size // 8, bytes_per_value)
+    decode = decode_bytes(arch.vae["block_out_channels"][0], size, bytes_per_value)
+    return max(unet, decode) / 1e9
 
 
 def measure_sd15_forward_rss_gb() -> dict[str, float]:
@@ -220,8 +214,8 @@ def recommend(weights_gb: float, activation_gb: float, card_gb: float) -> dict[s
     throughput beyond overlapping one worker's CPU/Python gaps with another's GPU work: two
     workers where each still gets a frame batch of at least 8, else one. Each worker holds its
     own weights plus RESERVE_GB; frame_batch_size is the largest power of two whose activations
-    fit the rest, at most MorphConfig's default. 0 x 0: does not fit."""
-    default_batch = MorphConfig().frame_batch_size
+    fit the rest, at most DEFAULT_FRAME_BATCH (16). 0 x 0: does not fit."""
+    default_batch = DEFAULT_FRAME_BATCH
 
     def batch_for(workers: int) -> int:
         room = card_gb / workers - RESERVE_GB - weights_gb
@@ -320,8 +314,26 @@ def markdown(report: dict[str, Any]) -> str:
             "overlaps one worker's CPU/Python gaps: two workers where each still gets a frame batch of "
             f">= 8, else one; each worker holds its own weights plus {RESERVE_GB:.0f} GB reserve; "
             "frame_batch_size the largest power of two whose (estimated) activations fit the rest, at "
-            "most MorphConfig's default. 0 x 0: does not fit."]
+            "most DEFAULT_FRAME_BATCH (16). 0 x 0: does not fit."]
+    out += ["", *WORKER_RULE]
     return "\n".join(out) + "\n"
+
+
+# The worker's own choice of frame_batch_size (diffmorpher.batching), as docs/sizing.md states it.
+WORKER_RULE: list[str] = [
+    "## Frame batch on a GPU (the worker's rule)",
+    '',
+    "With `frame_batch_size` 0 (MorphConfig's default: auto), each morph takes its rows per UNet call from the device's free memory as it starts (`diffmorpher.batching.frame_batch_size`, from `DiffMorpherPipeline.frame_batch_size`):",
+    '',
+    "- free = `torch.cuda.mem_get_info`'s free bytes + what this process's caching allocator holds unused;",
+    "- reserve = 1 GiB (`RESERVE_BYTES`: allocator slack, LPIPS, the attention store, the pass's latents) + one VAE slice's decode (`vae_batch_size` x 3 x the decoder's widest map, 128 x px^2, x its dtype's bytes);",
+    "- per sample = `ACTIVATION_FACTOR` (40) x the UNet's first feature map (block_out_channels[0] x latent^2) x the run dtype's bytes (the estimate of the table above);",
+    '- frame_batch_size = the largest power of two <= (free - reserve) / per sample, between 1 and 16 (`DEFAULT_FRAME_BATCH`). On the CPU and MPS (no free-memory figure) it is 16, as before.',
+    '',
+    'Examples in bf16 (vae_batch_size 4): SD 2.1-base at 512 px: 0.105 GB a sample, reserve 1.88 GB; 20 GB free gives 16 (the cap), 2.5 GB free gives 4. SDXL at 1024 px: 0.42 GB a sample, reserve 4.3 GB; 10 GB free gives 8.',
+    '',
+    "A frame batch that still runs out of memory (an estimate is an estimate; another worker's morph shares the card) is not the morph's end: the cached memory is released, the batch halved and retried down to one row, and the rest of the pass keeps the size that fit (`DiffMorpherPipeline._split_on_oom`); only one row that does not fit fails the morph (out_of_memory, 507). VAE encode and decode run `vae_batch_size` images per call (MorphConfig, default 4), so the decoder's full-resolution maps do not grow with the frame batch.",
+]
 
 
 def build_report(cases: list[tuple[str, int]], measure: bool, command: str) -> dict[str, Any]:
@@ -330,7 +342,8 @@ def build_report(cases: list[tuple[str, int]], measure: bool, command: str) -> d
     return {
         "command": command,
         "config": {**{k: getattr(config, k) for k in ("num_frames", "lora_steps", "num_inference_steps",
-                                                    "frame_batch_size", "use_reschedule", "lora_rank")},
+                                                    "use_reschedule", "lora_rank")},
+                   "frame_batch_size": config.frame_batch_size or DEFAULT_FRAME_BATCH,
                    "reschedule_probe_steps": config.reschedule_probe_steps,
                    "num_attn_replace_steps": config.num_attn_replace_steps},
         "gpus_tflops_bf16_dense": GPUS,

@@ -17,7 +17,8 @@ import torch
 
 from .attention import MODE_OFF, MODE_REPLACE, MODE_STORE, MorphController
 from .conditioning import PromptConditioning, cat
-from .config import MorphConfig
+from .config import AUTO_FRAME_BATCH, DEFAULT_FRAME_BATCH, MorphConfig
+from .devices import free_memory_bytes
 from .interpolation import interpolate_latents
 
 T = TypeVar("T")
@@ -57,6 +58,24 @@ class Batch:
     weights: torch.Tensor
     lora_weights: torch.Tensor | None
 
+    @property
+    def rows(self) -> int:
+        return len(self.images) + len(self.frames)
+
+    def split(self, size: int) -> list["Batch"]:
+        """The same rows in consecutive batches of at most `size` (endpoints still first), for a
+        batch that ran out of memory. Each row's result depends on its own weights alone, and a
+        part's frames follow every endpoint row, so the parts compute what the batch would."""
+        return [self._rows(start, min(start + size, self.rows)) for start in range(0, self.rows, size)]
+
+    def _rows(self, start: int, stop: int) -> "Batch":
+        count = len(self.images)
+        images, first, last = self.images[start:stop], max(0, start - count), max(0, stop - count)
+        frames = self.frames[first:last]
+        mode = self.mode if self.mode == MODE_OFF else MODE_REPLACE if frames else MODE_STORE
+        lora_weights = None if self.lora_weights is None else self.lora_weights[start:stop]
+        return Batch(mode, images, frames, self.weights[first:last], lora_weights)
+
     def apply(self, controller: MorphController) -> None:
         """Tell the attention processors what this batch's rows are, before its UNet calls."""
         controller.mode = self.mode
@@ -89,11 +108,52 @@ def frame_specs(per_segment: Sequence[Sequence[float]]) -> list[FrameSpec]:
     return specs
 
 
+# The UNet's peak live activations per sample over its first feature map (block_out_channels[0]
+# x latent^2 values): a conservative round figure (the down path's skip connections alive across
+# the call, ~12 maps, x a few for the attention blocks' intermediates; docs/sizing.md).
+ACTIVATION_FACTOR = 40
+# Device memory a frame batch leaves alone: allocator slack and fragmentation, LPIPS, the
+# attention store, the latents of the pass (docs/sizing.md "Frame batch on a GPU").
+RESERVE_BYTES = 1 << 30
+
+
+def activation_bytes(unet_channels: int, latent_side: int, bytes_per_value: int) -> int:
+    """Estimated peak UNet inference activations of one sample (SDPA attention: no score
+    matrix): ACTIVATION_FACTOR x its first feature map."""
+    return ACTIVATION_FACTOR * unet_channels * latent_side * latent_side * bytes_per_value
+
+
+def decode_bytes(vae_channels: int, resolution: int, bytes_per_value: int) -> int:
+    """Estimated peak activations of one image's VAE decode: 3 x the decoder's widest
+    full-resolution feature map."""
+    return 3 * vae_channels * resolution * resolution * bytes_per_value
+
+
+def frame_batch_size(config: MorphConfig, device: torch.device, per_sample: int, reserve: int) -> int:
+    """Rows per UNet call: the configured number; for AUTO_FRAME_BATCH the largest power of two
+    whose estimated activations (`per_sample` bytes each) fit the device's free memory less
+    `reserve` bytes, between 1 and DEFAULT_FRAME_BATCH; DEFAULT_FRAME_BATCH where the device
+    reports no free memory (CPU, MPS)."""
+    if config.frame_batch_size != AUTO_FRAME_BATCH:
+        return config.frame_batch_size
+    free = free_memory_bytes(device)
+    if free is None:
+        return DEFAULT_FRAME_BATCH
+    fits = max(1, (free - reserve) // max(1, per_sample))
+    return min(1 << (fits.bit_length() - 1), DEFAULT_FRAME_BATCH)
+
+
+def rows_per_call(config: MorphConfig) -> int:
+    """config.frame_batch_size, or DEFAULT_FRAME_BATCH where it was left to the pipeline's choice
+    (AUTO_FRAME_BATCH) and the caller made none."""
+    return config.frame_batch_size or DEFAULT_FRAME_BATCH
+
+
 def inversion_batches(indices: list[int], num_images: int, config: MorphConfig) -> list[Batch]:
     """The images to invert, `frame_batch_size` per UNet call, each with its endpoint LoRA mix."""
     return [
         Batch(MODE_OFF, chunk, [], torch.zeros(0, num_images), endpoint_lora_weights(chunk, num_images, config))
-        for chunk in chunks(indices, config.frame_batch_size)
+        for chunk in chunks(indices, rows_per_call(config))
     ]
 
 
@@ -102,7 +162,7 @@ def sequence_batches(specs: list[FrameSpec], num_images: int, config: MorphConfi
     `frame_batch_size`; a batch with frames replaces attention, one of endpoints only stores."""
     rows: list[int | FrameSpec] = [*range(num_images), *(s for s in specs if s.is_intermediate)]
     batches = []
-    for chunk in chunks(rows, config.frame_batch_size):
+    for chunk in chunks(rows, rows_per_call(config)):
         images = [row for row in chunk if isinstance(row, int)]
         frames = [row for row in chunk if isinstance(row, FrameSpec)]
         weights = (torch.stack([segment_weights(s.segment, s.alpha, num_images) for s in frames])

@@ -49,7 +49,18 @@ class ConfigError(FieldNamed, ValueError):
 
 
 LORA_TARGET_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
+# "auto": the run device's own precision (devices.default_dtype: bf16 on a CUDA GPU that has it,
+# else fp16; fp16 on MPS; fp32 on the CPU), decided where the model is loaded.
+AUTO = "auto"
+DTYPES: tuple[str, ...] = (AUTO, "float32", "float16", "bfloat16")
+# frame_batch_size 0: chosen per morph from the device's free memory (batching.frame_batch_size);
+# on the CPU (no such figure) DEFAULT_FRAME_BATCH, which is also the most the choice gives.
+AUTO_FRAME_BATCH = 0
+# 16 runs a 16-frame morph's pass as one batch: 17 % faster than 8 on the embedded model's CPU
+# path (benchmarks/results).
+DEFAULT_FRAME_BATCH = 16
+# Images per VAE encode/decode call (MorphConfig.vae_batch_size's default).
+DEFAULT_VAE_BATCH = 4
 PERCEPTUAL_METRICS: tuple[str, ...] = ("lpips", "pixel")
 
 # The paper's baseline, "DDIM inversion + slerp": every part of the method switched off.
@@ -118,11 +129,16 @@ class MorphConfig:
     # "Measuring pass"). A repeated morph skips the pass altogether (its alphas are cached).
     reschedule_probe_fraction: float = 0.8
     # Execution
-    # Rows (endpoints + frames, or images being fitted) per UNet call. 16 runs a 16-frame morph's
-    # pass as one batch: 17 % faster than 8 on the embedded model's CPU path (benchmarks/
-    # results); on a GPU lower it if a morph at 512 px or more runs out of memory (507).
-    frame_batch_size: int = 16
-    dtype: str = "float32"
+    # Rows (endpoints + frames, or images being fitted) per UNet call; AUTO_FRAME_BATCH (0): as
+    # many as the device's free memory holds, at most DEFAULT_FRAME_BATCH (docs/sizing.md "Frame
+    # batch on a GPU"); the CPU gets DEFAULT_FRAME_BATCH. A frame batch that still runs out of
+    # memory is halved and retried, down to one row, before the morph fails.
+    frame_batch_size: int = AUTO_FRAME_BATCH
+    # Images per VAE encode/decode call: the decoder's full-resolution activations are the
+    # largest of a morph (about 0.2 GB a 512 px frame in bf16, 0.8 GB at 1024 px), so a frame
+    # batch is decoded in slices of this many; 4 keeps a 1024 px decode near 3 GB.
+    vae_batch_size: int = DEFAULT_VAE_BATCH
+    dtype: str = AUTO
     device: str | None = None  # None: best available (see devices.select_device)
 
     def __post_init__(self) -> None:
@@ -152,7 +168,8 @@ class MorphConfig:
         _check_bool("use_reschedule", self.use_reschedule)
         _check_choice("perceptual_metric", self.perceptual_metric, PERCEPTUAL_METRICS)
         _check_float("reschedule_probe_fraction", self.reschedule_probe_fraction, 0.0, 1.0, low_inclusive=False)
-        _check_int("frame_batch_size", self.frame_batch_size, 1, limits.MAX_FRAME_BATCH)
+        _check_int("frame_batch_size", self.frame_batch_size, AUTO_FRAME_BATCH, limits.MAX_FRAME_BATCH)
+        _check_int("vae_batch_size", self.vae_batch_size, 1, limits.MAX_VAE_BATCH)
         _check_choice("dtype", self.dtype, DTYPES)
         if self.device is not None and not isinstance(self.device, str):
             raise ConfigError(f"device must be a string such as 'cpu', got {show(self.device)}")

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from .config import ConfigError
+from .config import AUTO, ConfigError
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -21,15 +21,31 @@ def select_device(requested: str | None = None) -> torch.device:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {requested!r} requested but CUDA is not available")
         return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
+    if torch.cuda.is_available():  # the current device: the worker's (use_device), else GPU 0
+        return torch.device("cuda", torch.cuda.current_device())
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
 
 
+def default_dtype(device: torch.device) -> torch.dtype:
+    """The run dtype where none is asked for ("auto"): bfloat16 on a CUDA GPU that supports it
+    (fp32's range, so no fp16 overflow in SD's UNet, at tensor-core speed), else float16 there
+    (the VAE upcast where its config says: models.vae_dtype); float16 on Apple MPS (its fast
+    path); float32 on the CPU, where half precision is slow or unsupported."""
+    if device.type == "cuda":  # asks the current device: the worker's own (use_device)
+        # Native bf16 only (Ampere and later): before it, bf16 runs emulated, far slower than fp16.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """Half precision is for accelerators; on CPU it is slow or unsupported, so refuse it."""
+    """The run dtype `name` names on `device` ("auto": default_dtype). Half precision is for
+    accelerators; on CPU it is slow or unsupported, so refuse it."""
+    if name == AUTO:
+        return default_dtype(device)
     dtype = _DTYPES[name]
     if device.type == "cpu" and dtype == torch.float16:
         raise ConfigError("dtype float16 is not supported on CPU; use float32 (or bfloat16)")
@@ -45,6 +61,34 @@ def device_for_worker(gpu_id: int | str | None) -> torch.device:
     if not torch.cuda.is_available():
         raise ConfigError(f"TorchServe assigned GPU {gpu_id}, but this worker sees no CUDA device")
     return torch.device("cuda", int(gpu_id))
+
+
+def use_device(device: torch.device) -> None:
+    """Make `device` this process's current accelerator. A TorchServe worker gets its GPU as
+    `gpu_id`; without this, whatever picks the current device (torch.compile's inductor, a
+    `torch.device("cuda")` without index, CUDA caches and streams) lands on GPU 0 from every
+    worker. Nothing to do on the CPU or MPS (one device)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device`: kernels run asynchronously on an accelerator, so a
+    wall-clock stage timing is only true once the stage's work has finished. No-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Bytes a new allocation on `device` may still take: the driver's free memory plus what
+    this process's caching allocator holds unused (torch.cuda.mem_get_info counts that as
+    taken). None where the backend reports no such figure (CPU, MPS)."""
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
 def worker_threads(configured: int, workers: int, cores: int | None = None) -> int | None:

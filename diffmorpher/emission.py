@@ -19,13 +19,17 @@ class FrameCollector:
     """The frames of one pass, (N, 3, H, W) in [0, 1], filled batch by batch.
 
     `stream`: report each finished frame (STAGE_FRAME_READY, with its image) in order; the
-    reschedule's measuring pass does not, its frames are not the result.
+    reschedule's measuring pass does not, its frames are not the result. `to_cpu`: the frames
+    are the result's: each batch's decoded frames move to the CPU here, once, before they are
+    reported or kept (the measuring pass keeps them on the run device, where LPIPS reads them).
     """
 
     def __init__(
-        self, specs: list[FrameSpec], num_images: int, stage: str, progress: ProgressCallback | None, stream: bool
+        self, specs: list[FrameSpec], num_images: int, stage: str, progress: ProgressCallback | None, stream: bool,
+        to_cpu: bool = False,
     ) -> None:
         self.specs = specs
+        self.to_cpu = to_cpu
         self.num_images = num_images
         self.stage = stage
         self.progress = progress
@@ -38,6 +42,8 @@ class FrameCollector:
 
     def add(self, batch: Batch, decoded: torch.Tensor) -> None:
         """The decoded rows of `batch` (endpoints first, as the batch holds them)."""
+        if self.to_cpu:
+            decoded = decoded.cpu()
         self.endpoints |= dict(zip(batch.images, decoded[: len(batch.images)]))
         for spec, frame in zip(batch.frames, decoded[len(batch.images):]):
             self.frames[spec.index] = frame

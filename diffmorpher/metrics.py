@@ -39,7 +39,7 @@ def sequence_quality(frames: torch.Tensor, metric: PerceptualDistance) -> Sequen
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """Peak signal-to-noise ratio in dB of two images in [0, 1]."""
-    mse = float((a.double() - b.double()).square().mean())
+    mse = float((a.cpu().double() - b.cpu().double()).square().mean())  # float64: on the CPU (MPS has none)
     return float("inf") if mse == 0 else 10.0 * torch.log10(torch.tensor(1.0 / mse)).item()
 
 

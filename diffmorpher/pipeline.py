@@ -19,23 +19,36 @@ of segment k, so its LoRA, inverted latent and stored attention are computed onc
 
 from __future__ import annotations
 
+import logging
 import time
 from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from morph_protocol import limits
 from PIL import Image
 
 from .attention import AttentionStore, MorphController, morph_attention
-from .batching import FrameSpec, chunks, frame_specs, inversion_batches, sequence_batches
+from .batching import (
+    RESERVE_BYTES,
+    Batch,
+    FrameSpec,
+    activation_bytes,
+    chunks,
+    decode_bytes,
+    frame_batch_size,
+    frame_specs,
+    inversion_batches,
+    rows_per_call,
+    sequence_batches,
+)
 from .cache import TensorCache
 from .cache_plan import CachePlan, Lora, Schedule, stored_image
 from .conditioning import PromptConditioning
-from .config import ConfigError, MorphConfig
+from .config import AUTO, DEFAULT_VAE_BATCH, ConfigError, MorphConfig
 from .ddim import Predictor, ddim_invert, ddim_sample
-from .devices import resolve_dtype, select_device
+from .devices import is_out_of_memory, release_cached_memory, resolve_dtype, select_device, synchronize
 from .emission import FrameCollector
 from .interrupt import StopCheck, never_stop, raise_if_stopped
 from .lora import fit_loras
@@ -53,6 +66,8 @@ from .results import (
     ProgressCallback,
     ProgressEvent,
 )
+
+logger = logging.getLogger(__name__)
 
 
 class DiffMorpherPipeline:
@@ -83,7 +98,7 @@ class DiffMorpherPipeline:
         cls,
         source: str | Path,
         device: str | torch.device | None = None,
-        dtype: str = "float32",
+        dtype: str = AUTO,
         lpips_weights: str | Path | None = None,
         cache: TensorCache | None = None,
     ) -> "DiffMorpherPipeline":
@@ -110,36 +125,38 @@ class DiffMorpherPipeline:
         timings: dict[str, float] = {}
         started = time.perf_counter()
         resolution = config.resolution or self.models.native_resolution
+        config = config.replace(frame_batch_size=self.frame_batch_size(config, resolution))
+        device = self.models.device
         plan = CachePlan.for_morph(self.cache, images, prompts, self.models, config, resolution, loras)
         with torch.no_grad():
             # 1. encode images and prompts
-            with _timed(timings, "encode"):
+            with _timed(timings, "encode", device):
                 conditioning = self.encode_prompts(prompts, resolution)
-                latent_mean, latent_std = self.encode_images(images, resolution)
+                latent_mean, latent_std = self.encode_images(images, resolution, config.vae_batch_size)
             plan.remember_images(images, resolution)
             # 2. fit one LoRA per image
-            with _timed(timings, STAGE_LORA):
+            with _timed(timings, STAGE_LORA, device):
                 fitted = self.fit_loras(latent_mean, latent_std, conditioning, config, loras, progress, stop, plan)
             controller = MorphController(AttentionStore(len(images), config.num_attn_replace_steps), beta=config.attn_beta)
             # Inference only from here on (the LoRA fit above needs autograd): no version
             # counters or view tracking on any tensor the denoising makes.
             with torch.inference_mode(), morph_attention(self.models.unet, controller, self.lora_stacks(fitted, config)):
                 # 3. DDIM-invert every image with its own LoRA mix
-                with _timed(timings, STAGE_INVERSION):
+                with _timed(timings, STAGE_INVERSION, device):
                     noise = self.invert(latent_mean, conditioning, controller, config, progress, stop, plan)
                 # 4. reschedule: alphas that even out the perceptual distance between frames
                 metric: PerceptualDistance | None = None
                 schedule, schedule_state = [uniform_alphas(config.num_frames)] * (len(images) - 1), "off"
                 if config.use_reschedule:
-                    with _timed(timings, STAGE_RESCHEDULE):
+                    with _timed(timings, STAGE_RESCHEDULE, device):
                         metric = self.perceptual_metric(config)
                         measure = partial(self.reschedule, noise, conditioning, controller, config, metric, progress, stop)
                         schedule, schedule_state = plan.schedule(config, metric, len(images), measure)
                 # 5-6. endpoints (storing attention) and frames, reported in order as they finish
-                with _timed(timings, STAGE_FRAMES):
+                with _timed(timings, STAGE_FRAMES, device):
                     frames = self.denoise_sequence(
                         frame_specs(schedule), noise, conditioning, controller, config, STAGE_FRAMES, progress, stop,
-                        stream=True,
+                        stream=True, to_cpu=True,
                     )
         timings["total"] = time.perf_counter() - started
         specs = frame_specs(schedule)
@@ -183,27 +200,47 @@ class DiffMorpherPipeline:
         if self.models.device.type == "cpu" and self.models.dtype == torch.float16:
             raise ConfigError("float16 is not supported on CPU")
 
+    def frame_batch_size(self, config: MorphConfig, resolution: int) -> int:
+        """Rows per UNet call for this morph (batching.frame_batch_size): with the auto setting,
+        what the device's free memory holds at the UNet's estimated activations per sample, after
+        a reserve that includes one VAE slice's decode (docs/sizing.md "Frame batch on a GPU")."""
+        models = self.models
+        per_sample = activation_bytes(
+            int(models.unet.config.block_out_channels[0]), resolution // models.vae_scale_factor, models.dtype.itemsize
+        )
+        vae_channels = int(models.vae.config.block_out_channels[0])
+        vae_slice = config.vae_batch_size * decode_bytes(vae_channels, resolution, models.vae.dtype.itemsize)
+        return frame_batch_size(config, models.device, per_sample, RESERVE_BYTES + vae_slice)
+
     # ------------------------------------------------------------------ stage 1: encode
     def encode_prompts(self, prompts: Sequence[str], resolution: int | None = None) -> PromptConditioning:
         """One row of UNet conditioning per prompt, as the model family makes it."""
         return self.models.conditioner.encode(prompts, resolution or self.models.native_resolution)
 
     def encode_images(
-        self, images: Sequence[Image.Image], resolution: int
+        self, images: Sequence[Image.Image], resolution: int, vae_batch_size: int = DEFAULT_VAE_BATCH
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """VAE posterior mean and std of each image, scaled like the latents the UNet sees."""
-        pixels = torch.cat([image_to_tensor(image, resolution) for image in images])
+        """VAE posterior mean and std of each image, scaled like the latents the UNet sees;
+        `vae_batch_size` images per VAE call (the encoder's full-resolution maps are large)."""
         vae = self.models.vae  # float32 where its config forces an upcast of float16 (models.vae_dtype)
-        pixels = pixels.to(device=self.models.device, dtype=vae.dtype)
-        posterior = vae.encode(pixels).latent_dist
         scale = vae.config.scaling_factor
-        return (posterior.mean * scale).to(self.models.dtype), (posterior.std * scale).to(self.models.dtype)
+        means, stds = [], []
+        for chunk in chunks(list(images), vae_batch_size):
+            pixels = torch.cat([image_to_tensor(image, resolution) for image in chunk])
+            posterior = vae.encode(pixels.to(device=self.models.device, dtype=vae.dtype)).latent_dist
+            means.append((posterior.mean * scale).to(self.models.dtype))
+            stds.append((posterior.std * scale).to(self.models.dtype))
+        return torch.cat(means), torch.cat(stds)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> (B, 3, H, W) float32 images in [0, 1] on the CPU."""
-        scale = self.models.vae.config.scaling_factor
-        images = self.models.vae.decode(latents.to(self.models.vae.dtype) / scale).sample
-        return ((images.float() + 1) / 2).clamp(0, 1).cpu()
+    def decode(self, latents: torch.Tensor, vae_batch_size: int = DEFAULT_VAE_BATCH) -> torch.Tensor:
+        """Latents -> (B, 3, H, W) float32 images in [0, 1] on the run device, `vae_batch_size`
+        per VAE call: the decoder's full-resolution activations bound a frame batch's memory.
+        The reschedule's LPIPS reads them there; the result's frames go to the CPU once, where
+        they are collected (emission.FrameCollector)."""
+        vae = self.models.vae
+        scale = vae.config.scaling_factor
+        slices = [vae.decode(part.to(vae.dtype) / scale).sample for part in latents.split(vae_batch_size)]
+        return ((torch.cat(slices).float() + 1) / 2).clamp(0, 1)
 
     def stored_image(self, key: str) -> Image.Image:
         """The input image a previous result named by its `image_key` (cache_plan.stored_image)."""
@@ -231,7 +268,7 @@ class DiffMorpherPipeline:
 
         def fit(indices: list[int]) -> dict[int, Lora]:
             new: dict[int, Lora] = {}
-            for chunk in chunks(indices, config.frame_batch_size):
+            for chunk in chunks(indices, rows_per_call(config)):
 
                 def on_step(step: int, total: int, losses: torch.Tensor, items: list[int] = chunk) -> None:
                     raise_if_stopped(stop, STAGE_LORA)
@@ -336,20 +373,54 @@ class DiffMorpherPipeline:
         stop: StopCheck = never_stop,
         walk_steps: int | None = None,
         stream: bool = False,
+        to_cpu: bool = False,
     ) -> torch.Tensor:
         """Every frame of the sequence, (N, 3, H, W) in [0, 1]: the K endpoints reconstructed
         from their z_T (storing their self-attention inputs) and the intermediate frames, each
         sample with its own alpha, in the batches of batching.sequence_batches. `walk_steps`: a
-        coarse walk (ddim_sample). `stream`: report each frame, in order, as it is ready."""
-        collector = FrameCollector(specs, len(noise), stage, progress, stream)
-        for batch in sequence_batches(specs, len(noise), config):
+        coarse walk (ddim_sample). `stream`: report each frame, in order, as it is ready.
+        `to_cpu`: collect the frames on the CPU (the result), else on the run device."""
+        collector = FrameCollector(specs, len(noise), stage, progress, stream, to_cpu)
+
+        def run(batch: Batch) -> torch.Tensor:
             batch.apply(controller)
             latents = ddim_sample(
                 self.models.schedule, self._predictor(controller, batch.conditioning(conditioning), stop, stage),
                 batch.start_latents(noise, config.use_adain), config.num_inference_steps, walk_steps=walk_steps,
             )
-            collector.add(batch, self.decode(latents))
+            return self.decode(latents, config.vae_batch_size)
+
+        for batch, decoded in self._split_on_oom(sequence_batches(specs, len(noise), config), run):
+            collector.add(batch, decoded)
         return collector.tensor()
+
+    def _split_on_oom(
+        self, batches: Iterable[Batch], run: Callable[[Batch], torch.Tensor]
+    ) -> Iterator[tuple[Batch, torch.Tensor]]:
+        """Each batch with `run`'s result. A batch that runs out of device memory is not the
+        morph's end while it can be split: the cached memory is released, the batch halved and
+        retried (down to one row), and the rest of the pass runs at the size that fit."""
+        limit: int | None = None
+        for batch in batches:
+            pending = [batch]
+            while pending:
+                part = pending.pop(0)
+                if limit is not None and part.rows > limit:
+                    pending[:0] = part.split(limit)
+                    continue
+                try:
+                    result = run(part)
+                except Exception as error:  # noqa: BLE001 - only an out-of-memory error is retried
+                    if not is_out_of_memory(error) or part.rows == 1:
+                        raise
+                else:
+                    yield part, result
+                    continue
+                # Out of memory; released here, where the error's traceback no longer holds the part's tensors.
+                release_cached_memory(self.models.device)
+                limit = (part.rows + 1) // 2
+                logger.warning("a frame batch of %d rows ran out of memory; retrying %d at a time", part.rows, limit)
+                pending.insert(0, part)
 
     # ------------------------------------------------------------------ the UNet call
     def _predictor(
@@ -368,14 +439,18 @@ class DiffMorpherPipeline:
 
 
 class _timed:
-    """Adds the wall time of a `with` block to timings[name]."""
+    """Adds the wall time of a `with` block to timings[name]: the time of the block's device
+    work, too, since the device is synchronised at both ends (an accelerator runs kernels
+    asynchronously, so without it a stage's time would land in whichever stage waits next)."""
 
-    def __init__(self, timings: dict[str, float], name: str) -> None:
-        self.timings, self.name = timings, name
+    def __init__(self, timings: dict[str, float], name: str, device: torch.device) -> None:
+        self.timings, self.name, self.device = timings, name, device
 
     def __enter__(self) -> None:
+        synchronize(self.device)
         self.start = time.perf_counter()
 
     def __exit__(self, *exc: object) -> None:
+        synchronize(self.device)
         elapsed = time.perf_counter() - self.start
         self.timings[self.name] = self.timings.get(self.name, 0.0) + elapsed

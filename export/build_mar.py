@@ -122,10 +122,6 @@ def archive_max_response_bytes(config_properties: Path) -> int:
     return properties.max_response_bytes(properties.read_properties(config_properties))
 
 
-# What a GPU archive runs in unless the export says otherwise (--default dtype=...): SD's UNet
-# in bf16 keeps fp32's range (no fp16 overflow) at tensor-core speed.
-GPU_DEFAULT_DTYPE = "bfloat16"
-
 
 def render_model_config(
     *,
@@ -150,8 +146,9 @@ def render_model_config(
             "dtype float16 needs a GPU: with --device-type cpu every worker would fail to load. "
             "Export with --device-type gpu, or use dtype float32 or bfloat16"
         )
-    if device_type == "gpu" and "dtype" not in defaults:
-        morph_defaults["dtype"] = GPU_DEFAULT_DTYPE  # fp32 on a GPU is half its speed for nothing
+    # Unless the export says otherwise (--default dtype=...), dtype stays MorphConfig's "auto": each
+    # worker runs in its device's precision (diffmorpher.devices.default_dtype: bf16 on a GPU that
+    # has it, else fp16; fp32 on the CPU), which only the serving host knows.
     config["deviceType"] = device_type
     config["minWorkers"] = config["maxWorkers"] = workers
     if response_timeout is not None:

@@ -38,7 +38,7 @@ from diffmorpher.cache import CacheMiss, CacheStore, DiskStore, TensorCache
 from diffmorpher.cache_redis import RedisStore, RemoteStatus, TieredStore
 from diffmorpher.compile import COMPILE_OFF, compile_unet_blocks
 from diffmorpher.config import FIELD, ConfigError, MorphConfig
-from diffmorpher.devices import device_for_worker, is_out_of_memory, release_cached_memory, worker_threads
+from diffmorpher.devices import device_for_worker, is_out_of_memory, release_cached_memory, use_device, worker_threads
 from diffmorpher.encoding import encode_parts
 from diffmorpher.interrupt import CANCELLED, MorphStopped
 from diffmorpher.pipeline import DiffMorpherPipeline
@@ -107,6 +107,7 @@ class DiffMorpherHandler:
         if threads is not None:
             torch.set_num_threads(threads)
         device = device_for_worker(properties.get("gpu_id"))
+        use_device(device)  # before loading: everything that takes the current device gets this worker's GPU
         cache = _cache(archive_dir, settings)
         logger.info("loading %s on %s (lpips: %s, cache: %s)", weights, device, lpips_path,
                     cache.store if cache else "off")

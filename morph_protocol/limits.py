@@ -29,7 +29,8 @@ MAX_FRAMES = 256
 MAX_LORA_STEPS = 2000
 MAX_INFERENCE_STEPS = 1000
 MAX_LORA_RANK = 256
-MAX_FRAME_BATCH = 64
+MAX_FRAME_BATCH = 64  # 0 asks for the worker's choice (diffmorpher.batching.frame_batch_size)
+MAX_VAE_BATCH = 64
 MAX_RESOLUTION = 2048
 
 # ---------------------------------------------------------------------------- the worker

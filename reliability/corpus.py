@@ -680,7 +680,7 @@ def build_corpus(base_options: dict, *, include_huge: bool = False) -> list[Case
     bad_option(
         "frame_batch_size_huge",
         {"frame_batch_size": 100000},
-        "frame_batch_size must be between 1 and 64",
+        "frame_batch_size must be between 0 and 64",
         "would exhaust GPU memory",
     )
     bad_option(

@@ -28,10 +28,11 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from checkpoints.architectures import ARCHITECTURES
 from diffmorpher.attention import AttentionStore, MorphController, morph_attention
-from diffmorpher.batching import frame_specs, segment_weights
+from diffmorpher.batching import frame_specs, segment_weights, sequence_batches
 from diffmorpher.conditioning import StableDiffusionConditioner, StableDiffusionXLConditioner
 from diffmorpher.config import MorphConfig
 from diffmorpher.ddim import NoiseSchedule
+from diffmorpher.emission import FrameCollector
 from diffmorpher.lora import ForwardNoising, fit_loras, initial_lora_stacks, lora_training, training_losses
 from diffmorpher.lora_mix import build_lora_stacks
 from diffmorpher.models import MorphModels, vae_dtype
@@ -139,7 +140,21 @@ def test_the_morph_tensor_path_runs_on_cuda(size: str, dtype: torch.dtype, monke
         assert all(on(t, "cpu", torch.float32) for lora in loras for t in lora.values())
         assert on(noise, "cuda", dtype) and noise.shape == mean.shape
         assert store.tensors and all(on(t, "cuda", dtype) for t in store.tensors.values())
-        assert on(frames, "cpu", torch.float32) and frames.shape == (3, 3, 64, 64)
+        assert on(frames, "cuda", torch.float32) and frames.shape == (3, 3, 64, 64)  # decoded on the run device
+
+
+def test_result_frames_go_to_the_cpu_once_where_they_are_collected(monkeypatch: pytest.MonkeyPatch) -> None:
+    """decode() leaves frames on the run device (the reschedule's LPIPS reads them there); the
+    result's collector moves each batch to the CPU, the measuring pass's keeps it on the device."""
+    specs = frame_specs([uniform_alphas(4)])
+    (batch,) = sequence_batches(specs, 2, CONFIG)
+    with fake_device("cuda", monkeypatch):
+        decoded = torch.rand(4, 3, 8, 8)
+        result, probe = (FrameCollector(specs, 2, "frames", None, stream=False, to_cpu=to_cpu) for to_cpu in (True, False))
+        result.add(batch, decoded)
+        probe.add(batch, decoded)
+        assert on(result.tensor(), "cpu", torch.float32) and on(probe.tensor(), "cuda", torch.float32)
+        assert result.tensor().shape == probe.tensor().shape == (4, 3, 8, 8)
 
 
 def test_attention_mix_takes_weights_built_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -235,4 +250,4 @@ def test_the_sdxl_morph_tensor_path_runs_on_cuda_in_bf16(monkeypatch: pytest.Mon
         layers = {layer for layer, _ in store.tensors}
         assert len(layers) == 3 * 10 + 3 * 2  # up blocks 0 and 1: 3 attentions of 10 and of 2 layers
         assert all(on(t, "cuda", dtype) for t in store.tensors.values())
-        assert on(frames, "cpu", torch.float32) and frames.shape == (3, 3, 128, 128)
+        assert on(frames, "cuda", torch.float32) and frames.shape == (3, 3, 128, 128)

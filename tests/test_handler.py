@@ -361,3 +361,29 @@ def test_out_of_memory_is_507_naming_what_to_reduce_and_the_worker_serves_on(
     monkeypatch.setattr(type(handler.pipeline), "__call__", real_call)
     (payload,) = handler.handle([good_request()], make_context(tiny_sd_dir))
     assert wire.decode_message(payload).type == wire.TYPE_RESULT
+
+
+@pytest.mark.parametrize("gpu_id, device", [(1, torch.device("cuda", 1)), (None, torch.device("cpu"))],
+                         ids=["gpu-1", "no-gpu"])
+def test_a_worker_makes_its_assigned_gpu_current_before_loading_on_it(
+    tiny_sd_dir: Path, monkeypatch: pytest.MonkeyPatch, gpu_id: int | None, device: torch.device
+) -> None:
+    """TorchServe's gpu_id becomes the worker's current CUDA device before anything loads (else
+    inductor and index-less "cuda" land on GPU 0 from every worker), and the pipeline loads on
+    it in the precision the device picks ("auto"); without one, the CPU and nothing of CUDA."""
+    events: list[tuple] = []
+    real_load = torchserve_handler.DiffMorpherPipeline.from_pretrained
+
+    def load(source, device=None, dtype="auto", **kwargs):
+        events.append(("load", device, dtype))
+        return real_load(source, device="cpu", dtype="float32", **kwargs)  # no GPU here: the CPU stands in
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: events.append(("set_device", device)))
+    monkeypatch.setattr(torchserve_handler.DiffMorpherPipeline, "from_pretrained", load)
+    context = Context("diffmorpher", str(tiny_sd_dir), {}, 1, gpu_id, "0.12.0",
+                      model_yaml_config={"handler": {"model_dir": str(tiny_sd_dir), "lpips_weights": "",
+                                                     "cache_dir": "off"}})
+    DiffMorpherHandler().initialize(context)
+    expected_calls = [("set_device", device)] if device.type == "cuda" else []
+    assert events == [*expected_calls, ("load", device, "auto")]

@@ -7,6 +7,7 @@ from PIL import Image
 from diffmorpher import ConfigError, MorphConfig
 from diffmorpher.pipeline import DiffMorpherPipeline
 from diffmorpher.results import STAGE_FRAME_READY
+from tests.conftest import EMBEDDED_MODEL
 
 FAST = dict(num_frames=5, lora_steps=2, lora_rank=4, num_inference_steps=4, perceptual_metric="pixel")
 
@@ -148,3 +149,123 @@ def test_stop_check_is_asked_at_every_lora_and_denoising_step(pipe):
     pipe(_images(), _prompts(), config, stop=counter)
     # 2 LoRA steps (both LoRAs in one batch) + inversion (4 steps) + endpoints (4) + frames (4)
     assert counter.calls == 2 + 4 + 4 + 4
+
+
+# ---------------------------------------------------------------------------- memory and timing
+class _BatchSpy:
+    """Wraps a module method, recording the batch size of each call."""
+
+    def __init__(self, method) -> None:
+        self.method, self.sizes = method, []
+
+    def __call__(self, x, *args, **kwargs):
+        self.sizes.append(x.shape[0])
+        return self.method(x, *args, **kwargs)
+
+
+def test_vae_decodes_and_encodes_in_slices_with_the_unsliced_result(pipe, monkeypatch):
+    latents = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    whole = pipe.decode(latents, vae_batch_size=5)
+    decode = _BatchSpy(pipe.models.vae.decode)
+    monkeypatch.setattr(pipe.models.vae, "decode", decode)
+    sliced = pipe.decode(latents, vae_batch_size=2)
+    assert decode.sizes == [2, 2, 1]
+    assert sliced.shape == whole.shape == (5, 3, 16, 16) and sliced.device == pipe.models.device
+    assert (sliced - whole).abs().max() < 1e-5
+
+    mean, std = pipe.encode_images(_images(3), 16, vae_batch_size=3)
+    encode = _BatchSpy(pipe.models.vae.encode)
+    monkeypatch.setattr(pipe.models.vae, "encode", encode)
+    sliced_mean, sliced_std = pipe.encode_images(_images(3), 16, vae_batch_size=2)
+    assert encode.sizes == [2, 1]
+    assert (sliced_mean - mean).abs().max() < 1e-5 and (sliced_std - std).abs().max() < 1e-5
+
+
+def test_a_morph_decodes_at_most_vae_batch_size_frames_per_vae_call(pipe, monkeypatch):
+    whole = pipe(_images(), _prompts(), MorphConfig(**FAST, frame_batch_size=5, vae_batch_size=5))
+    decode = _BatchSpy(pipe.models.vae.decode)
+    monkeypatch.setattr(pipe.models.vae, "decode", decode)
+    sliced = pipe(_images(), _prompts(), MorphConfig(**FAST, frame_batch_size=5, vae_batch_size=2))
+    assert decode.sizes == [2, 2, 1] * 2  # the reschedule's measuring pass, then the frames
+    assert sliced.frame_tensors.device.type == "cpu"
+    assert (sliced.frame_tensors - whole.frame_tensors).abs().max() < 1e-5
+
+
+def test_stage_timings_synchronise_a_cuda_device_at_both_ends(monkeypatch):
+    from diffmorpher.pipeline import _timed
+
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    timings = {"frames": 1.0}
+    with _timed(timings, "frames", torch.device("cuda", 1)):
+        assert synced == [torch.device("cuda", 1)]  # queued work of earlier stages is not this one's
+    assert synced == [torch.device("cuda", 1)] * 2 and timings["frames"] > 1.0
+
+
+def test_a_cpu_morph_times_its_stages_without_synchronising(pipe, monkeypatch):
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    result = pipe(_images(), _prompts(), MorphConfig(**FAST))
+    assert synced == []
+    stages = ["encode", "lora", "inversion", "reschedule", "frames"]
+    assert all(result.timings[stage] > 0 for stage in stages)
+    assert sum(result.timings[stage] for stage in stages) <= result.timings["total"]
+
+
+def test_auto_frame_batch_follows_the_models_activation_estimate(pipe, monkeypatch):
+    """With free memory reported, a morph's rows per UNet call come from the UNet's first
+    feature map and one VAE slice (docs/sizing.md); an explicit size is kept."""
+    from diffmorpher import batching
+
+    models = pipe.models
+    per_sample = batching.activation_bytes(models.unet.config.block_out_channels[0], 8, 4)  # 16 px -> 8x8 latent, fp32
+    reserve = batching.RESERVE_BYTES + 3 * batching.decode_bytes(models.vae.config.block_out_channels[0], 16, 4)
+    monkeypatch.setattr(batching, "free_memory_bytes", lambda device: reserve + 5 * per_sample)
+    assert pipe.frame_batch_size(MorphConfig(vae_batch_size=3), 16) == 4
+    assert pipe.frame_batch_size(MorphConfig(vae_batch_size=3, frame_batch_size=7), 16) == 7
+    monkeypatch.setattr(batching, "free_memory_bytes", lambda device: None)
+    assert pipe.frame_batch_size(MorphConfig(), 16) == 16
+
+
+@pytest.mark.skipif(not (EMBEDDED_MODEL / "unet").is_dir(), reason="needs the embedded model")
+def test_a_frame_batch_that_runs_out_of_memory_is_halved_and_gives_the_same_frames():
+    """A UNet that refuses batches of more than 2 rows (as a GPU would with torch.OutOfMemoryError):
+    the 6-row passes are split 6 -> 3 -> 2 (+1) and the frames equal the unsplit run's (to the
+    float error of other GEMM shapes, as frame_batch_size 1 against 4 above)."""
+    pipe = DiffMorpherPipeline.from_pretrained(EMBEDDED_MODEL, device="cpu")
+    config = MorphConfig(**{**FAST, "num_frames": 6, "lora_steps": 1}, frame_batch_size=6)
+    reference = pipe(_images(), _prompts(), config)
+    seen: list[int] = []
+
+    def refuse_large(module, args, kwargs):
+        rows = args[0].shape[0]
+        seen.append(rows)
+        if rows > 2:
+            raise torch.OutOfMemoryError(f"CUDA out of memory: {rows} rows")
+
+    hook = pipe.models.unet.register_forward_pre_hook(refuse_large, with_kwargs=True)
+    try:
+        split = pipe(_images(), _prompts(), config)
+    finally:
+        hook.remove()
+    assert 6 in seen and 3 in seen  # refused, halved, refused, halved again
+    assert max(rows for rows in seen if rows <= 2) == 2 and seen.count(3) == 2  # each pass halves once to 3
+    assert (split.frame_tensors - reference.frame_tensors).abs().max() < 1e-4
+    assert split.alphas == pytest.approx(reference.alphas, abs=1e-6)
+
+    # With no row fitting, the frame pass fails once a single row does: 6 -> 3 -> 2 -> 1 -> raise.
+    frames_config = config.replace(use_lora=False, use_reschedule=False)
+    calls: list[int] = []
+
+    def refuse_after_inversion(module, args, kwargs):
+        calls.append(args[0].shape[0])
+        if len(calls) > frames_config.num_inference_steps:  # inversion: one call per step
+            raise torch.OutOfMemoryError("CUDA out of memory: even one row")
+
+    hook = pipe.models.unet.register_forward_pre_hook(refuse_after_inversion, with_kwargs=True)
+    try:
+        with pytest.raises(torch.OutOfMemoryError, match="even one row"):
+            pipe(_images(), _prompts(), frames_config)
+    finally:
+        hook.remove()
+    assert calls[frames_config.num_inference_steps:] == [6, 3, 2, 1]
