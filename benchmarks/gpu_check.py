@@ -438,6 +438,7 @@ class CheckReport:
     runs: list[MorphRun]
     sync: dict[str, str]
     profile: dict[str, Any]
+    compile_stats: dict[str, int] | None  # dynamo's counters after the compile-on runs
     configs: dict[str, dict]
     machine: dict[str, Any]
     notes: list[str]
@@ -477,11 +478,25 @@ def check(pipe: DiffMorpherPipeline, target: Target, plan: CheckPlan, copies: Co
         mode="fake" if target.fake else "real", arch=arch.name, resolution=resolution, frames=frames,
         device=torch.cuda.get_device_name() if not target.fake else "fake cuda (FakeTensorMode)",
         peak_gpu=target.gpu, peak_tflops=GPUS[target.gpu], model_flops=flops, runs=runs, sync=sync, profile=profiled,
+        compile_stats=dynamo_stats() if "on" in plan.compile_modes else None,
         configs={preset: config.to_dict() for preset, config in inputs.configs.items()},
         machine={"platform": platform.platform(), "torch": torch.__version__,
                  "cuda": torch.version.cuda, "compile_backend": target.compile_backend},
         notes=notes(target, arch, frames, resolution),
     )
+
+
+def dynamo_stats() -> dict[str, int]:
+    """What torch.compile made of the blocks (torch._dynamo's process-wide counters): graphs
+    compiled, frames traced, and how often a block's code hit the recompile limit. Every
+    ResnetBlock2D shares one `forward`, so its shapes (channels, sizes, batch) share one cache
+    of `recompile_limit` graphs; past it a block runs eager, which this makes visible."""
+    from torch._dynamo.utils import counters
+
+    limit_hits = sum(n for reason, n in counters["unimplemented"].items() if "recompile limit" in reason.lower())
+    return {"unique_graphs": int(counters["stats"]["unique_graphs"]), "frames_total": int(counters["frames"]["total"]),
+            "frames_ok": int(counters["frames"]["ok"]), "recompile_limit_hits": int(limit_hits),
+            "recompile_limit": int(torch._dynamo.config.recompile_limit)}
 
 
 def notes(target: Target, arch: Architecture, frames: int, resolution: int) -> list[str]:
@@ -516,6 +531,10 @@ def table(report: CheckReport) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"sync check (cold {report.sync.get('preset')} morph): first sync {report.sync.get('first_sync')} "
               f"({report.sync.get('how')})"]
+    if report.compile_stats:
+        c = report.compile_stats
+        lines.append(f"compile: {c['unique_graphs']} graphs, {c['frames_ok']} of {c['frames_total']} frames compiled, "
+                     f"recompile limit ({c['recompile_limit']}) hit {c['recompile_limit_hits']} times (past it, blocks run eager)")
     prof = report.profile
     idle = "n/a" if prof.get("gpu_idle_fraction") is None else f"{prof['gpu_idle_fraction']:.1%}"
     lines += [f"profiler (warm {prof.get('preset')} morph, {prof.get('wall_s')} s): GPU idle fraction {idle}; top "
