@@ -576,7 +576,8 @@ def run(args: argparse.Namespace) -> CheckReport:
     if target.fake:
         from .fake_cuda import fake_cuda, fake_models
 
-        with fake_cuda(), _patched(pipeline_module, "tensor_to_images", shape_only_frames):
+        with fake_cuda() as mode, _patched(pipeline_module, "tensor_to_images", shape_only_frames):
+            _no_constant_propagation(mode)
             pipe = DiffMorpherPipeline(fake_models(arch.name, torch.bfloat16, latent_size=plan.resolution // 8), None)
             return check(pipe, target, plan, CopyCounter(pipe))
     pipe = real_pipeline(arch, args.model_dir or REPO_ROOT / ".cache" / "sized-models" / arch.name, target)
@@ -589,6 +590,14 @@ def _choices(option: str, value: str, allowed: tuple[str, ...]) -> tuple[str, ..
     if unknown or not chosen:
         raise SystemExit(f"{option} takes a comma-separated subset of {','.join(allowed)}, got {value!r}")
     return chosen
+
+
+def _no_constant_propagation(mode: Any) -> None:
+    """FakeTensorMode keeps the value of a one-element tensor made from Python numbers
+    (`torch.tensor([alpha])` in batching.start_latents) and computes later ops on it for real;
+    under inference mode its `.to("cuda")` is then a real copy to a device that is not there.
+    The morph runs under inference mode, so this mode keeps no such values."""
+    mode.may_turn_const = lambda tensor: False
 
 
 @contextlib.contextmanager
