@@ -8,7 +8,9 @@ Real mode (a CUDA device present): writes or reuses a random-weight model of `--
 with the core's loader on CUDA in bf16 and runs morphs through the pipeline's entry point, the
 call the TorchServe handler makes, for each preset (default, fast) x compile (off, on) x cache
 (cold: empty, so LoRAs are fitted and images inverted; warm: the same morph again on the filled
-cache, so LoRAs, inverted latents and the rescheduled alphas are hits). Then one pass under
+cache, so LoRAs, inverted latents and the rescheduled alphas are hits), each compile mode after
+an untimed-for-the-goal warm-up morph (one-off costs; with compile on, the compilation). After the
+first preset's pair, one pass under
 `torch.cuda.set_sync_debug_mode("error")` (the first host sync, or "none") and one under
 `torch.profiler` (top kernels by GPU time, GPU idle fraction = 1 - busy kernel time / wall time).
 Each morph is set against its FLOP floor: the FLOPs of the model calls it actually made
@@ -520,7 +522,8 @@ def table(report: CheckReport) -> str:
     stages = [stage for stage in STAGES if stage != "total"]
     copies = any(run.host_copies is not None for run in report.runs)
     head = (["preset", "compile", "cache", "wall s"] + [f"{stage} s" for stage in stages]
-            + ["floor s", "wall / floor", "peak GPU MiB", "peak RSS MiB"] + (["host copies by stage (to device / to host)"] if copies else []))
+            + ["floor s", "wall / floor", "peak GPU MiB", "peak RSS MiB"]
+            + (["host copies by stage (to device / to host)"] if copies else []))
     lines = [f"gpu-check {report.mode}: {report.arch} at {report.resolution} px, {report.frames} frames, bf16, "
              f"{report.device}; floor at {report.peak_gpu} {report.peak_tflops:.0f} TFLOP/s",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -538,12 +541,14 @@ def table(report: CheckReport) -> str:
     if report.compile_stats:
         c = report.compile_stats
         lines.append(f"compile: {c['unique_graphs']} graphs, {c['frames_ok']} of {c['frames_total']} frames compiled, "
-                     f"recompile limit ({c['recompile_limit']}) hit {c['recompile_limit_hits']} times (past it, blocks run eager)")
+                     f"recompile limit ({c['recompile_limit']}) hit {c['recompile_limit_hits']} times "
+                     "(past it, blocks run eager)")
     prof = report.profile
     idle = "n/a" if prof.get("gpu_idle_fraction") is None else f"{prof['gpu_idle_fraction']:.1%}"
     lines += [f"profiler (warm {prof.get('preset')} morph, {prof.get('wall_s')} s): GPU idle fraction {idle}; top "
               f"{prof.get('what')}:"]
-    lines += [f"  {item['ms']:10.2f} ms {item['share']:6.1%} x{item['calls']:<5} {item['name']}" for item in prof.get("top", [])]
+    lines += [f"  {item['ms']:10.2f} ms {item['share']:6.1%} x{item['calls']:<5} {item['name']}"
+              for item in prof.get("top", [])]
     lines += [""] + goal_lines(report) + [f"note: {line}" for line in report.notes]
     return "\n".join(lines)
 
@@ -585,7 +590,8 @@ def run(args: argparse.Namespace) -> CheckReport:
     target = Target.detect(args.fake)
     arch = ARCHITECTURES[args.arch]
     plan = CheckPlan(arch, args.frames, args.resolution or (FAKE_RESOLUTION if target.fake else arch.resolution),
-                     _choices("--presets", args.presets, PRESETS_CHECKED), _choices("--compile", args.compile, COMPILE_CHECKED))
+                     _choices("--presets", args.presets, PRESETS_CHECKED),
+                     _choices("--compile", args.compile, COMPILE_CHECKED))
     if target.fake:
         from .fake_cuda import fake_cuda, fake_models
 
@@ -628,7 +634,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="sd21-base")
     parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--resolution", type=int, help=f"default: the architecture's native size ({FAKE_RESOLUTION} with --fake)")
+    parser.add_argument("--resolution", type=int,
+                        help=f"default: the architecture's native size ({FAKE_RESOLUTION} with --fake)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     parser.add_argument("--model-dir", type=Path, help="the random-weight folder (default .cache/sized-models/<arch>)")
     parser.add_argument("--presets", default=",".join(PRESETS_CHECKED), help="comma-separated presets")

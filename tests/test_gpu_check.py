@@ -65,7 +65,8 @@ def test_the_floor_of_the_goal_morph_is_docs_sizing_numbers() -> None:
     """SD 2.1-base at 512 px with the defaults: a cold morph's FLOPs are docs/sizing.json's cold
     total; warm with the schedule cache off its warm total; warm as a repeated morph runs it (the
     rescheduled alphas a hit too) is the issue's ~0.6 s floor on an H200, cold ~1.8 s."""
-    case = next(c for c in json.loads(SIZING.read_text())["cases"] if (c["architecture"], c["size"]) == ("sd21-base", 512))
+    cases = json.loads(SIZING.read_text())["cases"]
+    case = next(c for c in cases if (c["architecture"], c["size"]) == ("sd21-base", 512))
     flops = ModelFlops(case["unet_flops"], case["vae_flops"], case["text_flops"])
     config = MorphConfig()
     cold, cold_s = flop_floor_s(executed_calls(config, MISS, "miss"), flops, "H200")
