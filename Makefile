@@ -51,6 +51,7 @@ help:
 	@echo "make train-model  retrain the embedded model into models/tiny-shapes-sd"
 	@echo "make eval      MorphBench with MODEL=<sd folder> BENCH=<MorphBench folder>: PPL, PDV, endpoint PSNR/LPIPS, FID (EVAL_ARGS=\"--device cuda --dtype float16\")"
 	@echo "make sized-e2e ARCH=sd15|sd21-base|sd21|sdxl-base: a real-size random-weight model served and morphed at its native resolution"
+	@echo "make gpu-check on a CUDA host: SD 2.1-base-sized bf16 morphs, presets x compile x cold/warm, sync check, profiler, FLOP floors (GPU_CHECK_ARGS=--fake: no GPU)"
 	@echo "make web       the morph web page on http://127.0.0.1:$(WEB_PORT)/ against make serve's TorchServe (started if needed)"
 
 # ---------------------------------------------------------------------------- setup
@@ -191,6 +192,16 @@ ARCH ?= sd15
 .PHONY: sized-e2e
 sized-e2e: setup
 	$(PY) -m benchmarks.sized_e2e --arch $(ARCH) $(if $(DTYPE),--dtype $(DTYPE))
+
+# ---------------------------------------------------------------------------- GPU check
+# The one command for a CUDA host (benchmarks/gpu_check.py, docs/gpu-check.md): a random-weight
+# SD 2.1-base-sized model in bf16 at 512 px, default and fast presets, cold and warm, compile off
+# and on, a sync-debug pass, a profiler summary, each morph against its FLOP floor; JSON in
+# benchmarks/results/gpu-check-<time>.json. GPU_CHECK_ARGS="--fake": the same on fake CUDA (CI).
+GPU_CHECK_ARGS ?=
+.PHONY: gpu-check
+gpu-check: setup
+	$(PY) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 # ---------------------------------------------------------------------------- web page
 # A client of the service (python -m web, no torch): `make serve` first (a no-op when it already

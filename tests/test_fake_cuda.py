@@ -6,6 +6,8 @@ on a device mismatch (a CPU tensor meeting a CUDA one) and on reading a value ba
 built from configs inside the mode (random fake weights, no memory): the embedded model, and a
 UNet + text encoder of Stable Diffusion 2.1-base's published sizes with a small latent, and
 SDXL base (UNet, both text encoders, VAE) at its published sizes with a 16x16 latent in bf16.
+The CPU stays the default device, as in a real worker: models are built on it and moved
+(benchmarks/fake_cuda.py holds the mode and the model builders).
 
 What runs on fake CUDA, in bf16 and fp16: prompt and image encoding, a LoRA training step's
 forward and loss, inversion, the endpoint pass that stores attention, and frame batches with
@@ -16,54 +18,26 @@ needs a driver (pytorch/pytorch#92627).
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from PIL import Image
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from torch._subclasses.fake_tensor import FakeTensor
 
-from checkpoints.architectures import ARCHITECTURES
+from benchmarks.fake_cuda import fake_cuda, fake_models
 from diffmorpher.attention import AttentionStore, MorphController, morph_attention
 from diffmorpher.batching import frame_specs, segment_weights, sequence_batches
-from diffmorpher.conditioning import StableDiffusionConditioner, StableDiffusionXLConditioner
 from diffmorpher.config import MorphConfig
-from diffmorpher.ddim import NoiseSchedule
 from diffmorpher.emission import FrameCollector
 from diffmorpher.lora import ForwardNoising, fit_loras, initial_lora_stacks, lora_training, training_losses
 from diffmorpher.lora_mix import build_lora_stacks
-from diffmorpher.models import MorphModels, vae_dtype
+from diffmorpher.models import MorphModels
 from diffmorpher.pipeline import DiffMorpherPipeline
 from diffmorpher.reschedule import uniform_alphas
 from tests.conftest import EMBEDDED_MODEL
 
 pytestmark = pytest.mark.skipif(not (EMBEDDED_MODEL / "unet").is_dir(), reason="needs the embedded model's configs")
 
-# stabilityai/stable-diffusion-2-1-base's published sizes (checkpoints/architectures.py).
-SD21_UNET, SD21_TEXT = ARCHITECTURES["sd21-base"].unet, ARCHITECTURES["sd21-base"].text_encoders[0]
-SDXL = ARCHITECTURES["sdxl-base"]  # UNet, CLIP ViT-L + OpenCLIP bigG, VAE (force_upcast)
 CONFIG = MorphConfig(num_frames=3, lora_steps=1, num_inference_steps=2, use_reschedule=False, seed=3)
-
-
-@contextlib.contextmanager
-def fake_device(device: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeTensorMode]:
-    """Fake tensors, created on `device` by default. peft moves a new adapter to its base
-    layer's device with Module.to, which swaps parameters; a fake parameter cannot be swapped
-    (the mode holds a weak reference to it), so swapping falls back to `.data` assignment."""
-    real_swap = torch.utils.swap_tensors
-
-    def swap_or_assign(t1: torch.Tensor, t2: torch.Tensor) -> None:
-        try:
-            real_swap(t1, t2)
-        except RuntimeError:
-            t1.data = t2.data
-
-    monkeypatch.setattr(torch.utils, "swap_tensors", swap_or_assign)
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.device(device):
-        yield mode
 
 
 def invert_and_denoise(pipe: DiffMorpherPipeline, models: MorphModels, mean: torch.Tensor, std: torch.Tensor,
@@ -80,30 +54,6 @@ def invert_and_denoise(pipe: DiffMorpherPipeline, models: MorphModels, mean: tor
     return loras, store, noise, frames
 
 
-def fake_models(size: str, device: str, dtype: torch.dtype, scheduler: DDIMScheduler,
-                schedule: NoiseSchedule) -> MorphModels:
-    """MorphModels of the embedded model's or SD 2.1-base's sizes, built inside a fake mode.
-    The scheduler and its numbers come from outside it, as in a real process, where they are
-    read when the models load."""
-    unet_config = UNet2DConditionModel.load_config(EMBEDDED_MODEL, subfolder="unet") if size == "embedded" else SD21_UNET
-    text_config = (CLIPTextConfig.from_pretrained(EMBEDDED_MODEL, subfolder="text_encoder") if size == "embedded"
-                   else CLIPTextConfig(**SD21_TEXT))
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        unet = UNet2DConditionModel.from_config(unet_config)
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(EMBEDDED_MODEL, subfolder="vae"))
-        text_encoder = CLIPTextModel(text_config)
-    finally:
-        torch.set_default_dtype(default)
-    for module in (unet, vae, text_encoder):
-        module.requires_grad_(False)
-        module.eval()
-    tokenizer = CLIPTokenizer.from_pretrained(EMBEDDED_MODEL, subfolder="tokenizer")
-    conditioner = StableDiffusionConditioner(tokenizer, text_encoder, torch.device(device), dtype)
-    return MorphModels(unet, vae, conditioner, scheduler, torch.device(device), dtype, f"fake-{size}", schedule)
-
-
 def images() -> list[Image.Image]:
     return [Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")]
 
@@ -114,12 +64,10 @@ def on(tensor: torch.Tensor, device: str, dtype: torch.dtype | None = None) -> b
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("size", ["embedded", "sd21"])
-def test_the_morph_tensor_path_runs_on_cuda(size: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    scheduler = DDIMScheduler.from_pretrained(EMBEDDED_MODEL, subfolder="scheduler")
-    schedule = NoiseSchedule.from_scheduler(scheduler)
-    with fake_device("cuda", monkeypatch):
-        models = fake_models(size, "cuda", dtype, scheduler, schedule)
+@pytest.mark.parametrize("size", ["embedded", "sd21-base"])
+def test_the_morph_tensor_path_runs_on_cuda(size: str, dtype: torch.dtype) -> None:
+    with fake_cuda():
+        models = fake_models(size, dtype, "cuda")
         pipe = DiffMorpherPipeline(models, None)
         text = pipe.encode_prompts(["a red circle", "a blue square"])
         mean, std = pipe.encode_images(images(), 64)
@@ -143,13 +91,13 @@ def test_the_morph_tensor_path_runs_on_cuda(size: str, dtype: torch.dtype, monke
         assert on(frames, "cuda", torch.float32) and frames.shape == (3, 3, 64, 64)  # decoded on the run device
 
 
-def test_result_frames_go_to_the_cpu_once_where_they_are_collected(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_result_frames_go_to_the_cpu_once_where_they_are_collected() -> None:
     """decode() leaves frames on the run device (the reschedule's LPIPS reads them there); the
     result's collector moves each batch to the CPU, the measuring pass's keeps it on the device."""
     specs = frame_specs([uniform_alphas(4)])
     (batch,) = sequence_batches(specs, 2, CONFIG)
-    with fake_device("cuda", monkeypatch):
-        decoded = torch.rand(4, 3, 8, 8)
+    with fake_cuda():
+        decoded = torch.rand(4, 3, 8, 8, device="cuda")
         result, probe = (FrameCollector(specs, 2, "frames", None, stream=False, to_cpu=to_cpu) for to_cpu in (True, False))
         result.add(batch, decoded)
         probe.add(batch, decoded)
@@ -157,29 +105,27 @@ def test_result_frames_go_to_the_cpu_once_where_they_are_collected(monkeypatch: 
         assert result.tensor().shape == probe.tensor().shape == (4, 3, 8, 8)
 
 
-def test_attention_mix_takes_weights_built_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_attention_mix_takes_weights_built_on_the_cpu() -> None:
     """The bug this test was written for: AttentionStore.mix cast the per-sample weights (built
     on the CPU by the pipeline) to the store's dtype but not to its device."""
-    with fake_device("cuda", monkeypatch):
+    with fake_cuda():
         store = AttentionStore(2, 1)
-        store.put("layer", 0, [0, 1], torch.randn(2, 16, 8, dtype=torch.bfloat16))
+        store.put("layer", 0, [0, 1], torch.randn(2, 16, 8, dtype=torch.bfloat16, device="cuda"))
         weights = torch.stack([segment_weights(0, 0.25, 2)]).to("cpu")
         mixed = store.mix("layer", 0, weights)
     assert on(mixed, "cuda", torch.bfloat16) and mixed.shape == (1, 16, 8)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("size", ["embedded", "sd21"])
+@pytest.mark.parametrize("size", ["embedded", "sd21-base"])
 def test_a_lora_training_step_with_backward_and_update_in_half_precision(
-    size: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+    size: str, dtype: torch.dtype
 ) -> None:
     """fp32 LoRA parameters and optimiser state on a half-precision UNet: forward, backward and
     AdamW step, one image and two at once (through the per-sample LoRA mixing), with the fitted
     LoRAs returned in fp32 on the CPU."""
-    scheduler = DDIMScheduler.from_pretrained(EMBEDDED_MODEL, subfolder="scheduler")
-    schedule = NoiseSchedule.from_scheduler(scheduler)
-    with fake_device("cpu", monkeypatch):
-        models = fake_models(size, "cpu", dtype, scheduler, schedule)
+    with fake_cuda():
+        models = fake_models(size, dtype, "cpu")
         pipe = DiffMorpherPipeline(models, None)
         text = pipe.encode_prompts(["a red circle", "a blue square"])
         mean, std = pipe.encode_images(images(), 64)
@@ -195,38 +141,14 @@ def test_a_lora_training_step_with_backward_and_update_in_half_precision(
     assert not any("lora" in name for name, _ in models.unet.named_parameters())  # adapter removed
 
 
-def fake_sdxl_models(device: str, dtype: torch.dtype, scheduler: DDIMScheduler, schedule: NoiseSchedule) -> MorphModels:
-    """SDXL base at its published sizes (UNet, both text encoders, VAE), the UNet with a 16x16
-    latent (128 px), built inside a fake mode; the VAE in the dtype the loader gives it."""
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        unet = UNet2DConditionModel.from_config({**SDXL.unet, "sample_size": 16})
-        text_encoders = (CLIPTextModel(CLIPTextConfig(**SDXL.text_encoders[0])),
-                         CLIPTextModelWithProjection(CLIPTextConfig(**SDXL.text_encoders[1])))
-        torch.set_default_dtype(vae_dtype(SDXL.vae, dtype))
-        vae = AutoencoderKL.from_config(SDXL.vae)
-    finally:
-        torch.set_default_dtype(default)
-    for module in (unet, vae, *text_encoders):
-        module.requires_grad_(False)
-        module.eval()
-    tokenizer = CLIPTokenizer.from_pretrained(EMBEDDED_MODEL, subfolder="tokenizer")
-    tokenizer_2 = CLIPTokenizer.from_pretrained(EMBEDDED_MODEL, subfolder="tokenizer", pad_token="!")
-    conditioner = StableDiffusionXLConditioner((tokenizer, tokenizer_2), text_encoders, torch.device(device), dtype)
-    return MorphModels(unet, vae, conditioner, scheduler, torch.device(device), dtype, "fake-sdxl", schedule)
-
-
-def test_the_sdxl_morph_tensor_path_runs_on_cuda_in_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_sdxl_morph_tensor_path_runs_on_cuda_in_bf16() -> None:
     """SDXL base's sizes on fake CUDA in bf16: both encoders' conditioning (2048 channels, pooled
     1280, time ids), a LoRA step's forward, inversion, and frames with up-block attention
     replacement (10 transformer layers per block) and LoRA mixing, all through `unet_kwargs`."""
     dtype = torch.bfloat16
-    scheduler = DDIMScheduler.from_pretrained(EMBEDDED_MODEL, subfolder="scheduler")
-    schedule = NoiseSchedule.from_scheduler(scheduler)
     sdxl_images = [Image.new("RGB", (128, 128), "red"), Image.new("RGB", (128, 128), "blue")]
-    with fake_device("cuda", monkeypatch):
-        models = fake_sdxl_models("cuda", dtype, scheduler, schedule)
+    with fake_cuda():
+        models = fake_models("sdxl-base", dtype, "cuda", latent_size=16)
         pipe = DiffMorpherPipeline(models, None)
         text = pipe.encode_prompts(["a red circle", "a blue square"], 128)
         added = text.added_cond_kwargs

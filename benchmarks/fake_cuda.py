@@ -1,0 +1,246 @@
+"""Fake-GPU runs: the core on *fake* CUDA tensors, and a count of its host<->device transfers.
+
+PyTorch's FakeTensorMode runs every op for its metadata only (shape, dtype, device), raises on a
+device mismatch (a CPU tensor meeting a CUDA one) and on reading a value back to the host
+(`.item()`, `int(t)`, `bool(t)`). Models built inside the mode hold fake weights (no memory), so
+real-size architectures (benchmarks/architectures.py) run in seconds on a machine with no GPU.
+
+API (small on purpose; `tests/test_fake_cuda.py`, `tests/test_host_copies.py` and the fake mode of
+`make gpu-check` use it):
+
+- `fake_cuda()`: a context manager entering FakeTensorMode with the CPU as the default device,
+  as in a real worker: build models on the (fake) CPU and move them with `.to("cuda")`, or pass
+  an explicit device. Yields the mode.
+- `fake_models(size, dtype, device="cuda", latent_size=None)`: fake `MorphModels` of the
+  embedded model's configs (`"embedded"`), `"sd21-base"` or `"sdxl-base"`, built on the CPU
+  inside the mode and moved to `device`. Call it inside `fake_cuda()`.
+- `TransferCounter`: a TorchDispatchMode that records every host->device copy (an op with a CPU
+  tensor among its inputs and a CUDA tensor among its outputs) and every device->host read
+  (`.item()` / `aten._local_scalar_dense`, or a CUDA input with a CPU output), each with the
+  current stage label and the Python site that asked for it. Enter it *inside* `fake_cuda()`.
+  Label stages with `counter.stage("name")`, or a module's forward with `counter.label(module,
+  "name")`; read `counter.host_to_device(stage)`, `counter.device_to_host(stage)`, and
+  `counter.report()` for a failure message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from diffmorpher.conditioning import StableDiffusionConditioner, StableDiffusionXLConditioner, TextConditioner
+from diffmorpher.ddim import NoiseSchedule
+from diffmorpher.models import MorphModels, vae_dtype
+
+from .architectures import ARCHITECTURES, SCHEDULER
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED_MODEL = REPO_ROOT / "models" / "tiny-shapes-sd"  # the same folder as tests.conftest.EMBEDDED_MODEL
+SIZES = ("embedded", "sd21-base", "sdxl-base")
+
+HOST_TO_DEVICE = "host->device"
+DEVICE_TO_HOST = "device->host"
+UNLABELLED = "-"
+
+
+@contextlib.contextmanager
+def fake_cuda() -> Iterator[FakeTensorMode]:
+    """Fake tensors, the CPU still the default device. peft moves a new adapter to its base
+    layer's device with Module.to, which swaps parameters, and so does `model.to("cuda")`; a
+    fake parameter the mode holds a weak reference to cannot be swapped, so for the duration
+    swapping falls back to `.data` assignment plus the fake tensor's device (`.data` alone keeps
+    a fake tensor's device); restored on exit."""
+    real_swap = torch.utils.swap_tensors
+
+    def swap_or_assign(t1: torch.Tensor, t2: torch.Tensor) -> None:
+        try:
+            real_swap(t1, t2)
+        except RuntimeError:
+            t1.data = t2.data
+            if isinstance(t1, FakeTensor) and isinstance(t2, FakeTensor):
+                t1.fake_device = t2.fake_device
+
+    torch.utils.swap_tensors = swap_or_assign
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            yield mode
+    finally:
+        torch.utils.swap_tensors = real_swap
+
+
+def fake_models(size: str, dtype: torch.dtype, device: str = "cuda", latent_size: int | None = None,
+                scheduler: DDIMScheduler | None = None) -> MorphModels:
+    """MorphModels of `size` (SIZES) in `dtype`, built on the fake CPU and moved to `device`.
+    `latent_size` overrides the UNet's sample size (its native resolution / 8). Tokenizers are
+    the embedded model's (CLIP's vocabulary; only the sizes matter here). The scheduler's
+    numbers are read outside the mode's tensors, as when models load: pass a real `scheduler`
+    built outside the mode, or the architecture's DDIM config is used."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    if scheduler is None:
+        config = (DDIMScheduler.load_config(EMBEDDED_MODEL, subfolder="scheduler") if size == "embedded"
+                  else ARCHITECTURES[size].scheduler if size in ARCHITECTURES else SCHEDULER)
+        with _real_tensors():
+            scheduler = DDIMScheduler.from_config(config)
+    with _real_tensors():
+        schedule = NoiseSchedule.from_scheduler(scheduler)
+    tokenizer = CLIPTokenizer.from_pretrained(EMBEDDED_MODEL, subfolder="tokenizer")
+    target = torch.device(device)
+    if size == "embedded":
+        unet_config = dict(UNet2DConditionModel.load_config(EMBEDDED_MODEL, subfolder="unet"))
+        vae_config = dict(AutoencoderKL.load_config(EMBEDDED_MODEL, subfolder="vae"))
+        text_configs = [CLIPTextConfig.from_pretrained(EMBEDDED_MODEL, subfolder="text_encoder").to_dict()]
+    else:
+        arch = ARCHITECTURES[size]
+        unet_config, vae_config, text_configs = dict(arch.unet), dict(arch.vae), list(arch.text_encoders)
+    if latent_size is not None:
+        unet_config["sample_size"] = latent_size
+    unet = _built(dtype, lambda: UNet2DConditionModel.from_config(unet_config))
+    vae = _built(vae_dtype(vae_config, dtype), lambda: AutoencoderKL.from_config(vae_config))
+    conditioner: TextConditioner
+    if size == "sdxl-base":
+        encoders = (_built(dtype, lambda: CLIPTextModel(CLIPTextConfig(**text_configs[0]))),
+                    _built(dtype, lambda: CLIPTextModelWithProjection(CLIPTextConfig(**text_configs[1]))))
+        tokenizer_2 = CLIPTokenizer.from_pretrained(EMBEDDED_MODEL, subfolder="tokenizer", pad_token="!")
+        conditioner = StableDiffusionXLConditioner((tokenizer, tokenizer_2), encoders, target, dtype)
+    else:
+        encoders = (_built(dtype, lambda: CLIPTextModel(CLIPTextConfig(**text_configs[0]))),)
+        conditioner = StableDiffusionConditioner(tokenizer, encoders[0], target, dtype)
+    for module in (unet, vae, *encoders):
+        module.requires_grad_(False)
+        module.eval()
+        module.to(target)
+    return MorphModels(unet, vae, conditioner, scheduler, target, dtype, f"fake-{size}", schedule)
+
+
+def _built(dtype: torch.dtype, build: Any) -> Any:
+    """build() with `dtype` as the default dtype (restored after), so fake weights are made in
+    the run dtype directly."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return build()
+    finally:
+        torch.set_default_dtype(default)
+
+
+@contextlib.contextmanager
+def _real_tensors() -> Iterator[None]:
+    """Leave any active fake mode for a block (the scheduler's tables are read as numbers)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        yield
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One copy between host and device: its direction, the aten op, the stage label at the
+    time, the project source line that asked for it, and the output shape."""
+
+    direction: str
+    op: str
+    stage: str
+    site: str
+    shape: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return f"{self.direction} {self.op} {list(self.shape)} in {self.stage} at {self.site}"
+
+
+class TransferCounter(TorchDispatchMode):
+    """Records host<->device transfers, by stage (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transfers: list[Transfer] = []
+        self.stages: list[str] = []
+        self.calls: dict[str, int] = {}  # label -> times a labelled module ran
+
+    @property
+    def current(self) -> str:
+        return "/".join(self.stages) if self.stages else UNLABELLED
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Label the transfers of a block (nested labels join with "/")."""
+        self.stages.append(name)
+        try:
+            yield
+        finally:
+            self.stages.pop()
+
+    def label(self, module: torch.nn.Module, name: str) -> list[torch.utils.hooks.RemovableHandle]:
+        """Label every forward of `module` (e.g. the UNet), and count its calls; returns the hook
+        handles (call `.remove()` on each)."""
+
+        def pre(*_: Any) -> None:
+            self.stages.append(name)
+            self.calls[name] = self.calls.get(name, 0) + 1
+
+        def post(*_: Any) -> None:
+            self.stages.pop()
+
+        return [module.register_forward_pre_hook(pre), module.register_forward_hook(post, always_call=True)]
+
+    def host_to_device(self, stage: str | None = None) -> list[Transfer]:
+        """Host->device copies; with `stage`, those whose label path contains it."""
+        return self._select(HOST_TO_DEVICE, stage)
+
+    def device_to_host(self, stage: str | None = None) -> list[Transfer]:
+        return self._select(DEVICE_TO_HOST, stage)
+
+    def _select(self, direction: str, stage: str | None) -> list[Transfer]:
+        return [t for t in self.transfers
+                if t.direction == direction and (stage is None or stage in t.stage.split("/"))]
+
+    def report(self, transfers: list[Transfer] | None = None, limit: int = 40) -> str:
+        """One line per transfer (the first `limit`), for an assertion message."""
+        chosen = self.transfers if transfers is None else transfers
+        lines = [str(t) for t in chosen[:limit]]
+        if len(chosen) > limit:
+            lines.append(f"... and {len(chosen) - limit} more")
+        return "\n".join(lines)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self._record(DEVICE_TO_HOST, func, ())
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if func is torch.ops.aten.copy_.default:  # copy_(dst, src): the destination is the output
+            inputs, outputs = [args[1]] if isinstance(args[1], torch.Tensor) else [], [args[0]]
+        in_types = {t.device.type for t in inputs}
+        out_types = {t.device.type for t in outputs}
+        shape = tuple(outputs[0].shape) if outputs else ()
+        if "cpu" in in_types and "cuda" in out_types:
+            self._record(HOST_TO_DEVICE, func, shape)
+        elif "cuda" in in_types and "cpu" in out_types:
+            self._record(DEVICE_TO_HOST, func, shape)
+        return out
+
+    def _record(self, direction: str, func: Any, shape: tuple[int, ...]) -> None:
+        self.transfers.append(Transfer(direction, str(func.overloadpacket.__name__), self.current, _site(), shape))
+
+
+def _site() -> str:
+    """The innermost frame of the project's own code (not torch, not this module)."""
+    here = Path(__file__).resolve()
+    for frame in reversed(traceback.extract_stack()):
+        path = Path(frame.filename)
+        if path == here or REPO_ROOT not in path.parents or ".venv" in path.parts:
+            continue
+        return f"{path.relative_to(REPO_ROOT)}:{frame.lineno} {frame.name}"
+    return "?"
