@@ -3,7 +3,7 @@
 PyTorch's FakeTensorMode runs every op for its metadata only (shape, dtype, device), raises on a
 device mismatch (a CPU tensor meeting a CUDA one) and on reading a value back to the host
 (`.item()`, `int(t)`, `bool(t)`). Models built inside the mode hold fake weights (no memory), so
-real-size architectures (benchmarks/architectures.py) run in seconds on a machine with no GPU.
+real-size architectures (checkpoints/architectures.py) run in seconds on a machine with no GPU.
 
 API (small on purpose; `tests/test_fake_cuda.py`, `tests/test_host_copies.py` and the fake mode of
 `make gpu-check` use it):
@@ -42,7 +42,7 @@ from diffmorpher.conditioning import StableDiffusionConditioner, StableDiffusion
 from diffmorpher.ddim import NoiseSchedule
 from diffmorpher.models import MorphModels, vae_dtype
 
-from .architectures import ARCHITECTURES, SCHEDULER
+from checkpoints.architectures import ARCHITECTURES, SCHEDULER
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_MODEL = REPO_ROOT / "models" / "tiny-shapes-sd"  # the same folder as tests.conftest.EMBEDDED_MODEL
@@ -53,9 +53,37 @@ DEVICE_TO_HOST = "device->host"
 UNLABELLED = "-"
 
 
+# What the fake device reports as free memory (an H100/H200-class card with its weights loaded).
+FAKE_FREE_BYTES = 64 << 30
+
+
 @contextlib.contextmanager
-def fake_cuda() -> Iterator[FakeTensorMode]:
-    """Fake tensors, the CPU still the default device. peft moves a new adapter to its base
+def _fake_driver(free_bytes: int) -> Iterator[None]:
+    """The few driver calls the core makes outside tensors, answered as a card would: the free
+    memory the automatic frame batch reads (`torch.cuda.mem_get_info`, the allocator's figures)
+    and the stage timings' `torch.cuda.synchronize` (nothing to wait for). Without a driver
+    each would raise "Found no NVIDIA driver"."""
+    cuda = torch.cuda
+    stand_ins = {
+        "mem_get_info": lambda device=None: (free_bytes, free_bytes * 2),
+        "memory_reserved": lambda device=None: 0,
+        "memory_allocated": lambda device=None: 0,
+        "synchronize": lambda device=None: None,
+    }
+    real = {name: getattr(cuda, name) for name in stand_ins}
+    for name, stand_in in stand_ins.items():
+        setattr(cuda, name, stand_in)
+    try:
+        yield
+    finally:
+        for name, function in real.items():
+            setattr(cuda, name, function)
+
+
+@contextlib.contextmanager
+def fake_cuda(free_bytes: int = FAKE_FREE_BYTES) -> Iterator[FakeTensorMode]:
+    """Fake tensors, the CPU still the default device, and a fake driver reporting `free_bytes`
+    free (_fake_driver). peft moves a new adapter to its base
     layer's device with Module.to, which swaps parameters, and so does `model.to("cuda")`; a
     fake parameter the mode holds a weak reference to cannot be swapped, so for the duration
     swapping falls back to `.data` assignment plus the fake tensor's device (`.data` alone keeps
@@ -72,7 +100,7 @@ def fake_cuda() -> Iterator[FakeTensorMode]:
 
     torch.utils.swap_tensors = swap_or_assign
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        with _fake_driver(free_bytes), FakeTensorMode(allow_non_fake_inputs=True) as mode:
             yield mode
     finally:
         torch.utils.swap_tensors = real_swap

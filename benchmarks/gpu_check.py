@@ -56,7 +56,7 @@ from diffmorpher.config import MorphConfig
 from diffmorpher.pipeline import DiffMorpherPipeline
 from embedded_model.morph_pairs import morph_pair
 
-from .architectures import ARCHITECTURES, Architecture
+from checkpoints.architectures import ARCHITECTURES, Architecture
 from .bench import STAGES, PeakMemory
 from .sized_model import write_random_model
 from .sizing import GPUS, MorphCalls, morph_calls, morph_flops, text_flops, unet_flops, vae_flops
