@@ -307,6 +307,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"growth {m['peak_rss_growth_gb']:.2f} GB in {m['seconds']:.1f} s (random weights; ru_maxrss, so a "
                 "lower bound: an earlier peak while building the model can mask part of it). The estimate "
                 "column is meant to stay above this (bf16 = half of fp32)."]
+    out += served_runs_markdown(report.get("served_runs", []))
     out += ["", "Not covered: the LoRA fit's activations kept for the backward (autograd, batch of the K "
             "images), which exceed the inference figures above; size a card for that stage by a run "
             "(make bench reports peak memory) before trusting the frame_batch_size column at the limit."]
@@ -317,6 +318,39 @@ def markdown(report: dict[str, Any]) -> str:
             "most DEFAULT_FRAME_BATCH (16). 0 x 0: does not fit."]
     out += ["", *WORKER_RULE]
     return "\n".join(out) + "\n"
+
+
+SIZED_E2E_RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def served_runs(results: Path = SIZED_E2E_RESULTS) -> list[dict[str, Any]]:
+    """The committed `make sized-e2e` runs (benchmarks/sized_e2e.py's JSON), in architecture order."""
+    order = list(ARCHITECTURES)
+    runs = [json.loads(path.read_text()) for path in sorted(results.glob("sized-e2e-*.json"))]
+    return sorted(runs, key=lambda run: (order.index(run["arch"]) if run["arch"] in order else len(order),
+                                         run.get("dtype", "float32")))
+
+
+def served_runs_markdown(runs: list[dict[str, Any]]) -> list[str]:
+    """Measured through the whole served path at real size: what the worker process really held."""
+    if not runs:
+        return []
+    out = ["", "**Measured through the served path** (`make sized-e2e`: a random-weight model of the "
+           "architecture exported, served by TorchServe and morphed through the gateway at its native "
+           "resolution, 2 images, 1 LoRA step, 2 DDIM steps, 3 frames, reschedule on; CPU worker, no GPU). "
+           "Peak RSS is the worker's high-water mark: weights + LoRA fit (autograd, both images unless "
+           "frame_batch_size=1) + the passes. Seconds are this 2-core host's, often shared: compare "
+           "memory, not speed.", "",
+           "| model | px | dtype | options | folder (GB) | time to ready (s) | worker peak RSS (GB) | "
+           "morph (s) | UNet forward (s, batch 1) | LoRA step (s, both images) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        options = ", ".join(f"{key}={value}" for key, value in (run.get("options") or {}).items()) or "-"
+        out.append(f"| {run['arch']} | {run['resolution']} | {run.get('dtype', 'float32')} | {options} | "
+                   f"{run['model_bytes'] / 1e9:.2f} | {run['ready_s']:.0f} | {run['worker_peak_rss_bytes'] / 1e9:.1f} | "
+                   f"{run['morph_s']:.0f} | {run['unet_forward_s']:.1f} | {run['lora_step_s']:.1f} |")
+    notes = [f"- {run['arch']} ({run.get('dtype', 'float32')}): {run['note']}" for run in runs if run.get("note")]
+    return out + ([""] + notes if notes else [])
 
 
 # The worker's own choice of frame_batch_size (diffmorpher.batching), as docs/sizing.md states it.
@@ -349,6 +383,7 @@ def build_report(cases: list[tuple[str, int]], measure: bool, command: str) -> d
         "gpus_tflops_bf16_dense": GPUS,
         "measured": measured,
         "cases": [size_case(name, size, config) for name, size in cases],
+        "served_runs": served_runs(),
     }
 
 
