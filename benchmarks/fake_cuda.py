@@ -21,7 +21,19 @@ API (small on purpose; `tests/test_fake_cuda.py`, `tests/test_host_copies.py` an
   current stage label and the Python site that asked for it. Enter it *inside* `fake_cuda()`.
   Label stages with `counter.stage("name")`, or a module's forward with `counter.label(module,
   "name")`; read `counter.host_to_device(stage)`, `counter.device_to_host(stage)`, and
-  `counter.report()` for a failure message.
+  `counter.report()` for a failure message. `TransferCounter(answer_reads=x)` answers a read of
+  a device value with x instead of failing, so a run that reads a few numbers on purpose (the
+  reschedule's distances) goes on; the read is still recorded.
+
+Typical use (tests/test_host_copies.py):
+
+    with fake_cuda():
+        models = fake_models("embedded", torch.bfloat16)
+        pipe = DiffMorpherPipeline(models, fake_lpips())
+        with TransferCounter(answer_reads=0.1) as counter:
+            counter.label(models.unet, "unet")
+            pipe(images, prompts, config)
+    assert counter.host_to_device("unet") == [], counter.report()
 """
 
 from __future__ import annotations
@@ -34,7 +46,6 @@ from typing import Any, Iterator
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from torch._subclasses import fake_tensor
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -63,10 +74,11 @@ def fake_cuda() -> Iterator[FakeTensorMode]:
     layer's device with Module.to, which swaps parameters, and so does `model.to("cuda")`; a
     fake parameter the mode holds a weak reference to cannot be swapped, so for the duration
     swapping falls back to `.data` assignment plus the fake tensor's device (`.data` alone keeps
-    a fake tensor's device). And the mode keeps a one-element tensor made from Python data
-    (`torch.tensor([0.5])`) as a real constant and runs real ops on it, so moving one to "cuda"
-    would ask for a driver: constants are turned off (CONSTANT_NUMEL_LIMIT -1), every tensor is
-    fake. Both restored on exit."""
+    a fake tensor's device; restored on exit). And the mode keeps a one-element tensor made
+    from Python data (`torch.tensor([0.5])`) as a real constant and runs real ops on it, so
+    moving one to "cuda" would ask for a driver: `_ConstantsStayOnHost` makes such a tensor
+    plain fake when an op would take it to the device (constants that stay on the host keep
+    their values, e.g. AdamW's step count)."""
     real_swap = torch.utils.swap_tensors
 
     def swap_or_assign(t1: torch.Tensor, t2: torch.Tensor) -> None:
@@ -77,15 +89,28 @@ def fake_cuda() -> Iterator[FakeTensorMode]:
             if isinstance(t1, FakeTensor) and isinstance(t2, FakeTensor):
                 t1.fake_device = t2.fake_device
 
-    constant_limit = fake_tensor.CONSTANT_NUMEL_LIMIT
     torch.utils.swap_tensors = swap_or_assign
-    fake_tensor.CONSTANT_NUMEL_LIMIT = -1
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode, _ConstantsStayOnHost():
             yield mode
     finally:
         torch.utils.swap_tensors = real_swap
-        fake_tensor.CONSTANT_NUMEL_LIMIT = constant_limit
+
+
+class _ConstantsStayOnHost(TorchDispatchMode):
+    """Drops the real value behind a fake host constant when an op involves the device (a
+    device input, or a `device=` argument that is not the CPU), so the fake mode computes
+    that op's metadata instead of running it for real on a GPU it does not have."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, FakeTensor)]
+        target = kwargs.get("device")
+        if any(t.device.type != "cpu" for t in tensors) or (target is not None and torch.device(target).type != "cpu"):
+            for tensor in tensors:
+                if tensor.constant is not None:
+                    tensor.constant = None
+        return func(*args, **kwargs)
 
 
 def fake_models(size: str, dtype: torch.dtype, device: str = "cuda", latent_size: int | None = None,
