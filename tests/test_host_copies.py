@@ -4,9 +4,10 @@ Issue 24: on a GPU every copy from pageable host memory to the device (and every
 synchronisation. The whole morph (`DiffMorpherPipeline.__call__`: encode, LoRA stage, inversion,
 reschedule's measuring pass with LPIPS, endpoints and frames with attention replacement and
 per-sample LoRA mixing) runs on fake CUDA with the CPU as the default device, as in a real
-worker, under benchmarks.fake_cuda.TransferCounter. Measured before the fix (main at d0d4e63, the
-same counting): 81 host->device copies per UNet call in the inversion, 56 of them from
-lora_mix.mixed_linear; the run then stopped at interpolation.slerp.
+worker, under benchmarks.fake_cuda.TransferCounter. Before the fix: the issue counted 81
+host->device copies per UNet call in the inversion, 56 of them from lora_mix.mixed_linear; this
+morph on main at 785462c (the same counter) copied 776 times in its 13 UNet calls (56 a call from
+mixed_linear, plus the attention store's mix weights and put indices).
 
 The LoRA fit's backward cannot run on fake CUDA (tests/test_fake_cuda.py says why): the morph runs
 with lora_steps=0 (the LoRA stage still builds and returns the LoRAs), and a training step's
