@@ -14,13 +14,26 @@ API (small on purpose; `tests/test_fake_cuda.py`, `tests/test_host_copies.py` an
 - `fake_models(size, dtype, device="cuda", latent_size=None)`: fake `MorphModels` of the
   embedded model's configs (`"embedded"`), `"sd21-base"` or `"sdxl-base"`, built on the CPU
   inside the mode and moved to `device`. Call it inside `fake_cuda()`.
+- `fake_lpips(device="cuda")`: the reschedule's LPIPS-AlexNet (checkout weights) on the fake device.
 - `TransferCounter`: a TorchDispatchMode that records every host->device copy (an op with a CPU
   tensor among its inputs and a CUDA tensor among its outputs) and every device->host read
   (`.item()` / `aten._local_scalar_dense`, or a CUDA input with a CPU output), each with the
   current stage label and the Python site that asked for it. Enter it *inside* `fake_cuda()`.
   Label stages with `counter.stage("name")`, or a module's forward with `counter.label(module,
   "name")`; read `counter.host_to_device(stage)`, `counter.device_to_host(stage)`, and
-  `counter.report()` for a failure message.
+  `counter.report()` for a failure message. `TransferCounter(answer_reads=x)` answers a read of
+  a device value with x instead of failing, so a run that reads a few numbers on purpose (the
+  reschedule's distances) goes on; the read is still recorded.
+
+Typical use (tests/test_host_copies.py):
+
+    with fake_cuda():
+        models = fake_models("embedded", torch.bfloat16)
+        pipe = DiffMorpherPipeline(models, fake_lpips())
+        with TransferCounter(answer_reads=0.1) as counter:
+            counter.label(models.unet, "unet")
+            pipe(images, prompts, config)
+    assert counter.host_to_device("unet") == [], counter.report()
 """
 
 from __future__ import annotations
@@ -36,11 +49,13 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from safetensors.torch import load as load_safetensors
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from diffmorpher.conditioning import StableDiffusionConditioner, StableDiffusionXLConditioner, TextConditioner
 from diffmorpher.ddim import NoiseSchedule
 from diffmorpher.models import MorphModels, vae_dtype
+from diffmorpher.perceptual import LpipsDistance, build_lpips_alex, checkout_cache_path
 
 from checkpoints.architectures import ARCHITECTURES, SCHEDULER
 
@@ -87,7 +102,11 @@ def fake_cuda(free_bytes: int = FAKE_FREE_BYTES) -> Iterator[FakeTensorMode]:
     layer's device with Module.to, which swaps parameters, and so does `model.to("cuda")`; a
     fake parameter the mode holds a weak reference to cannot be swapped, so for the duration
     swapping falls back to `.data` assignment plus the fake tensor's device (`.data` alone keeps
-    a fake tensor's device); restored on exit."""
+    a fake tensor's device; restored on exit). And the mode keeps a one-element tensor made
+    from Python data (`torch.tensor([0.5])`) as a real constant and runs real ops on it, so
+    moving one to "cuda" would ask for a driver: `_ConstantsStayOnHost` makes such a tensor
+    plain fake when an op would take it to the device (constants that stay on the host keep
+    their values, e.g. AdamW's step count)."""
     real_swap = torch.utils.swap_tensors
 
     def swap_or_assign(t1: torch.Tensor, t2: torch.Tensor) -> None:
@@ -100,10 +119,26 @@ def fake_cuda(free_bytes: int = FAKE_FREE_BYTES) -> Iterator[FakeTensorMode]:
 
     torch.utils.swap_tensors = swap_or_assign
     try:
-        with _fake_driver(free_bytes), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        with _fake_driver(free_bytes), FakeTensorMode(allow_non_fake_inputs=True) as mode, _ConstantsStayOnHost():
             yield mode
     finally:
         torch.utils.swap_tensors = real_swap
+
+
+class _ConstantsStayOnHost(TorchDispatchMode):
+    """Drops the real value behind a fake host constant when an op involves the device (a
+    device input, or a `device=` argument that is not the CPU), so the fake mode computes
+    that op's metadata instead of running it for real on a GPU it does not have."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, FakeTensor)]
+        target = kwargs.get("device")
+        if any(t.device.type != "cpu" for t in tensors) or (target is not None and torch.device(target).type != "cpu"):
+            for tensor in tensors:
+                if tensor.constant is not None:
+                    tensor.constant = None
+        return func(*args, **kwargs)
 
 
 def fake_models(size: str, dtype: torch.dtype, device: str = "cuda", latent_size: int | None = None,
@@ -151,6 +186,18 @@ def fake_models(size: str, dtype: torch.dtype, device: str = "cuda", latent_size
     return MorphModels(unet, vae, conditioner, scheduler, target, dtype, f"fake-{size}", schedule)
 
 
+def fake_lpips(device: str = "cuda") -> LpipsDistance:
+    """LPIPS-AlexNet (the reschedule's distance) from the checkout's weights (.cache/lpips,
+    `make setup` prepares them) on the fake `device`. Its weights are read and checked outside
+    the mode (the check reads values), then moved in. Call it inside `fake_cuda()`."""
+    path = checkout_cache_path()
+    if path is None or not path.is_file():
+        raise FileNotFoundError("no LPIPS weights in .cache/lpips: python -m export.lpips_weights prepare")
+    with _real_tensors():
+        model = build_lpips_alex(load_safetensors(path.read_bytes()))
+    return LpipsDistance(model, str(path), torch.device(device), "fake")
+
+
 def _built(dtype: torch.dtype, build: Any) -> Any:
     """build() with `dtype` as the default dtype (restored after), so fake weights are made in
     the run dtype directly."""
@@ -189,8 +236,12 @@ class Transfer:
 class TransferCounter(TorchDispatchMode):
     """Records host<->device transfers, by stage (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer_reads: float | None = None) -> None:
+        """`answer_reads`: answer a read of one value (`.item()`, `.tolist()`, `float(t)`) with
+        this number instead of failing (a fake tensor has no data), so a run that reads a few
+        numbers on purpose (the reschedule's distances) goes on; the read is still recorded."""
         super().__init__()
+        self.answer_reads = answer_reads
         self.transfers: list[Transfer] = []
         self.stages: list[str] = []
         self.calls: dict[str, int] = {}  # label -> times a labelled module ran
@@ -243,8 +294,14 @@ class TransferCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self._record(DEVICE_TO_HOST, func, ())
+        if func in _READS:
+            if args[0].device.type != "cpu":  # a CPU tensor's value is on the host already
+                self._record(DEVICE_TO_HOST, func, ())
+            if self.answer_reads is not None:
+                dtype = args[0].dtype
+                if dtype == torch.bool:
+                    return bool(self.answer_reads)
+                return float(self.answer_reads) if dtype.is_floating_point else int(self.answer_reads)
             return func(*args, **kwargs)
         out = func(*args, **kwargs)
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
@@ -261,6 +318,11 @@ class TransferCounter(TorchDispatchMode):
 
     def _record(self, direction: str, func: Any, shape: tuple[int, ...]) -> None:
         self.transfers.append(Transfer(direction, str(func.overloadpacket.__name__), self.current, _site(), shape))
+
+
+# Reading one value to the host: `aten.item` reaches a mode as itself under inference_mode, as
+# `_local_scalar_dense` elsewhere.
+_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default)
 
 
 def _site() -> str:

@@ -22,6 +22,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 
 from .lora_mix import LoraStack, LoraWeights, mixed_linear
+from .transfer import row_index
 
 MODE_OFF = "off"
 MODE_STORE = "store"
@@ -41,13 +42,17 @@ class AttentionStore:
     tensors: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
 
     def put(self, layer: str, step: int, image_indices: list[int], hidden: torch.Tensor) -> None:
+        """Store the rows of `image_indices` (consecutive in a batch: written through a slice,
+        so no index is copied to the device per layer and step)."""
         key = (layer, step)
         if key not in self.tensors:
             shape = (self.num_images, *hidden.shape[1:])
             self.tensors[key] = torch.zeros(shape, dtype=hidden.dtype, device=hidden.device)
-        self.tensors[key][image_indices] = hidden.detach()
+        self.tensors[key][row_index(image_indices)] = hidden.detach()
 
     def mix(self, layer: str, step: int, weights: torch.Tensor) -> torch.Tensor:
+        """(B', K) weights -> the (B', L, C) mix of the stored inputs. The pipeline moves the
+        weights to the device once per batch (batching.Batch.on); then `.to` here is a no-op."""
         stored = self.tensors[(layer, step)]
         return torch.einsum("bk,klc->blc", weights.to(device=stored.device, dtype=stored.dtype), stored)
 
@@ -64,8 +69,8 @@ class MorphController:
     beta: float = 0.0  # weight of the layer's own input in replaced keys/values
     mode: str = MODE_OFF
     step: int = 0
-    weights: torch.Tensor | None = None  # (B', K) mix over the K images of each replaced row
-    lora_weights: LoraWeights = None  # (B, K) LoRA mix, OWN_LORA (row b: LoRA b), None: no LoRA
+    weights: torch.Tensor | None = None  # (B', K) mix over the K images of each replaced row, on the device
+    lora_weights: LoraWeights = None  # (B, K) LoRA mix on the device, OWN_LORA (row b: LoRA b), None: no LoRA
     image_indices: list[int] | None = None  # the batch's leading rows are these images (stored)
 
     def key_value_input(self, layer: str, hidden: torch.Tensor) -> torch.Tensor:

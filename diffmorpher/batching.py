@@ -10,7 +10,7 @@ of the same call read it (attention.MorphController), so they cost no pass of th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Sequence, TypeVar
 
 import torch
@@ -20,6 +20,7 @@ from .conditioning import PromptConditioning, cat
 from .config import AUTO_FRAME_BATCH, DEFAULT_FRAME_BATCH, MorphConfig
 from .devices import free_memory_bytes
 from .interpolation import interpolate_latents
+from .transfer import row_index
 
 T = TypeVar("T")
 
@@ -57,6 +58,16 @@ class Batch:
     frames: list[FrameSpec]
     weights: torch.Tensor
     lora_weights: torch.Tensor | None
+    alphas: torch.Tensor | None = None  # (len(frames),) float32: each frame's alpha (slerp, AdaIN)
+
+    def on(self, device: torch.device, dtype: torch.dtype) -> "Batch":
+        """The batch with its per-row tensors on the device, moved once before its UNet calls:
+        the mix weights in the run dtype (the attention, text and LoRA mixes use them in it) and
+        the alphas in float32 (slerp widens them). Built on the host, they would otherwise be
+        copied to the device by every layer that reads them, at every step."""
+        lora = None if self.lora_weights is None else self.lora_weights.to(device=device, dtype=dtype)
+        alphas = None if self.alphas is None else self.alphas.to(device)
+        return replace(self, weights=self.weights.to(device=device, dtype=dtype), lora_weights=lora, alphas=alphas)
 
     @property
     def rows(self) -> int:
@@ -89,12 +100,15 @@ class Batch:
 
     def start_latents(self, noise: torch.Tensor, use_adain: bool) -> torch.Tensor:
         """z_T of the rows: an endpoint's inverted latent; a frame's slerp (+ AdaIN) of its
-        segment's two (paper Sec. 3.2)."""
-        return torch.cat([noise[self.images], *(
-            interpolate_latents(noise[s.segment : s.segment + 1], noise[s.segment + 1 : s.segment + 2],
-                                torch.tensor([s.alpha]), use_adain)
-            for s in self.frames
-        )])
+        segment's two (paper Sec. 3.2), all frames in one call with their alphas (`on` moved
+        them to the device). Rows are picked by slices: no index goes to the device."""
+        parts = [noise[row_index(self.images)]]
+        if self.frames:
+            assert self.alphas is not None
+            z0 = torch.cat([noise[s.segment : s.segment + 1] for s in self.frames])
+            z1 = torch.cat([noise[s.segment + 1 : s.segment + 2] for s in self.frames])
+            parts.append(interpolate_latents(z0, z1, self.alphas, use_adain))
+        return torch.cat(parts)
 
 
 def frame_specs(per_segment: Sequence[Sequence[float]]) -> list[FrameSpec]:
@@ -170,7 +184,8 @@ def sequence_batches(specs: list[FrameSpec], num_images: int, config: MorphConfi
         lora_parts = [endpoint_lora_weights(images, num_images, config) if images else None,
                       frame_lora_weights(frames, num_images, config) if frames else None]
         lora_weights = None if config.lora_mode == "none" else torch.cat([w for w in lora_parts if w is not None])
-        batches.append(Batch(MODE_REPLACE if frames else MODE_STORE, images, frames, weights, lora_weights))
+        alphas = torch.tensor([s.alpha for s in frames], dtype=torch.float32)
+        batches.append(Batch(MODE_REPLACE if frames else MODE_STORE, images, frames, weights, lora_weights, alphas))
     return batches
 
 

@@ -20,6 +20,8 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .transfer import row_index
+
 
 @dataclass(frozen=True)
 class PromptConditioning:
@@ -43,7 +45,7 @@ class PromptConditioning:
 
     def select(self, rows: Sequence[int]) -> PromptConditioning:
         """The conditioning of the prompts `rows`, in that order (a batch's endpoint images)."""
-        index = list(rows)
+        index = row_index(rows)  # a slice where the rows are consecutive: no index copied to the device
         return self._map(lambda tensor: tensor[index])
 
     def mix(self, weights: torch.Tensor) -> PromptConditioning:

@@ -52,6 +52,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def widest_float(device: torch.device) -> torch.dtype:
+    """The most precise float dtype the device computes in: float64, except on Apple MPS, which
+    has none (float32 there)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def device_for_worker(gpu_id: int | str | None) -> torch.device:
     """The device a serving worker should use, given the accelerator index its server assigned.
     TorchServe passes `gpu_id` only to models with `deviceType: gpu` on a GPU host; without

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .devices import widest_float
+
 
 def _per_sample(alphas: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(B,) alphas shaped to broadcast against a (B, ...) tensor."""
@@ -20,27 +22,39 @@ def lerp(x0: torch.Tensor, x1: torch.Tensor, alphas: torch.Tensor) -> torch.Tens
     return (1 - a) * x0 + a * x1
 
 
-def slerp(z0: torch.Tensor, z1: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
-    """Spherical interpolation of two noise latents, treating each whole tensor as one vector.
+def slerp(
+    z0: torch.Tensor, z1: torch.Tensor, alphas: torch.Tensor, precision: torch.dtype | None = None
+) -> torch.Tensor:
+    """Spherical interpolation of noise latents, treating each sample's whole tensor as one vector.
 
     Gaussian noise of high dimension lives near a sphere; lerp would shrink the norm mid-way and
-    give the sampler out-of-distribution noise. Computed in float64: the angle between two
-    independent noises is close to 90 degrees and sin() of it must not lose precision.
-    Endpoints are (1, ...) tensors; the result is (B, ...). Falls back to lerp when the two are (anti)parallel and the slerp formula is 0/0.
+    give the sampler out-of-distribution noise. Endpoints are (1, ...) or (B, ...) tensors (one
+    pair per sample: frames of different segments in one batch); the result is (B, ...).
+
+    Precision: the angle between two independent noises is close to 90 degrees. It is taken as
+    theta = 2 * atan2(|u0 - u1|, |u0 + u1|) of the unit vectors, which keeps full relative
+    precision at every angle (arccos of a dot product loses it near 0 and 180 degrees), and the
+    weights sin((1 - a) theta) / sin(theta), sin(a theta) / sin(theta) are then accurate to the
+    working precision: float64 where the device has it, float32 where it does not (Apple MPS),
+    which tests hold to the float64 reference (`precision` picks one; default: the device's
+    widest, devices.widest_float). Falls back to lerp where the two are (anti)parallel
+    and the formula is 0/0, chosen on the device (no read back to the host). `alphas` should be
+    on the latents' device already (moved once per batch by the caller).
     """
     out_dtype = z0.dtype
-    a = alphas.to(device=z0.device, dtype=torch.float64).reshape(-1, 1)
-    v0 = z0.reshape(1, -1).to(torch.float64)
-    v1 = z1.reshape(1, -1).to(torch.float64)
-    cos_theta = (v0 * v1).sum() / (v0.norm() * v1.norm())
-    cos_theta = cos_theta.clamp(-1.0, 1.0)
-    theta = torch.arccos(cos_theta)
+    work = precision or widest_float(z0.device)
+    a = alphas.to(device=z0.device, dtype=work).reshape(-1, 1)
+    v0 = z0.reshape(len(z0), -1).to(work)
+    v1 = z1.reshape(len(z1), -1).to(work)
+    u0 = v0 / v0.norm(dim=1, keepdim=True)
+    u1 = v1 / v1.norm(dim=1, keepdim=True)
+    theta = 2 * torch.atan2((u0 - u1).norm(dim=1, keepdim=True), (u0 + u1).norm(dim=1, keepdim=True))
     sin_theta = torch.sin(theta)
-    # Chosen on the device (torch.where), not with an `if` that reads the angle back to the host.
     parallel = sin_theta.abs() < 1e-6
     safe_sin = torch.where(parallel, torch.ones_like(sin_theta), sin_theta)
-    spherical = (torch.sin((1 - a) * theta) * v0 + torch.sin(a * theta) * v1) / safe_sin
-    mixed = torch.where(parallel, (1 - a) * v0 + a * v1, spherical)
+    w0 = torch.where(parallel, 1 - a, torch.sin((1 - a) * theta) / safe_sin)
+    w1 = torch.where(parallel, a, torch.sin(a * theta) / safe_sin)
+    mixed = w0 * v0 + w1 * v1
     return mixed.reshape(-1, *z0.shape[1:]).to(out_dtype)
 
 
@@ -61,6 +75,7 @@ def interpolate_latents(
     z0: torch.Tensor, z1: torch.Tensor, alphas: torch.Tensor, use_adain: bool
 ) -> torch.Tensor:
     """The initial noise of each frame: slerp, then (optionally) AdaIN to lerped statistics.
+    z0/z1: (1, ...) or one pair per sample (B, ...); alphas (B,) on their device.
 
     Slerp keeps the norm but not the per-channel mean/std of the two inverted latents, which
     carry global colour; AdaIN restores them, interpolated linearly (paper Sec. 3.3).

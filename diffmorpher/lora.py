@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -25,8 +26,11 @@ from .config import LORA_TARGET_MODULES, MorphConfig
 from .ddim import NoiseSchedule, as_schedule
 from .lora_mix import OWN_LORA, LoraStack
 from .preprocess import to_model_square
+from .transfer import move_together
 
 ADAPTER_NAME = "diffmorpher_fit"  # peft's name for the adapter that gives the initial LoRA
+
+DRAW_BLOCK_STEPS = 50  # LoRA steps whose random draws go to the device in one copy (a few MB at 512 px)
 
 # on_step(step, total, losses): the (K,) per-image losses stay a (detached) device tensor; turning
 # them into Python numbers is the callback's choice, since it waits for the device.
@@ -64,22 +68,20 @@ def fit_loras(
     generators = [torch.Generator(device="cpu").manual_seed(seed) for _ in range(count)]
     noising = ForwardNoising(scheduler, device)
     with lora_training(unet, stacks):
-        for step in range(config.lora_steps):
-            with torch.enable_grad():
-                losses = training_losses(unet, noising, latent_mean, latent_std, conditioning, generators)
-                optimizer.zero_grad(set_to_none=True)
-                losses.sum().backward()
-                optimizer.step()
-            if on_step:
-                on_step(step + 1, config.lora_steps, losses.detach())
-    return [
-        {
-            name: (stack.down if part == "lora_A" else stack.up)[k].detach().float().cpu().contiguous()
-            for module, stack in stacks.items()
-            for part, name in (("lora_A", f"{module}.lora_A.weight"), ("lora_B", f"{module}.lora_B.weight"))
-        }
-        for k in range(count)
-    ]
+        for start in range(0, config.lora_steps, DRAW_BLOCK_STEPS):
+            block = min(DRAW_BLOCK_STEPS, config.lora_steps - start)
+            for offset, draws in enumerate(draw_steps(generators, latent_mean, len(noising.alphas), block)):
+                with torch.enable_grad():
+                    losses = training_losses(unet, noising, latent_mean, latent_std, conditioning, draws)
+                    optimizer.zero_grad(set_to_none=True)
+                    losses.sum().backward()
+                    optimizer.step()
+                if on_step:
+                    on_step(start + offset + 1, config.lora_steps, losses.detach())
+    names = [f"{module}.{part}.weight" for module in stacks for part in ("lora_A", "lora_B")]
+    fitted = [tensor.detach().float() for stack in stacks.values() for tensor in (stack.down, stack.up)]
+    on_host = move_together(fitted, torch.device("cpu"))  # one copy back, not one per tensor
+    return [{name: tensor[k].clone() for name, tensor in zip(names, on_host)} for k in range(count)]
 
 
 def initial_lora_stacks(
@@ -105,13 +107,13 @@ def initial_lora_stacks(
     finally:
         unet.unload_lora()
         unet.requires_grad_(False)
+    modules = [key[: -len(".lora_A.weight")] for key in sorted(initial) if key.endswith(".lora_A.weight")]
+    host = [initial[f"{module}.{part}.weight"] for module in modules for part in ("lora_A", "lora_B")]
+    on_device = move_together(host, device)  # one copy, not two per module
     stacks: dict[str, LoraStack] = {}
-    for key in sorted(initial):
-        if key.endswith(".lora_A.weight"):
-            module = key[: -len(".lora_A.weight")]
-            down = initial[key].to(device).unsqueeze(0).repeat(count, 1, 1).requires_grad_(True)
-            up = initial[f"{module}.lora_B.weight"].to(device).unsqueeze(0).repeat(count, 1, 1).requires_grad_(True)
-            stacks[module] = LoraStack(down=down, up=up)
+    for i, module in enumerate(modules):
+        down, up = (t.unsqueeze(0).repeat(count, 1, 1).requires_grad_(True) for t in on_device[2 * i : 2 * i + 2])
+        stacks[module] = LoraStack(down=down, up=up)
     return stacks
 
 
@@ -129,15 +131,35 @@ def _optimizer(params: list[torch.Tensor], config: MorphConfig) -> torch.optim.O
     return torch.optim.AdamW(params, lr=config.lora_lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
 
 
-def _draw(
-    latent_mean: torch.Tensor, latent_std: torch.Tensor, num_train_timesteps: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One image's sample of its posterior, its noise and its timestep (drawn on the CPU
-    generator, so a seed gives the same LoRA on every device)."""
-    latents = latent_mean + latent_std * _randn_like(latent_mean, generator)
-    noise = _randn_like(latent_mean, generator)
-    timestep = torch.randint(0, num_train_timesteps, (1,), generator=generator).to(latent_mean.device)
-    return latents, noise, timestep
+@dataclass(frozen=True)
+class StepDraws:
+    """One LoRA step's random draws for K images, on the device."""
+
+    posterior: torch.Tensor  # (K, C, h, w) standard normal: each image's sample of its posterior
+    noise: torch.Tensor  # (K, C, h, w) the noise added at the timestep
+    timesteps: torch.Tensor  # (K,) int64 in [0, num_train_timesteps)
+
+
+def draw_steps(
+    generators: list[torch.Generator], like: torch.Tensor, num_train_timesteps: int, num_steps: int
+) -> list[StepDraws]:
+    """`num_steps` steps' draws for the K images of `like` (K, C, h, w), image k from
+    generators[k] on the CPU in the order its steps take them (posterior sample, noise,
+    timestep), so a seed gives the same LoRA on every device and whether an image is fitted
+    alone or with others. They reach the device in two copies for all the steps (noise in
+    `like`'s dtype, timesteps), not three per image per step: each copy from pageable host
+    memory waits for the device."""
+    shape = (1, *like.shape[1:])
+    noise, timesteps = [], []
+    for _ in range(num_steps):
+        per_image = [(torch.randn(shape, generator=g), torch.randn(shape, generator=g),
+                      torch.randint(0, num_train_timesteps, (1,), generator=g)) for g in generators]
+        noise.append(torch.stack([torch.cat([posterior, added]) for posterior, added, _ in per_image]))
+        timesteps.append(torch.cat([timestep for _, _, timestep in per_image]))
+    noise_on_device = torch.stack(noise).to(dtype=like.dtype).to(like.device)  # (S, K, 2, C, h, w)
+    timesteps_on_device = torch.stack(timesteps).to(like.device)  # (S, K)
+    return [StepDraws(noise_on_device[step, :, 0], noise_on_device[step, :, 1], timesteps_on_device[step])
+            for step in range(num_steps)]
 
 
 def training_losses(
@@ -146,16 +168,14 @@ def training_losses(
     latent_mean: torch.Tensor,
     latent_std: torch.Tensor,
     conditioning: PromptConditioning,
-    generators: list[torch.Generator],
+    draws: StepDraws,
 ) -> torch.Tensor:
     """One step's (K,) per-image losses: a sample of each image's posterior, noised at a random
     timestep, and the MSE of the UNet's prediction to the target, in fp32. Device tensors only:
-    nothing is read back to the host."""
-    draws = [_draw(latent_mean[k : k + 1], latent_std[k : k + 1], len(noising.alphas), g)
-             for k, g in enumerate(generators)]
-    latents, noise, timesteps = (torch.cat(parts) for parts in zip(*draws))
-    noisy, target = noising(latents, noise, timesteps)
-    prediction = unet(noisy, timesteps, **conditioning.unet_kwargs()).sample
+    nothing is read back to the host, nothing is copied to the device."""
+    latents = latent_mean + latent_std * draws.posterior
+    noisy, target = noising(latents, draws.noise, draws.timesteps)
+    prediction = unet(noisy, draws.timesteps, **conditioning.unet_kwargs()).sample
     return (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError
+from .transfer import move_together
 
 
 class OwnLora:
@@ -56,7 +57,7 @@ def build_lora_stacks(
     for index, lora in enumerate(loras[1:], start=1):
         if set(lora) != reference:
             raise ConfigError(f"LoRA {index} does not have the same parameters as LoRA 0")
-    stacks: dict[str, LoraStack] = {}
+    modules: list[str] = []
     for key in sorted(reference):
         if not key.endswith(".lora_A.weight"):
             continue
@@ -64,12 +65,13 @@ def build_lora_stacks(
         up_key = f"{module}.lora_B.weight"
         if up_key not in reference:
             raise ConfigError(f"LoRA has {key} but no {up_key}")
-        down = torch.stack([lora[key] for lora in loras]).to(device=device, dtype=dtype)
-        up = torch.stack([lora[up_key] for lora in loras]).to(device=device, dtype=dtype)
-        stacks[module] = LoraStack(down=down, up=up)
-    if not stacks:
+        modules.append(module)
+    if not modules:
         raise ConfigError("LoRA state dict has no lora_A/lora_B weights")
-    return stacks
+    host = [torch.stack([lora[f"{module}.{part}.weight"] for lora in loras]).to(dtype)
+            for module in modules for part in ("lora_A", "lora_B")]
+    moved = move_together(host, device)  # one copy for the whole stack, not two per module
+    return {module: LoraStack(down=moved[2 * i], up=moved[2 * i + 1]) for i, module in enumerate(modules)}
 
 
 def mixed_linear(
@@ -77,15 +79,17 @@ def mixed_linear(
 ) -> torch.Tensor:
     """linear(x) plus the LoRA of each sample's own parameter mix: with A_b = sum_k w_bk A_k and
     B_b = sum_k w_bk B_k (the paper interpolates the LoRA parameters), x_b -> B_b A_b x_b.
-    x is (B, L, in), weights (B, K), or OWN_LORA (A_b = A_b: one LoRA per row). The mixed
-    factors are (B, r, in) and (B, out, r), small next to the layer; nothing is read back to
-    the host (no per-LoRA zero test)."""
+    x is (B, L, in), weights (B, K) on x's device (the caller moves them once per batch,
+    batching.Batch.on: a move here would copy them to the device for every projection of every
+    UNet call), or OWN_LORA (A_b = A_b: one LoRA per row). The mixed factors are (B, r, in) and
+    (B, out, r), small next to the layer; nothing is read back to the host (no per-LoRA zero
+    test)."""
     out = linear(x)
     if stack is None or weights is None:
         return out
     down, up = stack.down.to(x.dtype), stack.up.to(x.dtype)  # no-op unless fitting in fp32
     if not isinstance(weights, OwnLora):
-        w = weights.to(device=x.device, dtype=x.dtype)
+        w = weights.to(x.dtype)  # no-op: the batch's weights are in the run dtype
         down = torch.einsum("bk,kri->bri", w, down)
         up = torch.einsum("bk,kor->bor", w, up)
     hidden = torch.bmm(x, down.transpose(1, 2))

@@ -57,6 +57,7 @@ from .models import MorphModels, load_morph_models
 from .perceptual import PerceptualDistance, PixelDistance, consecutive_distances, load_perceptual
 from .preprocess import image_to_tensor, tensor_to_images
 from .reschedule import reschedule_alphas, uniform_alphas
+from .transfer import row_index
 from .results import (
     STAGE_FRAMES,
     STAGE_INVERSION,
@@ -166,7 +167,7 @@ class DiffMorpherPipeline:
             alphas=[spec.alpha for spec in specs],
             segments=[spec.segment for spec in specs],
             loras=list(fitted),
-            latents=[z.unsqueeze(0).float().cpu() for z in noise],
+            latents=list(noise.float().cpu().split(1)),  # one copy to the host
             timings=timings,
             perceptual_metric=metric.name if metric else "none",
             perceptual_weights=metric.weights if metric else "",
@@ -277,7 +278,7 @@ class DiffMorpherPipeline:
                             progress(ProgressEvent(stage=STAGE_LORA, step=step, total=total, item=item))
 
                 loras = fit_loras(
-                    self.models.unet, self.models.schedule, latent_mean[chunk], latent_std[chunk],
+                    self.models.unet, self.models.schedule, latent_mean[row_index(chunk)], latent_std[row_index(chunk)],
                     conditioning.select(chunk), config, seed=config.seed, on_step=on_step,
                 )
                 new |= dict(zip(chunk, loras))
@@ -310,6 +311,7 @@ class DiffMorpherPipeline:
         results = plan.cached_latents(latent_mean)
         missing = [index for index in range(num_images) if index not in results]
         for batch in inversion_batches(missing, num_images, config):
+            batch = batch.on(self.models.device, self.models.dtype)  # once per batch, not per layer
             batch.apply(controller)
 
             def on_step(step: int, total: int, item: int = batch.images[0]) -> None:
@@ -318,7 +320,7 @@ class DiffMorpherPipeline:
 
             inverted = ddim_invert(
                 self.models.schedule, self._predictor(controller, batch.conditioning(conditioning), stop, STAGE_INVERSION),
-                latent_mean[batch.images], config.num_inference_steps, on_step,
+                latent_mean[row_index(batch.images)], config.num_inference_steps, on_step,
             )
             for index, latent in zip(batch.images, inverted):
                 results[index] = latent
@@ -383,6 +385,7 @@ class DiffMorpherPipeline:
         collector = FrameCollector(specs, len(noise), stage, progress, stream, to_cpu)
 
         def run(batch: Batch) -> torch.Tensor:
+            batch = batch.on(self.models.device, self.models.dtype)  # once per batch, not per layer
             batch.apply(controller)
             latents = ddim_sample(
                 self.models.schedule, self._predictor(controller, batch.conditioning(conditioning), stop, stage),

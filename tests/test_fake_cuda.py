@@ -28,7 +28,7 @@ from diffmorpher.attention import AttentionStore, MorphController, morph_attenti
 from diffmorpher.batching import frame_specs, segment_weights, sequence_batches
 from diffmorpher.config import MorphConfig
 from diffmorpher.emission import FrameCollector
-from diffmorpher.lora import ForwardNoising, fit_loras, initial_lora_stacks, lora_training, training_losses
+from diffmorpher.lora import ForwardNoising, draw_steps, fit_loras, initial_lora_stacks, lora_training, training_losses
 from diffmorpher.lora_mix import build_lora_stacks
 from diffmorpher.models import MorphModels
 from diffmorpher.pipeline import DiffMorpherPipeline
@@ -54,6 +54,10 @@ def invert_and_denoise(pipe: DiffMorpherPipeline, models: MorphModels, mean: tor
     return loras, store, noise, frames
 
 
+def generators() -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(0) for _ in range(2)]
+
+
 def images() -> list[Image.Image]:
     return [Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")]
 
@@ -74,13 +78,12 @@ def test_the_morph_tensor_path_runs_on_cuda(size: str, dtype: torch.dtype) -> No
         assert on(text.encoder_hidden_states, "cuda", dtype) and on(mean, "cuda", dtype)
 
         # A LoRA training step's forward and losses (its backward: see the CPU test below).
-        generators = [torch.Generator().manual_seed(0) for _ in range(2)]
         stacks = initial_lora_stacks(models.unet, CONFIG, 0, 2, models.device)
         params = [t for stack in stacks.values() for t in (stack.down, stack.up)]
         assert params and all(on(p, "cuda", torch.float32) for p in params)
         with lora_training(models.unet, stacks):
             losses = training_losses(models.unet, ForwardNoising(models.schedule, models.device),
-                                     mean, std, text, generators)
+                                     mean, std, text, draw_steps(generators(), mean, 1000, 1)[0])
         assert on(losses, "cuda", torch.float32) and losses.shape == (2,)
 
         # Fresh adapters (0 steps) stand in for fitted LoRAs: same keys, shapes and dtypes.
@@ -159,11 +162,10 @@ def test_the_sdxl_morph_tensor_path_runs_on_cuda_in_bf16() -> None:
         mean, std = pipe.encode_images(sdxl_images, 128)
         assert on(mean, "cuda", dtype) and mean.shape == (2, 4, 16, 16)
 
-        generators = [torch.Generator().manual_seed(0) for _ in range(2)]
         stacks = initial_lora_stacks(models.unet, CONFIG, 0, 2, models.device)
         with lora_training(models.unet, stacks):
             losses = training_losses(models.unet, ForwardNoising(models.schedule, models.device),
-                                     mean, std, text, generators)
+                                     mean, std, text, draw_steps(generators(), mean, 1000, 1)[0])
         assert on(losses, "cuda", torch.float32) and losses.shape == (2,)
 
         loras, store, noise, frames = invert_and_denoise(pipe, models, mean, std, text)

@@ -68,3 +68,36 @@ def test_interpolate_lora_endpoints_and_midpoint():
     assert torch.allclose(interpolate_lora(lora0, lora1, 0.25)["a.lora_A.weight"], torch.full((2, 3), 0.25))
     with pytest.raises(ValueError):
         interpolate_lora(lora0, {"b.lora_A.weight": torch.zeros(2, 3)}, 0.5)
+
+
+def _reference_slerp(z0: torch.Tensor, z1: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+    """The textbook formula (arccos of the normalised dot product) in float64."""
+    v0, v1 = z0.reshape(1, -1).double(), z1.reshape(1, -1).double()
+    theta = torch.arccos(((v0 * v1).sum() / (v0.norm() * v1.norm())).clamp(-1, 1))
+    a = alphas.double().reshape(-1, 1)
+    return ((torch.sin((1 - a) * theta) * v0 + torch.sin(a * theta) * v1) / torch.sin(theta)).reshape(-1, *z0.shape[1:])
+
+
+@pytest.mark.parametrize("precision", [torch.float64, torch.float32], ids=["float64", "float32-mps"])
+def test_slerp_in_either_precision_matches_the_float64_reference(precision: torch.dtype):
+    """Float64 where the device has it; float32 (Apple MPS) must stay within a few float32
+    roundings of the float64 reference: SD-sized noise (4x64x64) at about 90 degrees, and two
+    latents 0.06 degrees apart. Measured: float64 2.6e-8 (the float32 output's rounding),
+    float32 6.5e-8 and 1.2e-7 relative error."""
+    alphas = torch.linspace(0, 1, 7)
+    z0 = _noise(0, (1, 4, 64, 64))
+    for z1 in (_noise(1, (1, 4, 64, 64)), z0 + 1e-3 * _noise(2, (1, 4, 64, 64))):
+        reference = _reference_slerp(z0, z1, alphas)
+        out = slerp(z0, z1, alphas, precision).double()
+        error = (out - reference).flatten(1).norm(dim=1) / reference.flatten(1).norm(dim=1)
+        assert float(error.max()) < (5e-8 if precision == torch.float64 else 3e-7)
+        assert torch.equal(out[0], z0[0].double()) and torch.equal(out[-1], z1[0].double())
+
+
+def test_slerp_takes_one_endpoint_pair_per_sample():
+    """Frames of different segments in one batch: row b interpolates its own pair."""
+    z = _noise(0, (3, 4, 8, 8))
+    alphas = torch.tensor([0.3, 0.8])
+    together = slerp(z[:2], z[1:], alphas)
+    assert torch.allclose(together[0], slerp(z[0:1], z[1:2], alphas[:1])[0], atol=1e-7)
+    assert torch.allclose(together[1], slerp(z[1:2], z[2:3], alphas[1:])[0], atol=1e-7)
