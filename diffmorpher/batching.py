@@ -85,7 +85,8 @@ class Batch:
         frames = self.frames[first:last]
         mode = self.mode if self.mode == MODE_OFF else MODE_REPLACE if frames else MODE_STORE
         lora_weights = None if self.lora_weights is None else self.lora_weights[start:stop]
-        return Batch(mode, images, frames, self.weights[first:last], lora_weights)
+        alphas = None if self.alphas is None else self.alphas[first:last]
+        return Batch(mode, images, frames, self.weights[first:last], lora_weights, alphas)
 
     def apply(self, controller: MorphController) -> None:
         """Tell the attention processors what this batch's rows are, before its UNet calls."""
