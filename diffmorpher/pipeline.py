@@ -175,6 +175,9 @@ class DiffMorpherPipeline:
             resolution=resolution,
             cache=plan.report(),
             schedule_cache=schedule_state,
+            device=str(device),
+            dtype=str(self.models.dtype).removeprefix("torch."),
+            frame_batch_size=config.frame_batch_size,
         )
 
     # ------------------------------------------------------------------ stage 0: checks

@@ -51,3 +51,8 @@ class MorphResult:
     resolution: int = 0
     cache: list[dict[str, str | None]] = field(default_factory=list)  # per input image (CacheKeys.report)
     schedule_cache: str = "off"  # the rescheduled alphas: "hit" (no measuring pass), "miss" or "off"
+    # What "auto" settled on for this morph: the worker's device and dtype, and the rows per UNet
+    # call chosen from the free device memory (frame_batch_size 0), before any out-of-memory split.
+    device: str = ""
+    dtype: str = ""
+    frame_batch_size: int = 0

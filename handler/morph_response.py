@@ -40,7 +40,10 @@ def result_metadata(request: MorphRequest, result: MorphResult, timings: dict[st
         "formats": request.formats,
         "frame_duration_ms": request.outputs[0].frame_duration_ms,
         "loop": request.outputs[0].loop,
-        "config": request.config.to_dict(),
+        "config": request.config.to_dict(),  # as requested (0 / "auto" where the worker chooses)
+        "device": result.device,  # what the worker chose: its device and dtype,
+        "dtype": result.dtype,
+        "frame_batch_size": result.frame_batch_size,  # and the rows per UNet call for this morph
         "cache": result.cache,  # per input image: lora/latent "hit" | "miss" | "off", lora_key, image_key
         "schedule_cache": result.schedule_cache,  # the reschedule's alphas: "hit" | "miss" | "off"
         "worker_pid": os.getpid(),  # which worker served it (logs, cache sharing)

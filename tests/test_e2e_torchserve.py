@@ -79,6 +79,8 @@ def test_unary_returns_gif_with_requested_frames(unary_result) -> None:
     assert result.metadata["alphas"][0] == 0.0 and result.metadata["alphas"][-1] == 1.0
     assert len(result.metadata["alphas"]) == FRAMES
     assert result.metadata["seed"] == TINY["seed"]
+    # The CPU worker's own choices, where the request said auto (0 / "auto").
+    assert (result.metadata["device"], result.metadata["dtype"], result.metadata["frame_batch_size"]) == ("cpu", "float32", 16)
     assert {"lora", "inversion", "frames", "encode_output", "total"} <= set(result.metadata["timings"])
     assert "perceptual_metric" in result.metadata
     assert [p.name for p in result.parts if p.mime == "image/png"] == [f"frame_{i:03d}.png" for i in range(FRAMES)]

@@ -227,6 +227,19 @@ def test_auto_frame_batch_follows_the_models_activation_estimate(pipe, monkeypat
     assert pipe.frame_batch_size(MorphConfig(), 16) == 16
 
 
+def test_the_result_says_what_auto_settled_on(pipe, monkeypatch):
+    """frame_batch_size 0 and dtype "auto" are the worker's choice; the result (and the served
+    metadata) names the choice, not the request's placeholder."""
+    from diffmorpher import batching
+
+    per_sample = batching.activation_bytes(pipe.models.unet.config.block_out_channels[0], 8, 4)
+    reserve = batching.RESERVE_BYTES + 4 * batching.decode_bytes(pipe.models.vae.config.block_out_channels[0], 16, 4)
+    monkeypatch.setattr(batching, "free_memory_bytes", lambda device: reserve + 2 * per_sample)
+    result = pipe(_images(), _prompts(), MorphConfig(**FAST))
+    assert MorphConfig(**FAST).frame_batch_size == 0
+    assert (result.device, result.dtype, result.frame_batch_size) == ("cpu", "float32", 2)
+
+
 @pytest.mark.skipif(not (EMBEDDED_MODEL / "unet").is_dir(), reason="needs the embedded model")
 def test_a_frame_batch_that_runs_out_of_memory_is_halved_and_gives_the_same_frames():
     """A UNet that refuses batches of more than 2 rows (as a GPU would with torch.OutOfMemoryError):
