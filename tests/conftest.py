@@ -74,3 +74,28 @@ def demo_inputs() -> tuple[list[bytes], list[str]]:
         Image.new("RGB", (64, 64), colour).save(buffer, format="PNG")
         pngs.append(buffer.getvalue())
     return pngs, ["a red square", "a blue square"]
+
+
+def flat_png(colour: str, size: int) -> bytes:
+    """A one-colour PNG upload."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def served_two_colour_morph(store: Path, workdir: Path, prompts: list[str], options: dict, size: int):
+    """Serve `store` under a TorchServe of its own, morph a red and a blue square of `size` px
+    through the project's client (GIF + PNG parts), and check the PNG frames are every frame, in
+    order, at `size` px. Returns the client's result."""
+    from client.morph_client import MorphClient
+    from launcher.torchserve import TorchServeProcess
+    from morph_protocol.keyfile import TokenSource
+
+    with TorchServeProcess(workdir, store) as server:
+        with MorphClient(server.grpc_target, tokens=TokenSource(key_file=server.key_file)) as morph:
+            result = morph.morph([flat_png("red", size), flat_png("blue", size)], prompts,
+                                 {**options, "format": ["gif", "png"]}, deadline_s=300)
+    pngs = [part for part in result.parts if part.mime == "image/png"]
+    assert [part.name for part in pngs] == [f"frame_{i:03d}.png" for i in range(options["num_frames"])]
+    assert Image.open(io.BytesIO(pngs[0].data)).size == (size, size)
+    return result

@@ -5,23 +5,18 @@ with the hub off and every proxy pointing at a closed port, so any download woul
 
 from __future__ import annotations
 
-import io
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from checkpoints.write_single_file import write_single_file
-from client.morph_client import MorphClient
 from export.build_mar import main as export_main
 from launcher.archive import export_model
-from launcher.torchserve import TorchServeProcess
-from morph_protocol.keyfile import TokenSource
-from tests.conftest import EMBEDDED_MODEL
+from tests.conftest import EMBEDDED_MODEL, served_two_colour_morph
 
 pytestmark = pytest.mark.slow
 
@@ -34,12 +29,6 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HTTP_PROXY": "ht
 @pytest.fixture(scope="module")
 def single_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_single_file(EMBEDDED_MODEL, tmp_path_factory.mktemp("single") / "tiny.safetensors")
-
-
-def _png(colour: str) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 64), colour).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def test_a_single_file_exports_serves_and_morphs(tmp_path: Path, single_file: Path,
@@ -57,13 +46,8 @@ def test_a_single_file_exports_serves_and_morphs(tmp_path: Path, single_file: Pa
     shipped, embedded = (load_file(folder / "diffusion_pytorch_model.safetensors")
                          for folder in (tmp_path, EMBEDDED_MODEL / "unet"))
     assert shipped.keys() == embedded.keys() and all(torch.equal(shipped[k], embedded[k]) for k in embedded)
-    with TorchServeProcess(tmp_path / "server", store) as server:
-        with MorphClient(server.grpc_target, tokens=TokenSource(key_file=server.key_file)) as morph:
-            result = morph.morph([_png("red"), _png("blue")], ["a red circle", "a blue triangle"],
-                                 {**TINY, "format": ["gif", "png"]}, deadline_s=300)
-    pngs = [part for part in result.parts if part.mime == "image/png"]
-    assert [part.name for part in pngs] == [f"frame_{i:03d}.png" for i in range(FRAMES)]
-    assert Image.open(io.BytesIO(pngs[0].data)).size == (64, 64)  # the embedded model's resolution
+    # 64 px: the embedded model's resolution
+    result = served_two_colour_morph(store, tmp_path / "server", ["a red circle", "a blue triangle"], TINY, 64)
     assert result.metadata["alphas"][0] == 0.0 and result.metadata["alphas"][-1] == 1.0
 
 
