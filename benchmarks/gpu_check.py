@@ -506,7 +506,7 @@ def dynamo_stats() -> dict[str, int]:
 
 def notes(target: Target, arch: Architecture, frames: int, resolution: int) -> list[str]:
     lines = ["floor: FLOPs of the model calls the morph made (benchmarks/sizing.py, docs/sizing.md) "
-             "at 100% of the card's dense bf16 peak; stage seconds are host wall time"]
+             "at 100% of the card's dense bf16 peak; stage seconds end with a device synchronise (true GPU time)"]
     if target.fake:
         lines += ["FAKE CUDA: timings and memory are NOT meaningful (no kernels run); the code paths are",
                   f"fake: {FAKE_OPTIONS} at {resolution} px (LoRA backward on CUDA needs a driver, "

@@ -308,9 +308,10 @@ def markdown(report: dict[str, Any]) -> str:
                 "lower bound: an earlier peak while building the model can mask part of it). The estimate "
                 "column is meant to stay above this (bf16 = half of fp32)."]
     out += served_runs_markdown(report.get("served_runs", []))
-    out += ["", "Not covered: the LoRA fit's activations kept for the backward (autograd, batch of the K "
-            "images), which exceed the inference figures above; size a card for that stage by a run "
-            "(make bench reports peak memory) before trusting the frame_batch_size column at the limit."]
+    out += ["", "Not in the estimate column: the LoRA fit's activations kept for the backward (autograd, batch "
+            "of the K images), which exceed the inference figures; the served runs above include them "
+            "(a whole worker's peak). Size a card for that stage by a run (make sized-e2e, make gpu-check's "
+            "peak GPU memory) before trusting the frame_batch_size column at the limit."]
     out += ["", "Rule (benchmarks.sizing.recommend): a morph is compute-bound, so a second worker only "
             "overlaps one worker's CPU/Python gaps: two workers where each still gets a frame batch of "
             f">= 8, else one; each worker holds its own weights plus {RESERVE_GB:.0f} GB reserve; "
