@@ -63,7 +63,7 @@ BUSY_DETAILS = (
 WORKER_DIED_DETAILS = (
     "the worker running this morph died (killed, e.g. by the kernel's out-of-memory killer or the "
     "guard's watchdog, or crashed); a new worker is starting. Retry; if it happens again, ask for "
-    "fewer frames, a smaller frame_batch_size or a lower resolution"
+    "a smaller frame_batch_size or vae_batch_size, fewer images or a lower resolution"
 )
 NO_DEADLINE_S = 10**8  # grpcio reports "no deadline" as a huge time_remaining()
 # How long a ModelInfer call to TorchServe may outlive its client's deadline. TorchServe 0.12

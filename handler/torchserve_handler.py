@@ -260,8 +260,9 @@ class DiffMorpherHandler:
             logger.warning("morph ran out of memory: %s", error)
             return ErrorCode.OUT_OF_MEMORY, (
                 f"out of memory: the server ran out of memory for this morph "
-                f"({type(error).__name__}); ask for a smaller frame_batch_size, fewer frames, "
-                f"fewer images or a lower resolution"
+                f"({type(error).__name__}, after halving the frame batches down to one row); ask for "
+                f"a smaller frame_batch_size (it also bounds how many images one LoRA fit holds), a "
+                f"smaller vae_batch_size, fewer images or a lower resolution"
             )
         logger.exception("morph failed")
         return ErrorCode.INTERNAL, f"morph failed: {type(error).__name__}: {error}"

@@ -357,7 +357,7 @@ def test_out_of_memory_is_507_naming_what_to_reduce_and_the_worker_serves_on(
     assert raised.value.error_code == 507
     code, message = parse_error(raised.value.message)
     assert code == ErrorCode.OUT_OF_MEMORY and message.startswith("out of memory:")
-    assert "frame_batch_size" in message and "resolution" in message
+    assert all(option in message for option in ("frame_batch_size", "vae_batch_size", "resolution"))
     monkeypatch.setattr(type(handler.pipeline), "__call__", real_call)
     (payload,) = handler.handle([good_request()], make_context(tiny_sd_dir))
     assert wire.decode_message(payload).type == wire.TYPE_RESULT
