@@ -367,7 +367,7 @@ WORKER_RULE: list[str] = [
     '',
     'Examples in bf16 (vae_batch_size 4): SD 2.1-base at 512 px: 0.105 GB a sample, reserve 1.88 GB; 20 GB free gives 16 (the cap), 2.5 GB free gives 4. SDXL at 1024 px: 0.42 GB a sample, reserve 4.3 GB; 10 GB free gives 8.',
     '',
-    "A frame batch that still runs out of memory (an estimate is an estimate; another worker's morph shares the card) is not the morph's end: the cached memory is released, the batch halved and retried down to one row, and the rest of the pass keeps the size that fit (`DiffMorpherPipeline._split_on_oom`); only one row that does not fit fails the morph (out_of_memory, 507). VAE encode and decode run `vae_batch_size` images per call (MorphConfig, default 4), so the decoder's full-resolution maps do not grow with the frame batch.",
+    "A frame batch, an inversion batch or a LoRA fit's chunk of images that still runs out of memory (an estimate is an estimate; the fit's backward needs more than inference; another worker's morph shares the card) is not the morph's end: the cached memory is released, the part halved and retried down to one row, and the rest of the stage keeps the size that fit (`DiffMorpherPipeline._split_on_oom`); only one row that does not fit fails the morph (out_of_memory, 507). VAE encode and decode run `vae_batch_size` images per call (MorphConfig, default 4), so the decoder's full-resolution maps do not grow with the frame batch.",
 ]
 
 

@@ -23,7 +23,7 @@ import logging
 import time
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 from morph_protocol import limits
@@ -270,20 +270,22 @@ class DiffMorpherPipeline:
         fitted: dict[int, Lora] = {index: lora for index, lora in enumerate(given or []) if lora is not None}
         todo = [index for index in range(len(latent_mean)) if index not in fitted]
 
+        def fit_chunk(chunk: list[int]) -> list[Lora]:
+            def on_step(step: int, total: int, losses: torch.Tensor) -> None:
+                raise_if_stopped(stop, STAGE_LORA)
+                if progress:
+                    for item in chunk:
+                        progress(ProgressEvent(stage=STAGE_LORA, step=step, total=total, item=item))
+
+            return fit_loras(
+                self.models.unet, self.models.schedule, latent_mean[row_index(chunk)], latent_std[row_index(chunk)],
+                conditioning.select(chunk), config, seed=config.seed, on_step=on_step,
+            )
+
         def fit(indices: list[int]) -> dict[int, Lora]:
             new: dict[int, Lora] = {}
-            for chunk in chunks(indices, rows_per_call(config)):
-
-                def on_step(step: int, total: int, losses: torch.Tensor, items: list[int] = chunk) -> None:
-                    raise_if_stopped(stop, STAGE_LORA)
-                    if progress:
-                        for item in items:
-                            progress(ProgressEvent(stage=STAGE_LORA, step=step, total=total, item=item))
-
-                loras = fit_loras(
-                    self.models.unet, self.models.schedule, latent_mean[row_index(chunk)], latent_std[row_index(chunk)],
-                    conditioning.select(chunk), config, seed=config.seed, on_step=on_step,
-                )
+            parts = chunks(indices, rows_per_call(config))
+            for chunk, loras in self._split_on_oom(parts, fit_chunk, len, _split_list, "LoRA fit"):
                 new |= dict(zip(chunk, loras))
             return new
 
@@ -313,7 +315,8 @@ class DiffMorpherPipeline:
         num_images = len(latent_mean)
         results = plan.cached_latents(latent_mean)
         missing = [index for index in range(num_images) if index not in results]
-        for batch in inversion_batches(missing, num_images, config):
+
+        def run(batch: Batch) -> torch.Tensor:
             batch = batch.on(self.models.device, self.models.dtype)  # once per batch, not per layer
             batch.apply(controller)
 
@@ -321,10 +324,13 @@ class DiffMorpherPipeline:
                 if progress:
                     progress(ProgressEvent(stage=STAGE_INVERSION, step=step, total=total, item=item))
 
-            inverted = ddim_invert(
+            return ddim_invert(
                 self.models.schedule, self._predictor(controller, batch.conditioning(conditioning), stop, STAGE_INVERSION),
                 latent_mean[row_index(batch.images)], config.num_inference_steps, on_step,
             )
+
+        batches = inversion_batches(missing, num_images, config)
+        for batch, inverted in self._split_on_oom(batches, run, _batch_rows, Batch.split, "inversion batch"):
             for index, latent in zip(batch.images, inverted):
                 results[index] = latent
                 plan.save_latent(index, latent)
@@ -396,36 +402,41 @@ class DiffMorpherPipeline:
             )
             return self.decode(latents, config.vae_batch_size)
 
-        for batch, decoded in self._split_on_oom(sequence_batches(specs, len(noise), config), run):
+        for batch, decoded in self._split_on_oom(sequence_batches(specs, len(noise), config), run, _batch_rows,
+                                                 Batch.split, "frame batch"):
             collector.add(batch, decoded)
         return collector.tensor()
 
     def _split_on_oom(
-        self, batches: Iterable[Batch], run: Callable[[Batch], torch.Tensor]
-    ) -> Iterator[tuple[Batch, torch.Tensor]]:
-        """Each batch with `run`'s result. A batch that runs out of device memory is not the
-        morph's end while it can be split: the cached memory is released, the batch halved and
-        retried (down to one row), and the rest of the pass runs at the size that fit."""
+        self, parts: Iterable[Part], run: Callable[[Part], Out], rows: Callable[[Part], int],
+        split: Callable[[Part, int], list[Part]], what: str,
+    ) -> Iterator[tuple[Part, Out]]:
+        """Each part (a frame or inversion batch, a chunk of images to fit) with `run`'s result.
+        A part that runs out of device memory is not the morph's end while it can be split: the
+        cached memory is released, the part halved and retried (down to one row), and the rest of
+        the stage runs at the size that fit. Every row's result depends on its own inputs alone
+        (batching.Batch.split, lora.fit_loras' per-image generators), so a split part computes
+        what the whole would have."""
         limit: int | None = None
-        for batch in batches:
-            pending = [batch]
+        for whole in parts:
+            pending = [whole]
             while pending:
                 part = pending.pop(0)
-                if limit is not None and part.rows > limit:
-                    pending[:0] = part.split(limit)
+                if limit is not None and rows(part) > limit:
+                    pending[:0] = split(part, limit)
                     continue
                 try:
                     result = run(part)
                 except Exception as error:  # noqa: BLE001 - only an out-of-memory error is retried
-                    if not is_out_of_memory(error) or part.rows == 1:
+                    if not is_out_of_memory(error) or rows(part) == 1:
                         raise
                 else:
                     yield part, result
                     continue
                 # Out of memory; released here, where the error's traceback no longer holds the part's tensors.
                 release_cached_memory(self.models.device)
-                limit = (part.rows + 1) // 2
-                logger.warning("a frame batch of %d rows ran out of memory; retrying %d at a time", part.rows, limit)
+                limit = (rows(part) + 1) // 2
+                logger.warning("a %s of %d rows ran out of memory; retrying %d at a time", what, rows(part), limit)
                 pending.insert(0, part)
 
     # ------------------------------------------------------------------ the UNet call
@@ -442,6 +453,18 @@ class DiffMorpherPipeline:
             return unet(latents, timestep, **unet_kwargs).sample
 
         return predict
+
+
+Part = TypeVar("Part")
+Out = TypeVar("Out")
+
+
+def _batch_rows(batch: Batch) -> int:
+    return batch.rows
+
+
+def _split_list(items: list[int], size: int) -> list[list[int]]:
+    return list(chunks(items, size))
 
 
 class _timed:

@@ -282,3 +282,33 @@ def test_a_frame_batch_that_runs_out_of_memory_is_halved_and_gives_the_same_fram
     finally:
         hook.remove()
     assert calls[frames_config.num_inference_steps:] == [6, 3, 2, 1]
+
+
+@pytest.mark.skipif(not (EMBEDDED_MODEL / "unet").is_dir(), reason="needs the embedded model")
+def test_the_lora_fit_and_the_inversion_split_on_out_of_memory_too():
+    """A UNet that takes one row at a time: the two images' joint LoRA fit and their joint
+    inversion are split 2 -> 1 like the frame batches, and the LoRAs, inverted latents and
+    frames equal the unsplit run's (each image fits from its own generator, seeded alike)."""
+    pipe = DiffMorpherPipeline.from_pretrained(EMBEDDED_MODEL, device="cpu")
+    config = MorphConfig(**{**FAST, "num_frames": 3, "lora_steps": 2}, frame_batch_size=2, use_reschedule=False)
+    reference = pipe(_images(), _prompts(), config)
+    seen: list[tuple[bool, int]] = []
+
+    def one_row_only(module, args, kwargs):
+        rows = args[0].shape[0]
+        seen.append((torch.is_grad_enabled(), rows))
+        if rows > 1:
+            raise torch.OutOfMemoryError(f"CUDA out of memory: {rows} rows")
+
+    hook = pipe.models.unet.register_forward_pre_hook(one_row_only, with_kwargs=True)
+    try:
+        split = pipe(_images(), _prompts(), config)
+    finally:
+        hook.remove()
+    fit_calls = [rows for grad, rows in seen if grad]
+    assert fit_calls[0] == 2 and set(fit_calls[1:]) == {1} and len(fit_calls) == 1 + 2 * config.lora_steps
+    for ours, theirs in zip(split.loras, reference.loras):
+        assert max((ours[key] - theirs[key]).abs().max().item() for key in theirs) < 1e-5
+    for ours, theirs in zip(split.latents, reference.latents):
+        assert (ours - theirs).abs().max() < 1e-4
+    assert (split.frame_tensors - reference.frame_tensors).abs().max() < 1e-4
