@@ -240,6 +240,24 @@ def test_the_result_says_what_auto_settled_on(pipe, monkeypatch):
     assert (result.device, result.dtype, result.frame_batch_size) == ("cpu", "float32", 2)
 
 
+def _morph_with_a_unet_taking_at_most(max_rows: int, pipe, config):
+    """The morph with a UNet that raises torch.OutOfMemoryError (as a full GPU would) on more
+    than `max_rows` rows; returns the result and every call's (grad enabled, rows)."""
+    calls: list[tuple[bool, int]] = []
+
+    def refuse_large(module, args, kwargs):
+        rows = args[0].shape[0]
+        calls.append((torch.is_grad_enabled(), rows))
+        if rows > max_rows:
+            raise torch.OutOfMemoryError(f"CUDA out of memory: {rows} rows")
+
+    hook = pipe.models.unet.register_forward_pre_hook(refuse_large, with_kwargs=True)
+    try:
+        return pipe(_images(), _prompts(), config), calls
+    finally:
+        hook.remove()
+
+
 @pytest.mark.skipif(not (EMBEDDED_MODEL / "unet").is_dir(), reason="needs the embedded model")
 def test_a_frame_batch_that_runs_out_of_memory_is_halved_and_gives_the_same_frames():
     """A UNet that refuses batches of more than 2 rows (as a GPU would with torch.OutOfMemoryError):
@@ -248,19 +266,8 @@ def test_a_frame_batch_that_runs_out_of_memory_is_halved_and_gives_the_same_fram
     pipe = DiffMorpherPipeline.from_pretrained(EMBEDDED_MODEL, device="cpu")
     config = MorphConfig(**{**FAST, "num_frames": 6, "lora_steps": 1}, frame_batch_size=6)
     reference = pipe(_images(), _prompts(), config)
-    seen: list[int] = []
-
-    def refuse_large(module, args, kwargs):
-        rows = args[0].shape[0]
-        seen.append(rows)
-        if rows > 2:
-            raise torch.OutOfMemoryError(f"CUDA out of memory: {rows} rows")
-
-    hook = pipe.models.unet.register_forward_pre_hook(refuse_large, with_kwargs=True)
-    try:
-        split = pipe(_images(), _prompts(), config)
-    finally:
-        hook.remove()
+    split, calls = _morph_with_a_unet_taking_at_most(2, pipe, config)
+    seen = [rows for _, rows in calls]
     assert 6 in seen and 3 in seen  # refused, halved, refused, halved again
     assert max(rows for rows in seen if rows <= 2) == 2 and seen.count(3) == 2  # each pass halves once to 3
     assert (split.frame_tensors - reference.frame_tensors).abs().max() < 1e-4
@@ -292,19 +299,7 @@ def test_the_lora_fit_and_the_inversion_split_on_out_of_memory_too():
     pipe = DiffMorpherPipeline.from_pretrained(EMBEDDED_MODEL, device="cpu")
     config = MorphConfig(**{**FAST, "num_frames": 3, "lora_steps": 2}, frame_batch_size=2, use_reschedule=False)
     reference = pipe(_images(), _prompts(), config)
-    seen: list[tuple[bool, int]] = []
-
-    def one_row_only(module, args, kwargs):
-        rows = args[0].shape[0]
-        seen.append((torch.is_grad_enabled(), rows))
-        if rows > 1:
-            raise torch.OutOfMemoryError(f"CUDA out of memory: {rows} rows")
-
-    hook = pipe.models.unet.register_forward_pre_hook(one_row_only, with_kwargs=True)
-    try:
-        split = pipe(_images(), _prompts(), config)
-    finally:
-        hook.remove()
+    split, seen = _morph_with_a_unet_taking_at_most(1, pipe, config)
     fit_calls = [rows for grad, rows in seen if grad]
     assert fit_calls[0] == 2 and set(fit_calls[1:]) == {1} and len(fit_calls) == 1 + 2 * config.lora_steps
     for ours, theirs in zip(split.loras, reference.loras):
