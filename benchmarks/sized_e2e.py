@@ -85,7 +85,11 @@ def run(arch_name: str, out: Path, model_dir: Path | None = None, dtype: str = "
     extra = dict(options or {})
     model = write_random_model(arch, model_dir or REPO_ROOT / ".cache" / "sized-models" / arch_name)
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="sized-e2e-", dir=out) as tmp:
+    # The run's archive and server folders live beside the sized models, outside the package
+    # tree: a run killed midway must not leave Python-looking folders under benchmarks/.
+    scratch = REPO_ROOT / ".cache" / "sized-e2e-runs"
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="sized-e2e-", dir=scratch) as tmp:
         store = Path(tmp) / "model_store"
         started = time.perf_counter()
         export_model(model, store, "--weights", "external", "--archive-format", "no-archive",
