@@ -22,7 +22,7 @@ Three failures TorchServe 0.12 does not repair by itself:
   control directory: nothing to judge by). Repair: as for dead.
 A condition is reported (the health endpoint turns 503 with it as the reason) as soon as it is
 seen, and repaired once it has held on two consecutive checks `grace_s` apart, so TorchServe's
-own restarts are never fought. All restarts a round finds are one scale down and up. The last
+own restarts are never fought (for stalled, the quiet window counts: it has held since it began). All restarts a round finds are one scale down and up. The last
 report is what the health endpoint serves.
 """
 
@@ -151,7 +151,10 @@ class Watchdog:
             return set()
         reasons.append(f"{pending} requests wait while no worker has made progress for {quiet:.0f} s "
                        f"(every worker idle; limit {self.config.stall_after_s:.0f} s)")
-        return {("stalled", beat.pid) for beat in beats if beat is not None}
+        found = {("stalled", beat.pid) for beat in beats if beat is not None}
+        for key in found:  # the quiet window held over several rounds: it counts as the grace
+            self._suspects.setdefault(key, now - quiet)
+        return found
 
     def _repair(self, found: set[tuple[str, int]], now: float) -> None:
         self._suspects = {key: since for key, since in self._suspects.items() if key in found}

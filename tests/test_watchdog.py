@@ -56,13 +56,12 @@ def test_requests_waiting_on_an_idle_worker_turn_health_red_within_the_stall_win
     report = watchdog.check(now=2006.0)  # 5 s
     assert not report.healthy and report.pending == 1
     assert "1 requests wait while no worker has made progress for 5 s" in report.reasons[0]
-    assert api.scaled == []  # seen once
-    watchdog.check(now=2008.0)
+    # The 5 s window held over several rounds: it is the grace, the repair starts now.
     assert api.scaled == [0, 1] and [e.kind for e in watchdog.events] == ["stalled"]
     api.workers = [{"pid": 4343, "status": "READY"}]  # the replacement, with its start-up beat
     beat(control, 4343, IDLE, at=2020.0)
     assert watchdog.check(now=2021.0).healthy  # the waiting request is its to take now
-    assert watchdog.events[0].seconds == 15.0  # from the first stalled round (2006) to 2021
+    assert watchdog.events[0].seconds == 20.0  # from the start of the wait (2001) to 2021
 
 
 def test_a_busy_worker_with_an_old_beat_is_progress_not_a_stall(control) -> None:
@@ -118,7 +117,7 @@ def test_several_stalled_workers_are_replaced_by_one_scale_down_and_up(control) 
     watchdog = dog(api, control)
     for now in (1000.0, 1005.0, 1007.0):
         watchdog.check(now=now)
-    assert api.scaled == [0, 3]
+    assert api.scaled == [0, 3]  # once, at 1005
     assert sorted(e.pid for e in watchdog.events) == [11, 12, 13]
 
 
