@@ -12,9 +12,11 @@ Three failures TorchServe 0.12 does not repair by itself:
   the frontend's queue holds requests (`jobQueueStatus.pendingRequests` > 0), no READY/BUSY
   worker whose process lives says busy, every such worker has a heartbeat, and neither the
   queue's wait (as this watchdog first saw it) nor any worker's newest heartbeat is younger than
-  `stall_after_s` (5 s). A worker that takes a request writes a busy beat within milliseconds,
+  `stall_after_s` (3 s). A worker that takes a request writes a busy beat within milliseconds,
   and one that finishes writes an idle beat, so a healthy server never holds requests that long
-  with every worker idle; this is what the trap on TorchServe's internal port looks like when the
+  with every worker idle (the widest gap: an idle beat, then the worker sends a result of up to
+  256 MB before it takes the next request, well under a second). A false alarm would cost a
+  restart but no work: no worker is busy, and the waiting requests stay queued; this is what the trap on TorchServe's internal port looks like when the
   dropped worker's process does not exit, and what any other frontend fault that stops feeding
   workers looks like. Not stalled: a busy worker, however old its last beat (a long step is
   wedge's business); an idle server with an empty queue; workers still loading (not READY: the
@@ -49,7 +51,7 @@ class WatchdogConfig:
     interval_s: float = 2.0
     grace_s: float = 4.0
     wedge_after_s: float = 600.0
-    stall_after_s: float = 5.0
+    stall_after_s: float = 3.0
 
 
 @dataclass
@@ -129,9 +131,11 @@ class Watchdog:
         ready = [w for w in workers if w.get("status") in LIVE_STATES and pid_alive(int(w.get("pid") or -1))]
         if len(ready) < min_workers:
             reasons.append(f"{len(ready)} of {min_workers} workers ready")
+        # Published before the repair: a restart blocks this loop while the workers load, and the
+        # health endpoint must say why it is red meanwhile.
+        self.report = HealthReport(not reasons, reasons, workers, now, _pending(description))
         self._repair(found, now)
         self._close_events(ready, found, now)
-        self.report = HealthReport(not reasons, reasons, workers, now, _pending(description))
         return self.report
 
     def _stalled(self, description: dict[str, Any], workers: list[dict[str, Any]], now: float,

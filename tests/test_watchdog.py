@@ -128,3 +128,17 @@ def test_one_busy_worker_among_idle_ones_is_progress(control) -> None:
     api.pending = 1
     watchdog = dog(api, control)
     assert all(watchdog.check(now=now).healthy for now in (1000.0, 1010.0, 1100.0))
+
+
+def test_the_reason_is_published_before_the_restart_blocks_the_loop(control) -> None:
+    """A scale up waits for the new worker to load (~20 s here): /healthz serves the report
+    of the round that started it, so that report must already be red."""
+    beat(control, 4242, IDLE, at=1000.0)
+    api = QueuedManagement([{"pid": 4242, "status": "READY"}])
+    api.pending = 1
+    watchdog = dog(api, control)
+    seen_while_scaling: list[bool] = []
+    api.scale = lambda model, n, timeout_s=120.0: seen_while_scaling.append(watchdog.report.healthy)
+    for now in (1000.0, 1005.0):
+        watchdog.check(now=now)
+    assert seen_while_scaling == [False, False]  # scale to 0 and back, both under a red report
