@@ -115,20 +115,20 @@ def test_the_internal_port_trap_is_visible_and_served_again_within_30_s(
         spring_trap(server)
         good = GoodRequest(server, sprung, RECOVERY_BAR_S)
         good.start()
-        unhealthy, alive_when_unhealthy = None, None
+        unhealthy = None
         while good.is_alive():
             code, status = server.health()
             if code == 503 and unhealthy is None and good.done is None:
                 unhealthy = (round(time.monotonic() - sprung, 1), status["reasons"])
-                alive_when_unhealthy = pid_alive(pid)
             time.sleep(0.2)
         repairs = [r for r in server.health("/status")[1]["repairs"] if r["pid"] == pid]
         print(f"\ntrap: /healthz 503 after {unhealthy and unhealthy[0]} s {unhealthy and unhealthy[1]}; "
               f"good request served {good.done and round(good.done, 1)} s after the trap; repairs {repairs}")
         assert unhealthy is not None, "/healthz stayed 200 while the good request was stuck"
-        assert alive_when_unhealthy, "the dropped worker had exited: this is not the case under test"
         assert "wait while no worker has made progress" in unhealthy[1][0]
         assert good.done is not None, f"no good request within {RECOVERY_BAR_S} s of the trap: {good.errors[-3:]}"
+        # "stalled", not "dead": the watchdog saw the dropped worker's process alive (the case
+        # under test; the stall rule only names workers whose process lives).
         assert [r["kind"] for r in repairs] == ["stalled"] and server.worker_pid() != pid
         deadline = time.monotonic() + 10
         while server.health()[0] != 200 and time.monotonic() < deadline:
