@@ -8,24 +8,26 @@ Three failures TorchServe 0.12 does not repair by itself:
   step) says busy and has not moved for `wedge_after_s`. Repair: SIGKILL it; TorchServe notices
   the dead process, fails its request ("Worker died.") and starts a new worker. This stays long
   (600 s): one step of a real model on a CPU took 85 s, and a busy worker's beats come per step.
-- stalled: requests wait while no worker makes progress. The rule, evaluated each round:
-  the frontend's queue holds requests (`jobQueueStatus.pendingRequests` > 0), no READY/BUSY
-  worker whose process lives says busy, every such worker has a heartbeat, and neither the
-  queue's wait (as this watchdog first saw it) nor any worker's newest heartbeat is younger than
-  `stall_after_s` (3 s). A worker that takes a request writes a busy beat within milliseconds,
-  and one that finishes writes an idle beat, so a healthy server never holds requests that long
-  with every worker idle (the widest gap: an idle beat, then the worker sends a result of up to
-  256 MB before it takes the next request, well under a second). A false alarm would cost a
-  restart but no work: no worker is busy, and the waiting requests stay queued; this is what the trap on TorchServe's internal port looks like when the
+- stalled: requests wait while no worker makes progress. The rule, evaluated each round: the
+  frontend's queue holds requests (`jobQueueStatus.pendingRequests` > 0), no READY/BUSY worker
+  whose process lives says busy, every such worker has a heartbeat, and neither the queue's wait
+  (as this watchdog first saw it) nor any worker's newest heartbeat is younger than
+  `stall_after_s` (3 s). This is what the trap on TorchServe's internal port looks like when the
   dropped worker's process does not exit, and what any other frontend fault that stops feeding
-  workers looks like. Not stalled: a busy worker, however old its last beat (a long step is
-  wedge's business); an idle server with an empty queue; workers still loading (not READY: the
-  health report already says "0 of N workers ready") or without a heartbeat file (no shared
-  control directory: nothing to judge by). Repair: as for dead.
+  workers looks like. Repair: as for dead.
+  Why it cannot fire on a working server: a worker that takes a request writes a busy beat
+  within milliseconds and one that finishes writes an idle beat, so requests never wait that
+  long with every worker idle (the widest gap: an idle beat, then a result of up to 256 MB sent
+  before the next request is taken, well under a second). Not stalled: a busy worker, however
+  old its last beat (a long step is the wedge rule's business); an idle server with an empty
+  queue; workers still loading (not READY; the report already says "0 of N workers ready") or
+  without a heartbeat file (no shared control directory: nothing to judge by). A false alarm
+  would cost a restart but no work: no worker is busy, and the waiting requests stay queued.
 A condition is reported (the health endpoint turns 503 with it as the reason) as soon as it is
 seen, and repaired once it has held on two consecutive checks `grace_s` apart, so TorchServe's
-own restarts are never fought (for stalled, the quiet window counts: it has held since it began). All restarts a round finds are one scale down and up. The last
-report is what the health endpoint serves.
+own restarts are never fought (a stall's quiet window counts: it has held since it began). All
+restarts one round finds are one scale down and up. The last report is what the health endpoint
+serves.
 """
 
 from __future__ import annotations
@@ -143,7 +145,8 @@ class Watchdog:
         """Requests wait while no live worker is busy and no heartbeat has moved for
         `stall_after_s`: the frontend stopped feeding its workers (the rule: module docstring)."""
         pending = _pending(description)
-        live = [pid for w in workers if w.get("status") in LIVE_STATES and pid_alive(pid := int(w.get("pid") or -1))]
+        pids = [int(w.get("pid") or -1) for w in workers if w.get("status") in LIVE_STATES]
+        live = [pid for pid in pids if pid_alive(pid)]
         beats = [self.control.read_heartbeat(pid) for pid in live] if self.control is not None else []
         if pending <= 0 or not beats or any(b is None or b.state != IDLE for b in beats):
             self._waiting_since = None
