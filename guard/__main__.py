@@ -69,10 +69,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--health", help="health host:port (default: diffmorpher.health_address)")
     parser.add_argument("--control-dir", help=f"shared with the workers (default: ${CONTROL_DIR_ENV})")
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between watchdog rounds")
-    parser.add_argument("--wedge-after", type=float, default=600.0,
+    parser.add_argument("--wedge-after", type=float, default=WatchdogConfig.wedge_after_s,
                         help="seconds without a morph step after which a busy worker is killed")
-    parser.add_argument("--stall-after", type=float, default=60.0,
-                        help="seconds every worker may sit idle while requests wait before they are restarted")
+    parser.add_argument("--stall-after", type=float, default=WatchdogConfig.stall_after_s,
+                        help="seconds requests may wait while every worker is idle and no heartbeat moves "
+                             "before /healthz turns 503 and the workers are restarted (a busy worker never "
+                             "counts: that is --wedge-after)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s guard %(levelname)s %(message)s")
     stop = threading.Event()

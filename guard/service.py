@@ -1,9 +1,10 @@
 """The guard process: gateway + watchdog + token rotation + health endpoint, in one process.
 
 Health endpoint (HTTP, for a load balancer or Kubernetes probes):
-  GET /healthz  readiness: 200 while every worker is alive and making progress, else 503
-                (a worker is dead or wedged, fewer workers than minWorkers, TorchServe silent,
-                or client tokens are on and none is usable)
+  GET /healthz  readiness: 200 while every worker is alive and making progress, else 503 with
+                the reasons (a worker is dead or wedged, requests wait while no worker makes
+                progress - the watchdog's "stalled" rule, seconds -, fewer workers than
+                minWorkers, TorchServe silent, or client tokens are on and none is usable)
   GET /livez    liveness: 503 only when the service has been unhealthy for `liveness_grace_s`
                 despite repairs (restart the pod then)
   GET /status   200 always: the last report, repairs with their durations, token rotations
@@ -45,6 +46,7 @@ class Guard:
             "healthy": report.healthy and not reasons,
             "reasons": reasons,
             "checked": report.checked,
+            "requests_waiting": report.pending,
             "workers": [
                 {key: worker.get(key) for key in ("id", "pid", "status", "startTime")} for worker in report.workers
             ],

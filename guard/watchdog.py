@@ -6,11 +6,28 @@ Three failures TorchServe 0.12 does not repair by itself:
   forever. Repair: scale the model to 0 workers and back (TorchServe starts fresh ones).
 - wedged: the worker process lives but its heartbeat (morph_protocol.control, written at every morph
   step) says busy and has not moved for `wedge_after_s`. Repair: SIGKILL it; TorchServe notices
-  the dead process, fails its request ("Worker died.") and starts a new worker.
-- stalled: requests wait in the queue while every worker's heartbeat has said idle for
-  `stall_after_s` (the frontend lost its workers without noticing). Repair: as for dead.
-A condition must hold on two consecutive checks `grace_s` apart, so TorchServe's own restarts
-are never fought. The last report is what the health endpoint serves.
+  the dead process, fails its request ("Worker died.") and starts a new worker. This stays long
+  (600 s): one step of a real model on a CPU took 85 s, and a busy worker's beats come per step.
+- stalled: requests wait while no worker makes progress. The rule, evaluated each round: the
+  frontend's queue holds requests (`jobQueueStatus.pendingRequests` > 0), no READY/BUSY worker
+  whose process lives says busy, every such worker has a heartbeat, and neither the queue's wait
+  (as this watchdog first saw it) nor any worker's newest heartbeat is younger than
+  `stall_after_s` (3 s). This is what the trap on TorchServe's internal port looks like when the
+  dropped worker's process does not exit, and what any other frontend fault that stops feeding
+  workers looks like. Repair: as for dead.
+  Why it cannot fire on a working server: a worker that takes a request writes a busy beat
+  within milliseconds and one that finishes writes an idle beat, so requests never wait that
+  long with every worker idle (the widest gap: an idle beat, then a result of up to 256 MB sent
+  before the next request is taken, well under a second). Not stalled: a busy worker, however
+  old its last beat (a long step is the wedge rule's business); an idle server with an empty
+  queue; workers still loading (not READY; the report already says "0 of N workers ready") or
+  without a heartbeat file (no shared control directory: nothing to judge by). A false alarm
+  would cost a restart but no work: no worker is busy, and the waiting requests stay queued.
+A condition is reported (the health endpoint turns 503 with it as the reason) as soon as it is
+seen, and repaired once it has held on two consecutive checks `grace_s` apart, so TorchServe's
+own restarts are never fought (a stall's quiet window counts: it has held since it began). All
+restarts one round finds are one scale down and up. The last report is what the health endpoint
+serves.
 """
 
 from __future__ import annotations
@@ -36,7 +53,7 @@ class WatchdogConfig:
     interval_s: float = 2.0
     grace_s: float = 4.0
     wedge_after_s: float = 600.0
-    stall_after_s: float = 60.0
+    stall_after_s: float = 3.0
 
 
 @dataclass
@@ -57,6 +74,7 @@ class HealthReport:
     reasons: list[str]
     workers: list[dict[str, Any]]
     checked: float
+    pending: int = 0  # requests waiting in the frontend's queue
 
 
 def pid_alive(pid: int) -> bool:
@@ -75,6 +93,11 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def _pending(description: dict[str, Any]) -> int:
+    """Requests in the model's job queue that no worker has taken yet (the management API)."""
+    return int((description.get("jobQueueStatus") or {}).get("pendingRequests", 0) or 0)
+
+
 @dataclass
 class Watchdog:
     api: ManagementApi
@@ -83,9 +106,10 @@ class Watchdog:
     events: list[HealEvent] = field(default_factory=list)
     report: HealthReport = field(default_factory=lambda: HealthReport(False, ["not checked yet"], [], 0.0))
     _suspects: dict[tuple[str, int], float] = field(default_factory=dict)
+    _waiting_since: float | None = None  # first round that saw requests wait with no worker busy
 
     def check(self, now: float | None = None) -> HealthReport:
-        """One round: describe the model, find dead or wedged workers, repair them."""
+        """One round: describe the model, find dead, wedged or stalled workers, repair them."""
         now = time.time() if now is None else now
         try:
             description = self.api.describe(self.config.model)
@@ -109,25 +133,39 @@ class Watchdog:
         ready = [w for w in workers if w.get("status") in LIVE_STATES and pid_alive(int(w.get("pid") or -1))]
         if len(ready) < min_workers:
             reasons.append(f"{len(ready)} of {min_workers} workers ready")
+        # Published before the repair: a restart blocks this loop while the workers load, and the
+        # health endpoint must say why it is red meanwhile.
+        self.report = HealthReport(not reasons, reasons, workers, now, _pending(description))
         self._repair(found, now)
         self._close_events(ready, found, now)
-        self.report = HealthReport(not reasons, reasons, workers, now)
         return self.report
 
     def _stalled(self, description: dict[str, Any], workers: list[dict[str, Any]], now: float,
                  reasons: list[str]) -> set[tuple[str, int]]:
-        """Workers idle for `stall_after_s` while requests wait: the frontend stopped feeding them."""
-        pending = int((description.get("jobQueueStatus") or {}).get("pendingRequests", 0) or 0)
-        if pending <= 0 or self.control is None or not workers:
+        """Requests wait while no live worker is busy and no heartbeat has moved for
+        `stall_after_s`: the frontend stopped feeding its workers (the rule: module docstring)."""
+        pending = _pending(description)
+        pids = [int(w.get("pid") or -1) for w in workers if w.get("status") in LIVE_STATES]
+        live = [pid for pid in pids if pid_alive(pid)]
+        beats = [self.control.read_heartbeat(pid) for pid in live] if self.control is not None else []
+        if pending <= 0 or not beats or any(b is None or b.state != IDLE for b in beats):
+            self._waiting_since = None
             return set()
-        beats = [self.control.read_heartbeat(int(w.get("pid") or -1)) for w in workers]
-        if any(b is None or b.state != IDLE or now - b.beat < self.config.stall_after_s for b in beats):
+        if self._waiting_since is None:
+            self._waiting_since = now
+        quiet = now - max(self._waiting_since, *(b.beat for b in beats))
+        if quiet < self.config.stall_after_s:
             return set()
-        reasons.append(f"{pending} requests wait while every worker has been idle for {self.config.stall_after_s:.0f}+ s")
-        return {("stalled", beat.pid) for beat in beats if beat is not None}
+        reasons.append(f"{pending} requests wait while no worker has made progress for {quiet:.0f} s "
+                       f"(every worker idle; limit {self.config.stall_after_s:.0f} s)")
+        found = {("stalled", beat.pid) for beat in beats if beat is not None}
+        for key in found:  # the quiet window held over several rounds: it counts as the grace
+            self._suspects.setdefault(key, now - quiet)
+        return found
 
     def _repair(self, found: set[tuple[str, int]], now: float) -> None:
         self._suspects = {key: since for key, since in self._suspects.items() if key in found}
+        restart = False
         for key in sorted(found):
             since = self._suspects.setdefault(key, now)
             if now - since < self.config.grace_s:
@@ -137,13 +175,19 @@ class Watchdog:
                 continue
             self.events.append(HealEvent(kind, pid, since))
             logger.error("%s worker %d: repairing", kind, pid)
-            try:
-                if kind == "wedged":
+            if kind == "wedged":
+                try:
                     os.kill(pid, signal.SIGKILL)
-                else:
-                    self._restart_workers()
-            except (ManagementError, OSError) as error:
-                logger.error("repair of %s worker %d failed: %s", kind, pid, error)
+                except OSError as error:
+                    logger.error("repair of wedged worker %d failed: %s", pid, error)
+            else:
+                restart = True
+        if restart:  # one scale down and up replaces every worker, however many were found
+            try:
+                self._restart_workers()
+            except ManagementError as error:
+                logger.error("restarting the workers failed: %s", error)
+            self._waiting_since = None
 
     def _restart_workers(self) -> None:
         description = self.api.describe(self.config.model)
