@@ -66,6 +66,7 @@ from .results import (
     MorphResult,
     ProgressCallback,
     ProgressEvent,
+    WorkDone,
 )
 
 logger = logging.getLogger(__name__)
@@ -129,6 +130,7 @@ class DiffMorpherPipeline:
         config = config.replace(frame_batch_size=self.frame_batch_size(config, resolution))
         device = self.models.device
         plan = CachePlan.for_morph(self.cache, images, prompts, self.models, config, resolution, loras)
+        work = WorkDone()
         with torch.no_grad():
             # 1. encode images and prompts
             with _timed(timings, "encode", device):
@@ -137,14 +139,16 @@ class DiffMorpherPipeline:
             plan.remember_images(images, resolution)
             # 2. fit one LoRA per image
             with _timed(timings, STAGE_LORA, device):
-                fitted = self.fit_loras(latent_mean, latent_std, conditioning, config, loras, progress, stop, plan)
+                fitted = self.fit_loras(
+                    latent_mean, latent_std, conditioning, config, loras, progress, stop, plan, work
+                )
             controller = MorphController(AttentionStore(len(images), config.num_attn_replace_steps), beta=config.attn_beta)
             # Inference only from here on (the LoRA fit above needs autograd): no version
             # counters or view tracking on any tensor the denoising makes.
             with torch.inference_mode(), morph_attention(self.models.unet, controller, self.lora_stacks(fitted, config)):
                 # 3. DDIM-invert every image with its own LoRA mix
                 with _timed(timings, STAGE_INVERSION, device):
-                    noise = self.invert(latent_mean, conditioning, controller, config, progress, stop, plan)
+                    noise = self.invert(latent_mean, conditioning, controller, config, progress, stop, plan, work)
                 # 4. reschedule: alphas that even out the perceptual distance between frames
                 metric: PerceptualDistance | None = None
                 schedule, schedule_state = [uniform_alphas(config.num_frames)] * (len(images) - 1), "off"
@@ -178,6 +182,7 @@ class DiffMorpherPipeline:
             device=str(device),
             dtype=str(self.models.dtype).removeprefix("torch."),
             frame_batch_size=config.frame_batch_size,
+            work=work,
         )
 
     # ------------------------------------------------------------------ stage 0: checks
@@ -261,10 +266,12 @@ class DiffMorpherPipeline:
         progress: ProgressCallback | None,
         stop: StopCheck = never_stop,
         plan: CachePlan | None = None,
+        work: WorkDone | None = None,
     ) -> list[Lora | None]:
         """One LoRA per image: a given one, else the cache's, else fitted (and cached). None in
         no-LoRA mode. Missing LoRAs are fitted together, `frame_batch_size` images per UNet call
-        (lora.fit_loras)."""
+        (lora.fit_loras). `work` counts the fits and optimizer steps run."""
+        work = work if work is not None else WorkDone()
         if config.lora_mode == "none":
             return [None] * len(latent_mean)
         fitted: dict[int, Lora] = {index: lora for index, lora in enumerate(given or []) if lora is not None}
@@ -273,14 +280,17 @@ class DiffMorpherPipeline:
         def fit_chunk(chunk: list[int]) -> list[Lora]:
             def on_step(step: int, total: int, losses: torch.Tensor) -> None:
                 raise_if_stopped(stop, STAGE_LORA)
+                work.lora_steps += len(chunk)
                 if progress:
                     for item in chunk:
                         progress(ProgressEvent(stage=STAGE_LORA, step=step, total=total, item=item))
 
-            return fit_loras(
+            loras = fit_loras(
                 self.models.unet, self.models.schedule, latent_mean[row_index(chunk)], latent_std[row_index(chunk)],
                 conditioning.select(chunk), config, seed=config.seed, on_step=on_step,
             )
+            work.lora_fits += len(chunk)
+            return loras
 
         def fit(indices: list[int]) -> dict[int, Lora]:
             new: dict[int, Lora] = {}
@@ -308,10 +318,13 @@ class DiffMorpherPipeline:
         progress: ProgressCallback | None,
         stop: StopCheck = never_stop,
         plan: CachePlan | None = None,
+        work: WorkDone | None = None,
     ) -> torch.Tensor:
         """z_T of each image (K, C, h, w), from its posterior mean, with its endpoint LoRA mix;
-        read from the cache where an image's latent is there (and cached when computed)."""
+        read from the cache where an image's latent is there (and cached when computed);
+        `work` counts the images inverted."""
         plan = plan or CachePlan(None)
+        work = work if work is not None else WorkDone()
         num_images = len(latent_mean)
         results = plan.cached_latents(latent_mean)
         missing = [index for index in range(num_images) if index not in results]
@@ -331,6 +344,7 @@ class DiffMorpherPipeline:
 
         batches = inversion_batches(missing, num_images, config)
         for batch, inverted in self._split_on_oom(batches, run, _batch_rows, Batch.split, "inversion batch"):
+            work.inversions += len(batch.images)
             for index, latent in zip(batch.images, inverted):
                 results[index] = latent
                 plan.save_latent(index, latent)

@@ -35,6 +35,20 @@ ProgressCallback = Callable[[ProgressEvent], None]
 
 
 @dataclass
+class WorkDone:
+    """What a morph computed itself rather than read from a cache or was given. A deterministic
+    recompute gives the same frames as a cache hit, so only these counts show that a cache
+    saved the work (tests of the cache compare them, not its own hit/miss labels)."""
+
+    lora_fits: int = 0  # images whose LoRA this morph fitted
+    lora_steps: int = 0  # LoRA optimizer steps run, per image (2 images fitted for 40 steps: 80)
+    inversions: int = 0  # images this morph DDIM-inverted
+
+    def to_dict(self) -> dict[str, int]:
+        return {"lora_fits": self.lora_fits, "lora_steps": self.lora_steps, "inversions": self.inversions}
+
+
+@dataclass
 class MorphResult:
     """Frames of the whole morph (all segments concatenated, joints once) and what produced them."""
 
@@ -56,3 +70,4 @@ class MorphResult:
     device: str = ""
     dtype: str = ""
     frame_batch_size: int = 0
+    work: WorkDone = field(default_factory=WorkDone)  # LoRA fits and inversions this morph ran

@@ -46,6 +46,7 @@ def result_metadata(request: MorphRequest, result: MorphResult, timings: dict[st
         "frame_batch_size": result.frame_batch_size,  # and the rows per UNet call for this morph
         "cache": result.cache,  # per input image: lora/latent "hit" | "miss" | "off", lora_key, image_key
         "schedule_cache": result.schedule_cache,  # the reschedule's alphas: "hit" | "miss" | "off"
+        "work": result.work.to_dict(),  # LoRA fits/steps and inversions this morph ran (the cache's proof)
         "worker_pid": os.getpid(),  # which worker served it (logs, cache sharing)
     }
 

@@ -1,7 +1,7 @@
 """The quality part of `make bench`, on fixed pair 0 at the server's defaults (16 frames,
 reschedule): the service's path (batched LoRA fits and frames, cold and warm cache) gives the
-baseline's PPL, PDV and endpoint PSNR within 5 %, and the `fast` preset is no more than 10 %
-worse on any of them. Speed is `make bench`'s job (ratios in one run), not a test's."""
+baseline's PPL, PDV and endpoint PSNR within 5 %, and the `fast` preset lands where it was
+measured, both ways. Speed is `make bench`'s job (ratios in one run), not a test's."""
 
 from __future__ import annotations
 
@@ -22,7 +22,18 @@ pytestmark = [
 ]
 
 
-def test_default_path_keeps_the_baselines_quality_and_fast_stays_within_10_percent() -> None:
+# The fast preset against the baseline on pair 0, as measured (benchmarks/results/
+# bench-20261202T065428Z.json, this model): PPL -12.7 %, PDV -34.4 %, endpoint PSNR -4.7 %
+# (fewer DDIM steps and more interpolated attention: smoother and more even, slightly less
+# faithful ends). The runs are deterministic on one machine; what moves them elsewhere is float
+# reduction order, which moved PDV by 1.6 % between the batched and unbatched paths (default_cold
+# vs baseline) and PPL by 0.04 %. Each bound is several times that, yet excludes both "as good
+# as the baseline" (0) and a morph that stopped moving (PPL and PDV near -100 %).
+FAST_MEASURED = {"ppl": -0.127, "pdv": -0.344, "endpoint_psnr_db": -0.047}
+FAST_TOLERANCE = {"ppl": 0.05, "pdv": 0.10, "endpoint_psnr_db": 0.02}
+
+
+def test_default_path_keeps_the_baselines_quality_and_fast_lands_where_measured() -> None:
     pipe = DiffMorpherPipeline.from_pretrained(
         EMBEDDED_MODEL, device="cpu", lpips_weights=REPO_ROOT / ".cache" / "lpips" / "lpips_alex_backbone.safetensors"
     )
@@ -35,5 +46,5 @@ def test_default_path_keeps_the_baselines_quality_and_fast_stays_within_10_perce
     for mode in ("default_cold", "default_warm"):
         assert all(abs(change) <= 0.05 for change in relative[mode].values()), (mode, relative[mode])
     fast = relative["fast"]
-    assert fast["ppl"] <= 0.10 and fast["pdv"] <= 0.10, fast  # lower is smoother / more even
-    assert fast["endpoint_psnr_db"] >= -0.10, fast
+    for metric, measured in FAST_MEASURED.items():
+        assert abs(fast[metric] - measured) <= FAST_TOLERANCE[metric], (metric, fast, FAST_MEASURED)

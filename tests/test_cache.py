@@ -14,6 +14,7 @@ from PIL import Image
 from diffmorpher.cache import DiskStore, TensorCache
 from diffmorpher.config import MorphConfig
 from diffmorpher.pipeline import DiffMorpherPipeline
+from diffmorpher.results import WorkDone
 
 KEY = "ab" * 32
 
@@ -100,15 +101,19 @@ def test_a_repeated_image_costs_no_fitting_and_no_inversion(tiny_sd_dir: Path, t
     images, prompts = _inputs()
     first = cold(images, prompts, MorphConfig(**FAST))
     assert [c["lora"] for c in first.cache] == ["miss", "miss"] and [c["latent"] for c in first.cache] == ["miss"] * 2
+    steps = FAST["lora_steps"]
+    assert first.work == WorkDone(lora_fits=2, lora_steps=2 * steps, inversions=2)
     # Another worker (its own pipeline) on the same store; one image is new.
     warm = DiffMorpherPipeline.from_pretrained(tiny_sd_dir, device="cpu", cache=TensorCache(DiskStore(tmp_path)))
     progress = []
     second = warm(images, prompts, MorphConfig(**FAST), progress=progress.append)
     assert [c["lora"] for c in second.cache] == ["hit", "hit"] and [c["latent"] for c in second.cache] == ["hit"] * 2
     assert not [e for e in progress if e.stage in ("lora", "inversion")]  # nothing was fitted or inverted
+    assert second.work == WorkDone(lora_fits=0, lora_steps=0, inversions=0)
     assert (second.frame_tensors - first.frame_tensors).abs().max() < 1e-5
     third = warm([images[0], Image.new("RGB", (16, 16), (0, 200, 0))], [prompts[0], "a green"], MorphConfig(**FAST))
     assert [c["lora"] for c in third.cache] == ["hit", "miss"]
+    assert third.work == WorkDone(lora_fits=1, lora_steps=steps, inversions=1)  # only the new image
     changed = warm(images, prompts, MorphConfig(**{**FAST, "lora_steps": 3}))
     assert [c["lora"] for c in changed.cache] == ["miss", "miss"]  # a hyper-parameter is in the key
 

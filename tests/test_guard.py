@@ -106,6 +106,8 @@ def test_a_busy_worker_whose_heartbeat_stopped_is_killed(tmp_path: Path, monkeyp
 
 
 def test_keys_are_rotated_at_half_their_lifetime(tmp_path: Path) -> None:
+    """When the rotator rotates, on a fake API that rewrites nothing; that a rotation renews the
+    key file, retires the old keys and is followed by the gateway: tests/test_e2e_tokens.py."""
     key_file = tmp_path / "key_file.json"
     now = time.time()
 

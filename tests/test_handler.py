@@ -57,9 +57,49 @@ def test_module_has_exactly_one_class_for_torchserve() -> None:
     assert list_classes_from_module(torchserve_handler) == [DiffMorpherHandler]
 
 
-def test_handler_has_no_accelerator_literal() -> None:
-    for path in Path(torchserve_handler.__file__).parent.glob("*.py"):
-        assert "cuda" not in path.read_text().lower(), path
+CUDA_CALLS = ("current_device", "set_device", "synchronize", "empty_cache", "mem_get_info", "memory_reserved",
+              "memory_allocated", "max_memory_allocated", "reset_peak_memory_stats", "is_bf16_supported",
+              "get_device_properties", "device_count")
+
+
+def test_a_cpu_worker_on_a_gpu_host_serves_on_the_cpu_and_never_touches_cuda(
+    tiny_sd_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An archive with `deviceType: cpu` on a host with GPUs: TorchServe passes no gpu_id, and
+    the worker must load on the CPU without one call into torch.cuda (a handler that picks
+    "cuda" itself because a GPU is there would take a GPU it was not given), then morph and
+    answer on the CPU, still without torch.cuda (a handler clearing CUDA caches or synchronising
+    after each request touches a GPU it was not given). This replaces a grep for "cuda" in
+    handler/: device choice is diffmorpher.devices' job, and this is what that protects. The GPU
+    host is faked for the load only: torch's own autograd asks for CUDA streams when it believes
+    a GPU is there."""
+    calls: list[str] = []
+
+    def refuse(name: str):
+        def call(*args, **kwargs):
+            calls.append(name)
+            raise AssertionError(f"torch.cuda.{name} called by a CPU worker")
+        return call
+
+    for name in CUDA_CALLS:
+        monkeypatch.setattr(torch.cuda, name, refuse(name))
+    context = Context("diffmorpher", str(tiny_sd_dir), {}, 1, None, "0.12.0",
+                      model_yaml_config={"handler": {"model_dir": str(tiny_sd_dir), "lpips_weights": "",
+                                                     "cache_dir": "off"}})
+    context.request_ids = {0: "req-0"}
+    context.request_processor = [RequestProcessor({})]
+    worker = DiffMorpherHandler()
+    with monkeypatch.context() as gpu_host:
+        gpu_host.setattr(torch.cuda, "is_available", lambda: True)
+        worker.initialize(context)
+    assert calls == []
+    assert worker.pipeline.models.device == torch.device("cpu")
+    assert {p.device for p in worker.pipeline.models.unet.parameters()} == {torch.device("cpu")}
+    (payload,) = worker.handle([good_request()], context)
+    message = wire.decode_message(payload)
+    assert message.type == wire.TYPE_RESULT, message.header
+    assert (message.header["device"], message.header["dtype"]) == ("cpu", "float32")
+    assert calls == []
 
 
 def test_unary_request_returns_one_result_message(handler: DiffMorpherHandler, tiny_sd_dir: Path) -> None:

@@ -15,12 +15,14 @@ import contextlib
 import http.client
 import io
 import json
+import math
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -67,10 +69,10 @@ def test_web_process_imports_no_torch() -> None:
 
 
 def test_limits_come_from_the_service_sources(tmp_path: Path) -> None:
-    """Frames, image count and upload size are the service's: morph_protocol.limits and the
-    config.properties it runs with (a changed max_request_size changes the page's limit)."""
+    """The upload size is the config.properties' the service runs with (a changed
+    max_request_size changes the page's limit), presets and options are MorphConfig's. What the
+    page and the service do at and one past each limit: the `*_limit` tests below."""
     from diffmorpher import config
-    from morph_protocol import limits as service_limits
     from web.limits import page_limits
 
     properties = tmp_path / "config.properties"
@@ -78,8 +80,6 @@ def test_limits_come_from_the_service_sources(tmp_path: Path) -> None:
         "max_request_size=104857600", "max_request_size=12345"))
     limits = page_limits(properties)
     assert limits.max_request_bytes == 12345
-    assert (limits.min_frames, limits.max_frames, limits.default_frames) == (2, service_limits.MAX_FRAMES, 16)
-    assert (limits.min_images, limits.max_images) == (2, service_limits.MAX_IMAGES)
     assert limits.presets["fast"] == config.FAST_PRESET_OPTIONS and limits.default_preset == "fast"
     names = [option["name"] for option in limits.options]
     assert "lora_steps" in names and "device" not in names and "num_frames" not in names
@@ -147,6 +147,20 @@ def web_process(server: TorchServeProcess, log_name: str, *args: str):
 @pytest.fixture(scope="module")
 def web_url(server: TorchServeProcess):
     with web_process(server, "web.out") as url:
+        yield url
+
+
+SMALL_UPLOAD_BYTES = 12345
+
+
+@pytest.fixture(scope="module")
+def small_web_url(server: TorchServeProcess):
+    """A second web process whose config.properties allows SMALL_UPLOAD_BYTES per morph, so the
+    limit can be met and passed by one byte cheaply."""
+    properties = server.workdir / "config-small-upload.properties"
+    properties.write_text((server.workdir / "config.properties").read_text().replace(
+        "max_request_size=104857600", f"max_request_size={SMALL_UPLOAD_BYTES}"))
+    with web_process(server, "web-small.out", "--ts-config", str(properties)) as url:
         yield url
 
 
@@ -247,6 +261,103 @@ def gif_frame_count(data: bytes) -> int:
 def morph_and_wait(driver) -> str:
     driver.find_element("id", "morph").click()
     return wait_for_state(driver, ("done", "error"), MORPH_TIMEOUT_S)
+
+
+# ---------------------------------------------------------------------------- limits over HTTP
+QUICK = {"num_frames": 2, "lora_steps": 1, "num_inference_steps": 2, "use_reschedule": False}
+
+
+def post_morph(url: str, images: list[bytes], options: dict) -> tuple[int, list[tuple[str, dict]]]:
+    """POST /api/morph as the page does (multipart: `image` files, one `prompt` each, `options`):
+    the HTTP status and the server-sent events, or ("refused", body) for a refusal."""
+    boundary = "limit-test-boundary"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="image{i}.png"\r\n'
+             f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n"
+             for i, data in enumerate(images)]
+    parts += [f'--{boundary}\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nimage {i}\r\n'.encode()
+              for i in range(len(images))]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="options"\r\n\r\n'
+                 f"{json.dumps(options)}\r\n--{boundary}--\r\n".encode())
+    request = urllib.request.Request(url + "api/morph", data=b"".join(parts), method="POST",
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    try:
+        with urllib.request.urlopen(request, timeout=MORPH_TIMEOUT_S) as response:
+            return response.status, parse_events(response.read().decode())
+    except urllib.error.HTTPError as error:
+        return error.code, [("refused", json.loads(error.read()))]
+
+
+def parse_events(text: str) -> list[tuple[str, dict]]:
+    events = []
+    for block in text.split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines() if line and not line.startswith(":"))
+        if "event" in lines:
+            events.append((lines["event"], json.loads(lines["data"])))
+    return events
+
+
+def png_of_size(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_upload_limit_the_page_passes_the_limit_on_and_refuses_one_byte_more(small_web_url: str) -> None:
+    """Images of exactly max_request_size bytes together are passed on (the service then judges
+    them: junk bytes are no image); one byte more is the page's own 413, with the sizes."""
+    first = b"x" * 6000
+    status, events = post_morph(small_web_url, [first, b"y" * (SMALL_UPLOAD_BYTES - len(first))], QUICK)
+    assert status == 200 and events[0][0] == "accepted", events
+    assert events[-1][0] == "error" and events[-1][1]["code"] == "INVALID_ARGUMENT", events
+    assert "is not a readable image" in events[-1][1]["message"]  # the service's words: it got them
+    status, events = post_morph(small_web_url, [first, b"y" * (SMALL_UPLOAD_BYTES - len(first) + 1)], QUICK)
+    assert (status, events) == (413, [("refused", {
+        "code": "REFUSED",
+        "message": f"the images are {SMALL_UPLOAD_BYTES + 1} bytes together; this service takes at most "
+                   f"{SMALL_UPLOAD_BYTES} bytes per morph"})])
+
+
+def test_image_count_limit_max_images_pass_one_more_or_one_image_is_a_400(web_url: str) -> None:
+    from morph_protocol.limits import MAX_IMAGES, MIN_IMAGES
+
+    status, events = post_morph(web_url, [b"junk"] * MAX_IMAGES, QUICK)
+    assert status == 200 and [name for name, _ in events] == ["accepted", "error"], events
+    assert "field 'image_0' is not a readable image" in events[-1][1]["message"]  # passed on
+    for count in (MAX_IMAGES + 1, MIN_IMAGES - 1):
+        status, events = post_morph(web_url, [b"junk"] * count, QUICK)
+        assert (status, events) == (400, [("refused", {
+            "code": "REFUSED", "message": f"a morph takes {MIN_IMAGES} to {MAX_IMAGES} images, got {count}"})])
+
+
+def test_frame_limit_one_frame_over_is_refused_by_the_service_in_its_words(web_url: str) -> None:
+    """The page leaves options to the service: num_frames one over the limit comes back as the
+    service's INVALID_ARGUMENT, naming the bounds (the page's form caps its field at the same
+    limit: test_morph_in_the_browser); at the limit the options are valid."""
+    from diffmorpher.config import MorphConfig
+    from morph_protocol.limits import MAX_FRAMES
+
+    demo = [(DEMO_DIR / name).read_bytes() for name in DEMO_NAMES]
+    status, events = post_morph(web_url, demo, {**QUICK, "num_frames": MAX_FRAMES + 1})
+    assert status == 200 and [name for name, _ in events] == ["accepted", "error"], events
+    assert events[-1][1]["code"] == "INVALID_ARGUMENT"
+    assert f"num_frames must be between 2 and {MAX_FRAMES}, got {MAX_FRAMES + 1}" in events[-1][1]["message"]
+    assert MorphConfig(num_frames=MAX_FRAMES).num_frames == MAX_FRAMES  # a morph of 256 frames is not cheap here
+
+
+def test_pixel_limit_an_image_at_the_limit_morphs_one_column_more_is_refused(web_url: str) -> None:
+    from morph_protocol.limits import MAX_IMAGE_PIXELS
+
+    side = math.isqrt(MAX_IMAGE_PIXELS)
+    assert side * side == MAX_IMAGE_PIXELS
+    other = (DEMO_DIR / DEMO_NAMES[1]).read_bytes()
+    status, events = post_morph(web_url, [png_of_size(side + 1, side), other], QUICK)
+    assert status == 200 and [name for name, _ in events] == ["accepted", "error"], events
+    assert events[-1][1]["code"] == "INVALID_ARGUMENT"
+    assert (f"field 'image_0' exceeds the image size limit of {MAX_IMAGE_PIXELS} pixels ({side + 1}x{side}); "
+            f"send at most {side}x{side}") in events[-1][1]["message"]
+    status, events = post_morph(web_url, [png_of_size(side, side), other], QUICK)
+    assert status == 200 and events[-1][0] == "result", events[-1]
+    assert events[-1][1]["metadata"]["num_frames"] == 2
 
 
 # ---------------------------------------------------------------------------- browser cases
