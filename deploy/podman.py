@@ -48,6 +48,10 @@ def ensure_installed() -> None:
         raise PodmanUnavailable(f"installed, but not on PATH: {', '.join(still)}")
 
 
+class PodmanError(RuntimeError):
+    """A podman command failed; the message holds its error output."""
+
+
 @dataclass(frozen=True)
 class Podman:
     """The podman command line with the project's containers.conf."""
@@ -65,7 +69,7 @@ class Podman:
                                 timeout=timeout, input=input)
         if check and result.returncode != 0:
             stderr = result.stderr if isinstance(result.stderr, str) else (result.stderr or b"").decode(errors="replace")
-            raise subprocess.CalledProcessError(result.returncode, ["podman", *args], result.stdout, stderr[-2000:])
+            raise PodmanError(f"podman {args[0]} failed ({result.returncode}): {stderr.strip()[-2000:]}")
         return result
 
     def image_exists(self, name: str) -> bool:
