@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from deploy.base_image import BaseRecipe
 from deploy.image_build import DOCKERFILE, IMAGE, LocalIndex, build_command, build_image, host_local_index
-from deploy.image_smoke import SmokeConfig, cluster_config, run_smoke
+from deploy.image_smoke import DEMO, SmokeConfig, SmokeResult, check_frames, cluster_config, run_smoke
 from deploy.podman import PodmanUnavailable, ensure_installed
 
 
@@ -75,6 +76,30 @@ def test_the_container_gets_deploy_bases_config() -> None:
     assert config["model_store"] == "/models/model-store"
 
 
+def _write_frames(folder: Path, pictures: list[Image.Image]) -> None:
+    folder.mkdir()
+    for index, picture in enumerate(pictures):
+        picture.save(folder / f"frame_{index:03d}.png")
+
+
+def test_the_frame_check_fails_on_wrong_frames(tmp_path: Path) -> None:
+    """Frames that are the inputs pass; reversed, too few, or grey ones each fail, by name."""
+    a, b = (Image.open(DEMO / name).convert("RGB") for name in ("red_circle.png", "blue_triangle.png"))
+    grey = Image.new("RGB", a.size, (128, 128, 128))
+    config = SmokeConfig(model_store=tmp_path, frames=3)
+    cases = {"right": [a, grey, b], "reversed": [b, grey, a], "short": [a, b], "grey": [grey, grey, grey]}
+    problems = {}
+    for case, pictures in cases.items():
+        _write_frames(tmp_path / case, pictures)
+        result = SmokeResult()
+        check_frames(config, tmp_path / case, result)
+        problems[case] = result.problems
+    assert problems["right"] == []
+    assert any("first frame not nearer image A" in p for p in problems["reversed"])
+    assert problems["short"] == ["2 frames, asked for 3"]
+    assert any("far from its input" in p for p in problems["grey"])
+
+
 # ---------------------------------------------------------------------------- with podman
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
@@ -91,5 +116,8 @@ def test_the_image_serves_a_morph_and_drains_on_sigterm(model_store: Path, tmp_p
     assert result.problems == []
     assert result.frames == config.frames and result.frame_size == (64, 64)
     assert result.first_to_a < result.first_to_b and result.last_to_b < result.last_to_a
+    assert result.first_to_a < config.max_endpoint_diff and result.last_to_b < config.max_endpoint_diff
+    # The preStop hook waited for the morph in flight, which completed; then SIGTERM ended the
+    # container by itself, inside the grace period.
+    assert result.drain_wait_s > 0 and result.in_flight_morph_s > 0
     assert result.exit_code == 0 and result.stop_s < config.grace_s
-    assert "drain: waited 0 s" in result.drain_log  # no morph was running
