@@ -18,9 +18,9 @@ from pathlib import Path
 IMAGE_DIR = Path(__file__).resolve().parent / "image"
 CONTAINERS_CONF = IMAGE_DIR / "containers.conf"
 # What `make image` needs from Debian: podman itself, runc (the runtime containers.conf names;
-# podman only pulls in crun) and debootstrap (the stand-in base image, deploy/base_image.py).
+# podman only pulls in crun) and debootstrap (the stand-in base image, deploy/base_image.py); each
+# package's command has its name.
 DEBIAN_PACKAGES = ("podman", "runc", "debootstrap")
-TOOLS = {"podman": "podman", "runc": "runc", "debootstrap": "debootstrap"}
 
 
 class PodmanUnavailable(RuntimeError):
@@ -31,19 +31,21 @@ class PodmanUnavailable(RuntimeError):
 def ensure_installed() -> None:
     """Install DEBIAN_PACKAGES with apt-get when a tool is missing (as tests/redis_server.py does
     for redis): root only; `apt-get update` is run once when the first install fails."""
-    missing = [tool for tool in TOOLS.values() if shutil.which(tool) is None]
+    missing = [tool for tool in DEBIAN_PACKAGES if shutil.which(tool) is None]
     if not missing:
         return
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         raise PodmanUnavailable(f"{', '.join(missing)} not installed and apt-get cannot install it here (not root)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *DEBIAN_PACKAGES]
+    # With apt's recommends: they bring netavark, aardvark-dns and iptables, podman's bridge
+    # network (without them apt may pick the CNI plugins and no iptables).
+    install = ["apt-get", "install", "-y", "-q", *DEBIAN_PACKAGES]
     if subprocess.run(install, env=env, capture_output=True).returncode != 0:
         subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
         result = subprocess.run(install, env=env, capture_output=True, text=True)
         if result.returncode != 0:
             raise PodmanUnavailable(f"apt-get could not install {' '.join(DEBIAN_PACKAGES)}: {result.stderr[-400:]}")
-    still = [tool for tool in TOOLS.values() if shutil.which(tool) is None]
+    still = [tool for tool in DEBIAN_PACKAGES if shutil.which(tool) is None]
     if still:
         raise PodmanUnavailable(f"installed, but not on PATH: {', '.join(still)}")
 
@@ -62,14 +64,12 @@ class Podman:
     def env(self) -> dict[str, str]:
         return {**os.environ, "CONTAINERS_CONF": str(self.conf)}
 
-    def run(self, *args: str, check: bool = True, capture: bool = True, timeout: float | None = None,
-            input: bytes | None = None) -> subprocess.CompletedProcess[str]:
-        """`podman ARGS`; with `check`, a failure raises with podman's own error output."""
-        result = subprocess.run(["podman", *args], env=self.env, capture_output=capture, text=input is None,
-                                timeout=timeout, input=input)
+    def run(self, *args: str, check: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+        """`podman ARGS`, output captured; with `check`, a failure raises with podman's own
+        error output."""
+        result = subprocess.run(["podman", *args], env=self.env, capture_output=True, text=True, timeout=timeout)
         if check and result.returncode != 0:
-            stderr = result.stderr if isinstance(result.stderr, str) else (result.stderr or b"").decode(errors="replace")
-            raise PodmanError(f"podman {args[0]} failed ({result.returncode}): {stderr.strip()[-2000:]}")
+            raise PodmanError(f"podman {args[0]} failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
         return result
 
     def image_exists(self, name: str) -> bool:

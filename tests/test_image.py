@@ -69,6 +69,14 @@ def test_the_base_is_remade_when_its_recipe_changes() -> None:
     assert BaseRecipe(setup_script=recipe.setup_script + "true\n").digest() != recipe.digest()
 
 
+def test_without_root_podman_is_unavailable_with_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the end-to-end test's skip says where apt cannot install podman."""
+    monkeypatch.setattr("deploy.podman.shutil.which", lambda tool: None if tool == "podman" else f"/usr/bin/{tool}")
+    monkeypatch.setattr("deploy.podman.os.geteuid", lambda: 1000)
+    with pytest.raises(PodmanUnavailable, match=r"^podman not installed and apt-get cannot install it here \(not root\)$"):
+        ensure_installed()
+
+
 def test_the_container_gets_deploy_bases_config() -> None:
     config = dict(line.split("=", 1) for line in cluster_config().splitlines() if "=" in line)
     assert config["diffmorpher.gateway_address"] == "0.0.0.0:7070"
