@@ -115,6 +115,13 @@ class DiffMorpherHandler:
         self.pipeline = DiffMorpherPipeline.from_pretrained(
             weights, device=device, dtype=self.defaults.dtype, lpips_weights=lpips_path, cache=cache
         )
+        metric = self.pipeline.perceptual
+        if metric is not None and metric.name != "lpips-alex":  # never a silent swap: said here and in every result
+            logger.warning(
+                "LPIPS weights missing: morphs with use_reschedule measure frame distances with %s "
+                "instead, and their results say perceptual_metric %r; ship the weights in the archive "
+                "(python -m export.lpips_weights prepare, then build the archive)", metric.name, metric.name,
+            )
         compile_backend = str(settings.get("compile", COMPILE_OFF) or COMPILE_OFF)
         if compile_backend != COMPILE_OFF:
             compiled = compile_unet_blocks(self.pipeline.models.unet, backend=compile_backend)
