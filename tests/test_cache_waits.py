@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -99,6 +100,30 @@ def test_lock_files_are_deleted_after_use(tmp_path: Path) -> None:
         cache.get_or_compute(f"{index:02x}" * 32, lambda: {"x": torch.zeros(1)})
     assert list((tmp_path / "locks").iterdir()) == []
     assert len(list((tmp_path / "entries").iterdir())) == 50
+
+
+def test_a_waiter_on_a_deleted_lock_file_locks_the_paths_new_file(tmp_path: Path) -> None:
+    """The unlink race: a holder deletes its lock file on release; a waiter that was blocked on
+    that file must not count it as the key's lock, since a newcomer meanwhile locked the file now
+    at the path."""
+    store = DiskStore(tmp_path)
+    path = tmp_path / "locks" / f"{KEY}.lock"
+    acquired = threading.Event()
+
+    def waiter() -> None:
+        with store.lock(KEY, DeadlineAfter(30.0)):
+            acquired.set()
+
+    first = Holder(store, KEY)
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    time.sleep(3 * LOCK_POLL_S)  # the waiter has opened the first holder's file and polls it
+    path.unlink()  # what the first holder does on release, while still holding it
+    with Holder(store, KEY):  # a newcomer creates and locks the path's new file
+        first.__exit__()  # the first holder's file is free now, but no longer the key's lock
+        assert not acquired.wait(1.0)
+    assert acquired.wait(2.0)  # the newcomer released: the waiter holds the key
+    thread.join(5)
 
 
 # Several processes race for the same keys, each counting what it computes in a shared file
