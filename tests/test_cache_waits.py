@@ -70,8 +70,8 @@ def _never_computed(keys: list[str]) -> dict[str, dict[str, torch.Tensor]]:
 def test_a_lock_wait_ends_at_the_requests_deadline_or_cancellation(tmp_path: Path, kind: str) -> None:
     store = DiskStore(tmp_path)
     cache = TensorCache(store)
-    stop = DeadlineAfter(1.0, kind)
     with Holder(store, KEY):
+        stop = DeadlineAfter(1.0, kind)
         started = time.monotonic()
         with pytest.raises(MorphStopped) as stopped:
             cache.get_or_compute_many([KEY], _never_computed, stop)
@@ -200,3 +200,57 @@ def test_eviction_keeps_the_cap_and_the_newest_entries_at_o1_stats_per_put(
     print(f"\n1000 puts over a 100-entry cap: {stats} stat/listdir calls, {len(present)} entries kept")
     assert present == set(keys[-100:])  # least recently used went first
     assert stats <= 10 * len(keys)
+
+
+class OneWorker:
+    """The management API's description of a model with one worker (the watchdog reads it)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def describe(self, model: str) -> dict:
+        return {"minWorkers": 1, "workers": [{"pid": self.pid, "status": "BUSY"}], "jobQueueStatus": {}}
+
+    def scale(self, model: str, workers: int) -> None:  # the watchdog's repair of a dead worker
+        pass
+
+
+def test_the_watchdog_does_not_take_a_worker_waiting_on_a_lock_for_wedged(tmp_path: Path) -> None:
+    """The server's own StopCheck (request_stop.CallStop, which writes the heartbeat) and the
+    guard's own wedge check, with a wedge bound (1.5 s) shorter than the wait (3 s deadline)."""
+    from guard.watchdog import Watchdog, WatchdogConfig
+    from handler.request_stop import CallControl, CallStop, WorkerHeartbeat
+    from morph_protocol.control import ControlDir
+
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # what SIGKILL would hit
+    pid = worker.pid  # the waiting worker, as the watchdog knows it
+    control = ControlDir(tmp_path / "control")
+    heartbeat = WorkerHeartbeat(control, pid)
+    heartbeat.busy("")
+    stop = CallStop(CallControl(deadline=time.time() + 3.0), control, heartbeat)
+    dog = Watchdog(OneWorker(pid), control, WatchdogConfig("m", grace_s=0.5, wedge_after_s=1.5))
+    store = DiskStore(tmp_path / "cache")
+    outcome: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            TensorCache(store).get_or_compute_many([KEY], _never_computed, stop)
+        except BaseException as error:  # noqa: BLE001 - inspected below
+            outcome.append(error)
+
+    with Holder(store, KEY):
+        waiter = threading.Thread(target=wait)
+        started = time.monotonic()
+        waiter.start()
+        reports = []
+        while waiter.is_alive() and time.monotonic() - started < 6.0:
+            reports.append(dog.check())
+            time.sleep(0.25)
+        waited = time.monotonic() - started
+    waiter.join(10)
+    survived = worker.poll() is None
+    worker.kill()
+    worker.wait(10)
+    assert survived and all(report.healthy for report in reports), [r.reasons for r in reports if not r.healthy]
+    assert len(outcome) == 1 and isinstance(outcome[0], MorphStopped) and outcome[0].reason.kind == DEADLINE
+    assert 2.9 <= waited < 3.6 and len(reports) >= 10
