@@ -409,3 +409,11 @@ def test_a_worker_with_lpips_weights_names_them(handler: DiffMorpherHandler, tin
     (payload,) = handler.handle([good_request(use_reschedule=True, reschedule_probe_fraction=0.5)], make_context(tiny_sd_dir))
     header = wire.decode_message(payload).header
     assert header["perceptual_metric"] == "lpips-alex" and header["perceptual_weights"].endswith(".safetensors")
+
+
+def test_a_cache_wait_given_up_is_busy_not_internal() -> None:
+    from diffmorpher.cache import CacheWaitTimeout
+
+    code, message = DiffMorpherHandler._classify(CacheWaitTimeout("gave up after waiting 3600 s for another worker's fit"))
+    assert code == ErrorCode.BUSY and code.retryable and code.http_status == 503
+    assert message.startswith("busy: gave up after waiting 3600 s")
