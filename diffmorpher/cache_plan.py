@@ -18,6 +18,7 @@ from PIL import Image
 from .cache import KEY as CACHE_KEY
 from .cache import CacheKeys, CacheMiss, TensorCache
 from .config import ConfigError, MorphConfig, show
+from .interrupt import StopCheck, never_stop
 from .lora import image_cache_key, inversion_cache_key, lora_cache_key
 from .models import MorphModels
 from .perceptual import PerceptualDistance
@@ -77,10 +78,13 @@ class CachePlan:
                 pixels = torch.from_numpy(np.asarray(to_model_square(image, resolution), dtype=np.uint8).copy())
                 self.cache.save(key.image, {"pixels": pixels})
 
-    def loras(self, indices: list[int], fit: Callable[[list[int]], dict[int, Lora]]) -> dict[int, Lora]:
+    def loras(
+        self, indices: list[int], fit: Callable[[list[int]], dict[int, Lora]], stop: StopCheck = never_stop
+    ) -> dict[int, Lora]:
         """The LoRAs of `indices`: read where cached, else fitted by `fit` (all missing ones in
         one call) and cached, under their keys' locks, so a worker that needs a LoRA another
-        worker is fitting waits for it and reads it."""
+        worker is fitting waits for it and reads it; `stop` ends that wait at the request's
+        deadline or cancellation (MorphStopped)."""
         if self.cache is None or not self.keys:
             return fit(indices)
         index_of = {self.keys[index].lora: index for index in indices}
@@ -89,7 +93,7 @@ class CachePlan:
             new = fit([index_of[key] for key in missing])
             return {key: new[index_of[key]] for key in missing}
 
-        loras, hits = self.cache.get_or_compute_many([self.keys[index].lora for index in indices], fit_missing)  # type: ignore[misc]
+        loras, hits = self.cache.get_or_compute_many([self.keys[index].lora for index in indices], fit_missing, stop)  # type: ignore[misc]
         for index in indices:
             self.keys[index].lora_hit = self.keys[index].lora in hits
         return {index: loras[self.keys[index].lora] for index in indices}  # type: ignore[index]

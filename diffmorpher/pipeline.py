@@ -299,7 +299,7 @@ class DiffMorpherPipeline:
                 new |= dict(zip(chunk, loras))
             return new
 
-        fitted |= (plan or CachePlan(None)).loras(todo, fit)
+        fitted |= (plan or CachePlan(None)).loras(todo, fit, stop)
         return [fitted[index] for index in range(len(latent_mean))]
 
     def lora_stacks(self, fitted: list[Lora | None], config: MorphConfig) -> dict[str, LoraStack] | None:

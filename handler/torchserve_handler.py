@@ -19,7 +19,8 @@ ModelInferResponse. ModelInfer is unary: it never gets intermediate responses.
 
 Stopping: every request may carry a `deadline`, and the gateway marks cancelled calls in the
 control directory (morph_protocol/control.py); request_stop.CallStop turns both into the core's StopCheck,
-asked at every LoRA and denoising step, and writes this worker's heartbeat for the watchdog.
+asked at every LoRA and denoising step and every LOCK_POLL_S while waiting for another worker's
+fit of the same image (diffmorpher/cache.py), and writes this worker's heartbeat for the watchdog.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 
 from morph_protocol import limits, wire
 from morph_protocol.errors import ErrorCode, format_error
-from diffmorpher.cache import CacheMiss, CacheStore, DiskStore, TensorCache
+from diffmorpher.cache import CacheMiss, CacheStore, CacheWaitTimeout, DiskStore, TensorCache
 from diffmorpher.cache_redis import RedisStore, RemoteStatus, TieredStore
 from diffmorpher.compile import COMPILE_OFF, compile_unet_blocks
 from diffmorpher.config import FIELD, ConfigError, MorphConfig
@@ -114,6 +115,13 @@ class DiffMorpherHandler:
         self.pipeline = DiffMorpherPipeline.from_pretrained(
             weights, device=device, dtype=self.defaults.dtype, lpips_weights=lpips_path, cache=cache
         )
+        metric = self.pipeline.perceptual
+        if metric is not None and metric.name != "lpips-alex":  # never a silent swap: said here and in every result
+            logger.warning(
+                "LPIPS weights missing: morphs with use_reschedule measure frame distances with %s "
+                "instead, and their results say perceptual_metric %r; ship the weights in the archive "
+                "(python -m export.lpips_weights prepare, then build the archive)", metric.name, metric.name,
+            )
         compile_backend = str(settings.get("compile", COMPILE_OFF) or COMPILE_OFF)
         if compile_backend != COMPILE_OFF:
             compiled = compile_unet_blocks(self.pipeline.models.unet, backend=compile_backend)
@@ -253,6 +261,9 @@ class DiffMorpherHandler:
             return ErrorCode.NOT_FOUND, f"not found: {error}"
         if isinstance(error, ResponseTooLarge):
             return ErrorCode.TOO_LARGE, str(error)
+        if isinstance(error, CacheWaitTimeout):  # another worker's fit of the same image outlasted the last-resort wait
+            logger.warning("cache wait given up: %s", error)
+            return ErrorCode.BUSY, f"busy: {error}"
         if isinstance(error, MorphStopped):
             logger.info("morph stopped: %s", error)
             return (ErrorCode.CANCELLED if error.reason.kind == CANCELLED else ErrorCode.DEADLINE_EXCEEDED), str(error)

@@ -427,3 +427,33 @@ def test_a_worker_makes_its_assigned_gpu_current_before_loading_on_it(
     DiffMorpherHandler().initialize(context)
     expected_calls = [("set_device", device)] if device.type == "cuda" else []
     assert events == [*expected_calls, ("load", device, "auto")]
+
+
+def test_a_worker_without_lpips_weights_says_so_at_start_and_in_every_rescheduled_result(
+    tiny_sd_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("DIFFMORPHER_LPIPS_WEIGHTS", str(tmp_path / "missing.safetensors"))
+    worker = DiffMorpherHandler()
+    with caplog.at_level("WARNING", logger=torchserve_handler.logger.name):
+        worker.initialize(make_context(tiny_sd_dir))
+    assert any("LPIPS weights missing" in r.getMessage() and "pixel-l2" in r.getMessage() for r in caplog.records)
+    (payload,) = worker.handle([good_request(use_reschedule=True, reschedule_probe_fraction=0.5)], make_context(tiny_sd_dir))
+    header = wire.decode_message(payload).header
+    assert header["config"]["perceptual_metric"] == "lpips"  # what was asked
+    assert (header["perceptual_metric"], header["perceptual_weights"]) == ("pixel-l2", "none")  # what was used
+
+
+def test_a_worker_with_lpips_weights_names_them(handler: DiffMorpherHandler, tiny_sd_dir: Path) -> None:
+    if handler.pipeline is None or handler.pipeline.perceptual is None or handler.pipeline.perceptual.name != "lpips-alex":
+        pytest.skip("no LPIPS weights prepared here (make setup prepares them)")
+    (payload,) = handler.handle([good_request(use_reschedule=True, reschedule_probe_fraction=0.5)], make_context(tiny_sd_dir))
+    header = wire.decode_message(payload).header
+    assert header["perceptual_metric"] == "lpips-alex" and header["perceptual_weights"].endswith(".safetensors")
+
+
+def test_a_cache_wait_given_up_is_busy_not_internal() -> None:
+    from diffmorpher.cache import CacheWaitTimeout
+
+    code, message = DiffMorpherHandler._classify(CacheWaitTimeout("gave up after waiting 3600 s for another worker's fit"))
+    assert code == ErrorCode.BUSY and code.retryable and code.http_status == 503
+    assert message.startswith("busy: gave up after waiting 3600 s")
