@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -67,6 +68,12 @@ def text_path(pipe: DiffMorpherPipeline, prompts: list[str], frames: int, steps:
         return pipe.decode(ddim_sample(models.scheduler, predict, noise.repeat(frames, 1, 1, 1), steps))
 
 
+def write_json(path: Path, run: dict, rows: list[dict]) -> None:
+    """The run's settings and its rows so far (docs/quality.md's table is made from this file)."""
+    variants = list(dict.fromkeys(row["variant"] for row in rows))
+    path.write_text(json.dumps(dict(run, variants={name: VARIANTS[name] for name in variants}, rows=rows), indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="models/tiny-shapes-sd")
@@ -88,6 +95,9 @@ def main() -> None:
     pipe = DiffMorpherPipeline.from_pretrained(args.model, device="cpu")
     metric = pipe.perceptual_metric(MorphConfig())
     base = dict(num_frames=args.frames, num_inference_steps=args.steps, lora_steps=args.lora_steps, **extra)
+    # The distance actually loaded ("lpips-alex", or "pixel-l2" without weights) and what ran.
+    run = dict(model=args.model, metric=metric.name, threads=torch.get_num_threads(),
+               started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), base=base)
     names = args.variants.split(",")
     rows = []
     paths = []
@@ -107,6 +117,8 @@ def main() -> None:
             to_image(strip(result.frame_tensors)).save(out / f"pair{index}_{name}.png")
             print(f"pair {index} {name:11s} PPL {quality.ppl:.4f} PDV {quality.pdv:.5f} "
                   f"ends {direct:.4f} steps {[round(s, 3) for s in steps]}", flush=True)
+        # After each pair, so that a long run interrupted keeps the pairs it finished.
+        write_json(out / "ablation.json", run, rows)
     print(f"\n{args.frames} frames, {args.steps} DDIM steps, {args.lora_steps} LoRA steps, extra {extra}")
     plain = {r["pair"]: r for r in rows if r["variant"] == "plain"}
     for name in names:
@@ -119,7 +131,7 @@ def main() -> None:
               f"beats plain: PPL {ppl_wins}/{len(mine)} PDV {pdv_wins}/{len(mine)}")
     if paths:
         to_image(torch.cat(paths, dim=1)).save(out / "text_path.png")
-    (out / "ablation.json").write_text(json.dumps(dict(base=base, rows=rows), indent=2))
+    write_json(out / "ablation.json", run, rows)
 
 
 if __name__ == "__main__":
