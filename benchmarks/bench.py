@@ -102,7 +102,7 @@ def summarise(runs: list[dict]) -> dict:
             "pdv": sum(r["pdv"] for r in rows) / len(rows),
             "endpoint_psnr_db": sum(sum(r["endpoint_psnr_db"]) / 2 for r in rows) / len(rows),
             "peak_rss_mib": max(r["peak_rss_mib"] for r in rows),  # over the pairs, each its own
-            "added_rss_mib": max(r["peak_rss_mib"] - r["start_rss_mib"] for r in rows),
+            "added_rss_mib": round(max(r["peak_rss_mib"] - r["start_rss_mib"] for r in rows), 1),
         }
     base, cold, warm, fast = (by_mode[m] for m in MODES)
     return {
