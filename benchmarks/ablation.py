@@ -89,14 +89,14 @@ def table(report: dict) -> str:
              "|---|" + "---|" * (len(pairs) + 4)]
     for name in dict.fromkeys(row["variant"] for row in rows):
         mine = {row["pair"]: row for row in rows if row["variant"] == name}
-        cells = [f"{mine[pair]['ppl']:.3f} / {mine[pair]['pdv'] * 1000:.2f}" for pair in pairs]
+        cells = [f"{mine[pair]['ppl']:.3f} / {mine[pair]['pdv'] * 1000:.3f}" for pair in pairs]
         mean_ppl = sum(row["ppl"] for row in mine.values()) / len(mine)
         mean_pdv = sum(row["pdv"] for row in mine.values()) / len(mine) * 1000
         if name == "plain":
             wins = ["–", "–"]
         else:
             wins = [f"{sum(mine[pair][key] < plain[pair][key] for pair in pairs)}/{len(pairs)}" for key in ("ppl", "pdv")]
-        totals = [f"{mean_ppl:.3f}", f"{mean_pdv:.2f}", *wins]
+        totals = [f"{mean_ppl:.3f}", f"{mean_pdv:.3f}", *wins]
         label = name.replace("-", " − ") if name.startswith("full-") else name
         if name == "full":
             label, totals = "**full** (+reschedule)", [f"**{cell}**" for cell in totals]
