@@ -75,8 +75,10 @@ PAPER_IMPLEMENTATION_OPTIONS: dict[str, Any] = {"frame_batch_size": 1, "reschedu
 # The `fast` preset: half the LoRA steps (twice the learning rate, so steps x lr stays the
 # paper's), 15 DDIM steps, and interpolated attention for 0.8 of them (0.6 at 15 steps leaves
 # fixed pair 2 with 2.5x the baseline's PDV: too few replaced steps to carry the frames across
-# its layout switch). Chosen on the five fixed pairs (docs/quality.md "The fast preset"): mean
-# PPL -6 %, PDV -15 %, endpoint PSNR -2.5 % against the baseline, about 4-5x faster.
+# its layout switch). Chosen on the previous embedded model's five fixed pairs (docs/quality.md
+# "The fast preset"). Measured by `make bench` on the current model's five fixed pairs against
+# the baseline (PAPER_IMPLEMENTATION_OPTIONS), benchmarks/results/bench-20261202T065428Z.json:
+# 5.5x faster, PPL -14 %, PDV -44 %, endpoint PSNR -3.3 % (README "Benchmark").
 FAST_PRESET_OPTIONS: dict[str, Any] = {
     "lora_steps": 100, "lora_lr": 4e-4, "num_inference_steps": 15, "attn_lambda": 0.8,
 }
