@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import ablation
+from tests.markdown import markdown_table
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -50,21 +51,9 @@ def test_the_fast_presets_speed_up_is_one_number_the_cited_run_measured() -> Non
            f"{percent(quality['endpoint_psnr_db'])}" in readme
 
 
-def markdown_rows(text: str, header: str) -> list[list[str]]:
-    """The cells of each body row of the Markdown table whose header line starts with `header`."""
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(header))
-    rows = []
-    for line in lines[start + 2:]:
-        if not line.startswith("|"):
-            break
-        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
-    return rows
-
-
 def test_the_readme_benchmark_table_is_the_cited_runs_means() -> None:
     report = json.loads((RESULTS / BENCH_RUN).read_text())
-    rows = markdown_rows(README.read_text(), "| mode | wall s | LoRA |")
+    rows = markdown_table(README.read_text(), "| mode | wall s | LoRA |")
     labels = {"baseline": "baseline", "default_cold": "default, cold", "default_warm": "default, warm", "fast": "fast"}
     assert [row[0] for row in rows] == list(labels.values())
     for mode, row in zip(labels, rows):
@@ -82,7 +71,7 @@ def test_the_readme_peak_memory_is_each_modes_own_from_its_run() -> None:
     (name,) = set(re.findall(r"\[peak memory JSON\]\(benchmarks/results/(bench-\w+\.json)\)", readme))
     report = json.loads((RESULTS / name).read_text())
     assert {r["peak_rss_method"] for r in report["runs"]} == {"kernel"}
-    rows = markdown_rows(readme, "| mode | peak RSS MiB |")
+    rows = markdown_table(readme, "| mode | peak RSS MiB |")
     modes = report["summary"]["modes"]
     assert [(row[0], row[1], row[2]) for row in rows] == [
         (mode, f"{modes[mode]['peak_rss_mib']:.0f}", f"{modes[mode]['added_rss_mib']:.0f}") for mode in modes]
