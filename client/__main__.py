@@ -10,7 +10,8 @@ Examples::
 
 The output format follows each --out's suffix (.gif, .mp4, .webp, .zip = frames-zip; no suffix =
 a directory of one PNG per frame; morph_protocol.formats) unless --format is given. A WebP is
-lossy at --webp-quality (0-100; the server's default when absent) or, with --webp-lossless, keeps every pixel.
+lossy at --webp-quality (0-100; the server's default when absent) or, with --webp-lossless,
+keeps every pixel.
 """
 
 from __future__ import annotations
