@@ -8,8 +8,10 @@ Examples::
     python -m client morph a.png b.png c.png --prompt "a" --prompt "b" --prompt "c" \\
         --option lora_steps=50 --format png --out out/frames/
 
-The output format follows each --out's suffix (.gif, .mp4, .zip = frames-zip; no suffix = a
-directory of one PNG per frame; morph_protocol.formats) unless --format is given.
+The output format follows each --out's suffix (.gif, .mp4, .webp, .zip = frames-zip; no suffix =
+a directory of one PNG per frame; morph_protocol.formats) unless --format is given. A WebP is
+lossy at --webp-quality (0-100; the server's default when absent) or, with --webp-lossless,
+keeps every pixel.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from morph_protocol import wire
+from morph_protocol import limits, wire
 from morph_protocol.formats import FORMATS, format_for_path
 from morph_protocol.keyfile import TokenError, TokenSource
 from .morph_client import DEFAULT_MAX_MESSAGE_MB, DEFAULT_MODEL, DEFAULT_TARGET, MorphClient, MorphClientError, MorphResult
@@ -36,6 +38,19 @@ def _parse_option(text: str) -> tuple[str, Any]:
         return key.strip(), json.loads(raw)
     except json.JSONDecodeError:
         return key.strip(), raw
+
+
+def _webp_quality(text: str) -> int:
+    """--webp-quality, checked against morph_protocol.limits before anything is sent."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if not limits.MIN_WEBP_QUALITY <= value <= limits.MAX_WEBP_QUALITY:
+        raise argparse.ArgumentTypeError(
+            f"must be between {limits.MIN_WEBP_QUALITY} and {limits.MAX_WEBP_QUALITY}, got {value}"
+        )
+    return value
 
 
 def format_for(out: Path, explicit: str | None) -> str:
@@ -89,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="any MorphConfig option as key=value, e.g. lora_steps=50")
     morph.add_argument("--format", choices=FORMATS,
                        help="output format (default: from --out's suffix)")
-    morph.add_argument("--frame-duration-ms", type=int, help="GIF/MP4 frame duration")
+    morph.add_argument("--frame-duration-ms", type=int, help="GIF/MP4/WebP frame duration")
+    morph.add_argument("--webp-quality", type=_webp_quality, metavar="0-100",
+                       help="lossy WebP's quality (default: the server's)")
+    morph.add_argument("--webp-lossless", action="store_true", help="a lossless WebP (every pixel kept)")
     morph.add_argument("--out", action="append", type=Path, default=[],
                        help="output path; repeat to get several formats from one morph")
     morph.add_argument("--stream", action="store_true", help="stream progress and frames")
@@ -115,6 +133,10 @@ def _options(args: argparse.Namespace, formats: list[str]) -> dict[str, Any]:
         options["seed"] = args.seed
     if args.frame_duration_ms is not None:
         options["frame_duration_ms"] = args.frame_duration_ms
+    if args.webp_quality is not None:
+        options["webp_quality"] = args.webp_quality
+    if args.webp_lossless:
+        options["webp_lossless"] = True
     options["format"] = formats[0] if len(formats) == 1 else formats
     return options
 

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     morph.add_argument("--format", choices=OutputOptions.FORMATS, default=None,
                        help="default: from the --out suffix (no suffix: a directory of PNG frames)")
     morph.add_argument("--frame-duration-ms", type=int, default=OutputOptions().frame_duration_ms)
+    morph.add_argument("--webp-quality", type=int, default=OutputOptions().webp_quality, metavar="0-100",
+                       help="lossy WebP's quality")
+    morph.add_argument("--webp-lossless", action="store_true", help="a lossless WebP (every pixel kept)")
     morph.add_argument("--model", default=str(DEFAULT_MODEL), help="diffusers SD folder or hub id")
     morph.add_argument("--device", default=None, help="a torch device such as cpu or mps (default: the best available)")
     morph.add_argument("--frames", type=int, default=MorphConfig().num_frames)
@@ -112,7 +115,8 @@ def morph_command(args: argparse.Namespace) -> int:
 
     config = _config_from_args(args)
     prompts = _prompts(args)
-    output = OutputOptions(format=_output_format(args), frame_duration_ms=args.frame_duration_ms)
+    output = OutputOptions(format=_output_format(args), frame_duration_ms=args.frame_duration_ms,
+                           webp_quality=args.webp_quality, webp_lossless=args.webp_lossless)
     images = [Image.open(path) for path in args.images]
     pipe = DiffMorpherPipeline.from_pretrained(args.model, config.device, config.dtype, args.lpips_weights)
     bars = _ProgressBars()

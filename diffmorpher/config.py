@@ -264,13 +264,22 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 class OutputOptions:
     """How the finished frames are delivered (handler and CLIs)."""
 
-    format: str = "gif"  # gif | mp4 | frames-zip | png
+    format: str = "gif"  # gif | mp4 | frames-zip | png | webp
     frame_duration_ms: int = 100
     loop: bool = True
+    # WebP: lossy at libwebp's quality scale by default (its own default, 80: a few times smaller
+    # than the GIF of the same morph), or lossless (every pixel kept; webp_quality then unused).
+    webp_quality: int = 80
+    webp_lossless: bool = False
 
     from morph_protocol.formats import FORMATS  # the one list of output formats
+
+    # Options that only the webp format reads: a request naming them asks for a WebP.
+    WEBP_OPTIONS = ("webp_quality", "webp_lossless")  # a class constant, not a field
 
     def __post_init__(self) -> None:
         _check_choice("format", self.format, self.FORMATS)
         _check_int("frame_duration_ms", self.frame_duration_ms, 10, 10_000)
         _check_bool("loop", self.loop)
+        _check_int("webp_quality", self.webp_quality, limits.MIN_WEBP_QUALITY, limits.MAX_WEBP_QUALITY)
+        _check_bool("webp_lossless", self.webp_lossless)

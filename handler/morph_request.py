@@ -22,9 +22,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from morph_protocol import limits, wire
+from morph_protocol.formats import WEBP
 from diffmorpher.config import FIELD, ConfigError, MorphConfig, OutputOptions, name_list, show, with_preset
 
-OUTPUT_KEYS = ("format", "frame_duration_ms", "loop")
+OUTPUT_KEYS = ("format", "frame_duration_ms", "loop", *OutputOptions.WEBP_OPTIONS)
 # Chosen by the server (they follow from how the pipeline was loaded), never by a request.
 SERVER_KEYS = ("device", "dtype")
 # Raster formats only: Pillow would open PostScript (EPS) by running Ghostscript.
@@ -254,11 +255,28 @@ def split_options(
         )
     if len(set(formats)) != len(formats):
         raise ConfigError(f"format lists a format twice: {show(formats)}")
+    _check_webp_options(output, formats)
     # One dict, not **options: an option named like a parameter ("options") must be "unknown".
     # A preset overrides the server's defaults; the request's own options override the preset.
     config = MorphConfig.from_dict({**defaults.to_dict(), **with_preset(options)})
     outputs = [OutputOptions(format=f, **output) for f in formats]
     return config, outputs
+
+
+def _check_webp_options(output: Mapping[str, Any], formats: list[str]) -> None:
+    """WebP's options name a WebP: refused without one, and the lossy quality refused beside
+    `webp_lossless: true`, rather than read by nothing."""
+    sent = [key for key in OutputOptions.WEBP_OPTIONS if key in output]
+    if sent and WEBP not in formats:
+        raise ConfigError(
+            f"option(s) {name_list(sent)} apply to the webp format only, and the request asks for "
+            f"{show(formats)}; add \"webp\" to format or remove them"
+        )
+    if "webp_quality" in output and output.get("webp_lossless") is True:
+        raise ConfigError(
+            "webp_quality sets lossy WebP's quality and the request asks for lossless WebP "
+            "(webp_lossless: true); send one of the two"
+        )
 
 
 def parse_request(data: Mapping[str, Any], defaults: MorphConfig) -> MorphRequest:

@@ -40,6 +40,8 @@ def result_metadata(request: MorphRequest, result: MorphResult, timings: dict[st
         "formats": request.formats,
         "frame_duration_ms": request.outputs[0].frame_duration_ms,
         "loop": request.outputs[0].loop,
+        "webp_quality": request.outputs[0].webp_quality,  # read by a webp output only (lossy)
+        "webp_lossless": request.outputs[0].webp_lossless,
         "config": request.config.to_dict(),  # as requested (0 / "auto" where the worker chooses)
         "device": result.device,  # what the worker chose: its device and dtype,
         "dtype": result.dtype,

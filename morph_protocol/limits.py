@@ -32,6 +32,9 @@ MAX_LORA_RANK = 256
 MAX_FRAME_BATCH = 64  # 0 asks for the worker's choice (diffmorpher.batching.frame_batch_size)
 MAX_VAE_BATCH = 64
 MAX_RESOLUTION = 2048
+# Lossy WebP's quality (libwebp's 0-100 scale: 0 smallest, 100 best); `webp_quality`.
+MIN_WEBP_QUALITY = 0
+MAX_WEBP_QUALITY = 100
 
 # ---------------------------------------------------------------------------- the worker
 PROGRESS_INTERVAL_S = 0.5  # least seconds between two progress messages of one stage

@@ -105,7 +105,7 @@ def decode_message(payload: bytes) -> Message:
 # `prompt_1`, ... (UTF-8, one per image); in place of `image_<i>`, `image_ref_<i>`: the
 # `image_key` a previous result returned for an image (its `cache` metadata), so the image is
 # not sent again and its fitted LoRA and inverted latent are reused; `options` (UTF-8 JSON object: MorphConfig fields plus
-# `format`, `frame_duration_ms`, `loop`) and `stream` ("true" only on StreamPredictions).
+# `format`, `frame_duration_ms`, `loop`, and for `webp` `webp_quality`, `webp_lossless`) and `stream` ("true" only on StreamPredictions).
 # `deadline` (optional): when the caller stops waiting, as Unix time in seconds (a decimal
 # string); the server stops the morph then, and does not start it if it is already past. The
 # gateway in front of TorchServe sets it from the gRPC deadline. `call_id` is the gateway's own

@@ -90,6 +90,23 @@ def test_format_from_output_suffix() -> None:
         format_for(Path("a.png"), None)  # a frame directory has no suffix: one rule, morph_protocol.formats
 
 
+def test_webp_options_of_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from client.__main__ import _options, build_parser
+
+    assert format_for(Path("out/x.webp"), None) == "webp"
+    morph = ["morph", "a.png", "b.png", "--out", "x.webp"]
+    args = build_parser().parse_args([*morph, "--webp-quality", "40"])
+    assert _options(args, ["webp"]) == {"webp_quality": 40, "format": "webp"}
+    args = build_parser().parse_args([*morph, "--webp-lossless", "--out", "y.gif"])
+    assert _options(args, ["webp", "gif"]) == {"webp_lossless": True, "format": ["webp", "gif"]}
+    assert "webp_quality" not in _options(build_parser().parse_args(morph), ["webp"])  # the server's default
+    for value in ("101", "-1", "high"):  # refused before any image is read or call made
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*morph, "--webp-quality", value])
+        error = capsys.readouterr().err
+        assert "--webp-quality" in error and ("between 0 and 100" in error or "whole number" in error), error
+
+
 # ---------------------------------------------------------------------------- tokens
 
 

@@ -255,6 +255,28 @@ def test_server_defaults_apply_under_request_options() -> None:
         split_options({"format": ["gif", "gif"]}, defaults)
 
 
+def test_webp_options_reach_the_webp_output_and_are_refused_where_nothing_reads_them() -> None:
+    defaults = MorphConfig()
+    _, outputs = split_options({"format": ["gif", "webp"], "webp_quality": 35}, defaults)
+    assert [(o.format, o.webp_quality, o.webp_lossless) for o in outputs] == [("gif", 35, False), ("webp", 35, False)]
+    _, (lossless,) = split_options({"format": "webp", "webp_lossless": True}, defaults)
+    assert (lossless.webp_lossless, lossless.webp_quality) == (True, 80)
+    refused = {
+        "option(s) ['webp_quality'] apply to the webp format only, and the request asks for ['gif', 'mp4']":
+            {"format": ["gif", "mp4"], "webp_quality": 50},
+        "option(s) ['webp_lossless'] apply to the webp format only, and the request asks for ['gif']":
+            {"webp_lossless": True},
+        "webp_quality sets lossy WebP's quality and the request asks for lossless WebP":
+            {"format": "webp", "webp_quality": 90, "webp_lossless": True},
+        "webp_quality must be between 0 and 100, got 101": {"format": "webp", "webp_quality": 101},
+        "webp_quality must be an integer, got 7.5": {"format": "webp", "webp_quality": 7.5},
+    }
+    for message, options in refused.items():
+        with pytest.raises(ConfigError) as caught:
+            split_options(options, defaults)
+        assert message in str(caught.value), (options, str(caught.value))
+
+
 def test_a_requested_preset_overrides_server_defaults_and_request_options_override_it() -> None:
     defaults = MorphConfig(num_frames=8, lora_steps=10, num_inference_steps=40)
     config, _ = split_options({"preset": "fast", "num_inference_steps": 20}, defaults)

@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from morph_protocol import wire
-from morph_protocol.formats import FRAMES_ZIP, GIF, MIME_TYPES, MP4
+from morph_protocol.formats import FRAMES_ZIP, GIF, MIME_TYPES, MP4, WEBP
 from client.morph_client import MorphClientError, MorphResult
 
 EVENT_ACCEPTED = "accepted"
@@ -24,7 +24,8 @@ EVENT_ERROR = "error"
 # browser tab while the service is still fitting LoRAs.
 KEEPALIVE = b": keep-alive\n\n"
 # Result parts the page offers, by MIME type: the key the page looks them up under.
-MEDIA_KEYS = {MIME_TYPES[GIF]: "gif", MIME_TYPES[MP4]: "mp4", MIME_TYPES[FRAMES_ZIP]: "zip"}
+MEDIA_KEYS = {MIME_TYPES[GIF]: "gif", MIME_TYPES[MP4]: "mp4", MIME_TYPES[FRAMES_ZIP]: "zip",
+              MIME_TYPES[WEBP]: "webp"}
 
 
 def sse(event: str, data: dict[str, Any]) -> bytes:
@@ -48,7 +49,7 @@ def for_message(message: wire.Message) -> bytes:
 
 
 def for_result(result: MorphResult) -> bytes:
-    """The final answer: the service's metadata as it sent it, plus the GIF, MP4 and ZIP."""
+    """The final answer: the service's metadata as it sent it, plus the GIF, MP4, ZIP (and WebP)."""
     media = {}
     for part in result.parts:
         key = MEDIA_KEYS.get(part.mime)

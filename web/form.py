@@ -17,7 +17,7 @@ from starlette.requests import Request
 
 from morph_protocol import limits as service_limits
 
-from .limits import FORMATS, PageLimits
+from .limits import CHOSEN_FORMATS, FORMATS, PageLimits
 
 # Multipart framing, prompts and options on top of the images themselves.
 FORM_OVERHEAD_BYTES = 256 * 1024
@@ -75,11 +75,16 @@ async def read_form(request: Request, limits: PageLimits) -> MorphForm:
 
 
 def parse_options(text: str) -> dict[str, Any]:
-    """The form's options as the request's `options`, asking for every encoding the page shows."""
+    """The form's options as the request's `options`, asking for every encoding the page shows
+    plus those the person chose (the form's `format`: a list of CHOSEN_FORMATS, e.g. ["webp"])."""
     try:
         options = json.loads(text)
     except json.JSONDecodeError as error:
         raise FormError(400, f"options are not JSON: {error}") from error
     if not isinstance(options, dict):
         raise FormError(400, "options must be a JSON object")
-    return {**options, "format": list(FORMATS)}
+    chosen = options.get("format", [])
+    if not isinstance(chosen, list) or not all(name in CHOSEN_FORMATS for name in chosen):
+        raise FormError(400, f"format must be a list of the formats the page adds ({CHOSEN_FORMATS}), "
+                             f"got {json.dumps(chosen)[:60]}")
+    return {**options, "format": list(FORMATS) + [name for name in CHOSEN_FORMATS if name in chosen]}

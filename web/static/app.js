@@ -86,6 +86,23 @@ class MorphPage {
       grid.appendChild(label);
     }
     this.updatePlaceholders();
+    this.buildWebpChoice();
+  }
+
+  buildWebpChoice() {
+    // The WebP download: none, lossy at a quality (bounds and default from the service), or lossless.
+    const Q = this.limits.webp_quality;
+    const quality = $("webp-quality");
+    quality.min = Q.min; quality.max = Q.max; quality.placeholder = String(Q.default);
+    $("webp-mode").addEventListener("change", () => { quality.disabled = $("webp-mode").value !== "lossy"; });
+  }
+
+  webpOptions() {
+    const mode = $("webp-mode").value;
+    if (!mode) return {};
+    if (mode === "lossless") return { format: ["webp"], webp_lossless: true };
+    const raw = $("webp-quality").value.trim();
+    return raw === "" ? { format: ["webp"] } : { format: ["webp"], webp_quality: Number(raw) };
   }
 
   updatePlaceholders() {
@@ -108,7 +125,7 @@ class MorphPage {
       const kind = input.dataset.kind;
       options[input.dataset.option] = kind === "bool" ? raw === "true" : kind === "int" || kind === "float" ? Number(raw) : raw;
     }
-    return options;
+    return { ...options, ...this.webpOptions() };
   }
 
   // ------------------------------------------------------------------ images
@@ -196,6 +213,10 @@ class MorphPage {
     const frames = Number($("frames").value);
     if (!Number.isInteger(frames) || frames < L.min_frames || frames > L.max_frames)
       return `frames must be a whole number from ${L.min_frames} to ${L.max_frames}`;
+    const quality = $("webp-quality");
+    const q = Number(quality.value);
+    if (!quality.disabled && quality.value.trim() !== "" && (!Number.isInteger(q) || q < L.webp_quality.min || q > L.webp_quality.max))
+      return `WebP quality must be a whole number from ${L.webp_quality.min} to ${L.webp_quality.max}`;
     return null;
   }
 
@@ -327,6 +348,7 @@ class MorphPage {
     show("gif", "result-gif", "download-gif");
     show("mp4", "result-mp4", "download-mp4");
     show("zip", null, "download-zip");
+    show("webp", null, "download-webp");
     this.renderMetadata(metadata);
     $("metadata-json").textContent = JSON.stringify(metadata, null, 2);
     $("result").hidden = false;
