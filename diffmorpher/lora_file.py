@@ -152,10 +152,12 @@ def _read_header(data: bytes, field: str | None) -> tuple[dict[str, Any], dict[s
     if not isinstance(header, dict):
         raise _error(not_safetensors, field)
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise _error(f"{FIELD} has a safetensors __metadata__ that is not an object", field)
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _error(f"{FIELD} has a safetensors __metadata__ that is not an object of strings", field)
     for key, entry in header.items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list) or "dtype" not in entry:
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape) \
+                or not isinstance(entry.get("dtype"), str):
             raise _error(f"{FIELD} is not a safetensors file: entry {show(key)} has no dtype and shape", field)
     if not header:
         raise _error(f"{FIELD} holds no tensors", field)

@@ -156,6 +156,12 @@ def test_alpha_metadata_scales_the_up_matrices_and_missing_modules_are_zero(pipe
     assert torch.equal(read_lora(half, shapes)[f"{module}.lora_A.weight"], lora[f"{module}.lora_A.weight"].half().float())
 
 
+def _raw_safetensors(header: dict) -> bytes:
+    """A file with a hand-written header (what safetensors' own writer would never make)."""
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + b"\0" * 16
+
+
 def _bad_files(shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[bytes, str]]:
     module = sorted(shapes)[0]
     in_features, out_features = shapes[module]
@@ -187,6 +193,10 @@ def _bad_files(shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[bytes, str
                           "says r=8 in its metadata but its matrices have rank 4"),
         "not safetensors": (b"PK\x03\x04 a zip file, not a LoRA", "field 'lora_0' is not a safetensors file (27 bytes"),
         "header past the end": (struct.pack("<Q", 10**6) + b"{}", "is not a safetensors file"),
+        "shape of strings": (_raw_safetensors({"m.lora_A.weight": {"dtype": "F32", "shape": ["4"], "data_offsets": [0, 16]}}),
+                             "entry 'm.lora_A.weight' has no dtype and shape"),
+        "metadata not strings": (_raw_safetensors({"__metadata__": {"lora_adapter_metadata": {"r": 4}}}),
+                                 "__metadata__ that is not an object of strings"),
         "empty": (b"", "field 'lora_0' is empty"),
         "too big": (b"\0" * (limits.MAX_LORA_BYTES + 1),
                     f"field 'lora_0' is {limits.MAX_LORA_BYTES + 1} bytes; a LoRA may have at most {limits.MAX_LORA_BYTES}"),
