@@ -185,10 +185,11 @@ class DiffMorpherHandler:
                 self._intermediate_sender(index, context), self.max_response_bytes, self.progress_interval_s
             )
         images = [self._resolve(index, image) for index, image in enumerate(request.images)]
+        # LoRAs sent instead of fitted, checked against this model (errors name lora_<i>)
         sent = [self.pipeline.read_lora(data, wire.lora_key(i)) if data is not None else None
                 for i, data in enumerate(request.loras)]
-        result = self.pipeline(images, request.prompts, request.config, loras=sent if any(lora is not None for lora in sent) else None,
-                               progress=progress, stop=stop)
+        given = sent if any(lora is not None for lora in sent) else None
+        result = self.pipeline(images, request.prompts, request.config, loras=given, progress=progress, stop=stop)
         generated = time.perf_counter()
         parts = [
             wire.Part(part.name, part.mime, part.data)
