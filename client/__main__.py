@@ -7,6 +7,9 @@ Examples::
         --frames 16 --out out/morph.gif --out out/morph.mp4 --stream
     python -m client morph a.png b.png c.png --prompt "a" --prompt "b" --prompt "c" \\
         --option lora_steps=50 --format png --out out/frames/
+    python -m client morph a.png b.png --prompt-a ... --prompt-b ... --save-loras out/loras/
+    python -m client morph a.png b.png --prompt-a ... --prompt-b ... \
+        --lora 0=out/loras/lora_0.safetensors --lora 1=out/loras/lora_1.safetensors
 
 The output format follows each --out's suffix (.gif, .mp4, .webp, .zip = frames-zip; no suffix =
 a directory of one PNG per frame; morph_protocol.formats) unless --format is given. A WebP is
@@ -51,6 +54,34 @@ def _webp_quality(text: str) -> int:
             f"must be between {limits.MIN_WEBP_QUALITY} and {limits.MAX_WEBP_QUALITY}, got {value}"
         )
     return value
+
+
+def _parse_lora(text: str) -> tuple[int, Path]:
+    """`I=PATH`: the LoRA file for image I."""
+    index, sep, path = text.partition("=")
+    if not sep or not index.strip().isdigit() or not path:
+        raise argparse.ArgumentTypeError(f"--lora expects I=PATH (image index, LoRA file), got {text!r}")
+    return int(index), Path(path)
+
+
+def _read_loras(args: argparse.Namespace) -> list[bytes | None] | None:
+    """Per image, the bytes of its --lora file, or None (no --lora at all: None)."""
+    if not args.lora:
+        return None
+    loras: list[bytes | None] = [None] * len(args.images)
+    for index, path in args.lora:
+        if index >= len(args.images):
+            raise SystemExit(f"--lora {index}={path}: there are only {len(args.images)} images (0..{len(args.images) - 1})")
+        if loras[index] is not None:
+            raise SystemExit(f"--lora {index}=...: image {index} has two LoRAs")
+        try:
+            size = path.stat().st_size
+            if size > limits.MAX_LORA_BYTES:
+                raise SystemExit(f"LoRA {path} is {size} bytes; the service takes at most {limits.MAX_LORA_BYTES}")
+            loras[index] = path.read_bytes()
+        except OSError as error:
+            raise SystemExit(f"cannot read LoRA {path}: {error}") from error
+    return loras
 
 
 def format_for(out: Path, explicit: str | None) -> str:
@@ -114,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     morph.add_argument("--frames-dir", type=Path, help="with --stream: also save each frame PNG")
     morph.add_argument("--deadline", type=float, default=1800.0, help="seconds before giving up")
     morph.add_argument("--metadata-out", type=Path, help="write the result metadata JSON here")
+    morph.add_argument("--save-loras", type=Path, metavar="DIR",
+                       help="ask for the morph's LoRAs (return_loras) and write them here as "
+                            "lora_<i>.safetensors (diffusers' LoRA format)")
+    morph.add_argument("--lora", action="append", type=_parse_lora, default=[], metavar="I=PATH",
+                       help="use this LoRA file for image I instead of fitting one (e.g. a --save-loras "
+                            "file); repeat per image")
     return parser
 
 
@@ -138,6 +175,8 @@ def _options(args: argparse.Namespace, formats: list[str]) -> dict[str, Any]:
     if args.webp_lossless:
         options["webp_lossless"] = True
     options["format"] = formats[0] if len(formats) == 1 else formats
+    if args.save_loras is not None:
+        options["return_loras"] = True
     return options
 
 
@@ -195,19 +234,23 @@ def _run_morph(client: MorphClient, args: argparse.Namespace) -> int:
     outs = args.out or [Path("morph.gif")]
     formats = [format_for(out, args.format) for out in outs]
     images = [_read_image(path) for path in args.images]
+    loras = _read_loras(args)
     options = _options(args, formats)
     if args.stream:
         bar = _ProgressBar(args.frames_dir)
         try:
             result: MorphResult = client.morph_stream(
-                images, _prompts(args), options, deadline_s=args.deadline, on_event=bar
+                images, _prompts(args), options, deadline_s=args.deadline, on_event=bar, loras=loras
             )
         finally:
             bar.close()
     else:
-        result = client.morph(images, _prompts(args), options, deadline_s=args.deadline)
+        result = client.morph(images, _prompts(args), options, deadline_s=args.deadline, loras=loras)
     for out, fmt in zip(outs, formats):
         for path in result.save(out, fmt):
+            print(f"wrote {path}")
+    if args.save_loras is not None:
+        for path in result.save_loras(args.save_loras):
             print(f"wrote {path}")
     meta = result.metadata
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in meta.get("timings", {}).items())

@@ -134,7 +134,8 @@ class CachePlan:
         if self.cache is None or not self.keys or any(key.latent is None for key in self.keys):
             return None
         options = config.to_dict()
-        for name in ("frame_batch_size", "vae_batch_size"):  # how the work is cut into batches, not what it computes
+        # how the work is cut into batches and what the result carries, not what it computes
+        for name in ("frame_batch_size", "vae_batch_size", "return_loras"):
             options.pop(name)
         return schedule_cache_key([key.latent for key in self.keys], options, f"{metric.name}:{metric.identity}")  # type: ignore[misc]
 

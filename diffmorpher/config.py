@@ -142,6 +142,10 @@ class MorphConfig:
     vae_batch_size: int = DEFAULT_VAE_BATCH
     dtype: str = AUTO
     device: str | None = None  # None: best available (see devices.select_device)
+    # Output: the morph's LoRAs (fitted or sent) as parts of the result, one diffusers LoRA file
+    # per image (lora_file.lora_to_safetensors); off by default, since each costs bytes (fp32):
+    # 0.45 MB an image on the embedded model at rank 16, 12.8 MB on SD 1.5.
+    return_loras: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -173,6 +177,7 @@ class MorphConfig:
         _check_int("frame_batch_size", self.frame_batch_size, AUTO_FRAME_BATCH, limits.MAX_FRAME_BATCH)
         _check_int("vae_batch_size", self.vae_batch_size, 1, limits.MAX_VAE_BATCH)
         _check_choice("dtype", self.dtype, DTYPES)
+        _check_bool("return_loras", self.return_loras)
         if self.device is not None and not isinstance(self.device, str):
             raise ConfigError(f"device must be a string such as 'cpu', got {show(self.device)}")
 

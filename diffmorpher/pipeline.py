@@ -52,6 +52,7 @@ from .devices import is_out_of_memory, release_cached_memory, resolve_dtype, sel
 from .emission import FrameCollector
 from .interrupt import StopCheck, never_stop, raise_if_stopped
 from .lora import fit_loras
+from .lora_file import check_lora_ranks, lora_module_shapes, read_lora
 from .lora_mix import LoraStack, build_lora_stacks
 from .models import MorphModels, load_morph_models
 from .perceptual import PerceptualDistance, PixelDistance, consecutive_distances, load_perceptual
@@ -202,6 +203,10 @@ class DiffMorpherPipeline:
                 raise ConfigError(f"prompt {index} must be a string, got {type(prompt).__name__}")
         if loras is not None and len(loras) != len(images):
             raise ConfigError(f"need one LoRA (or None) per image, got {len(loras)}")
+        if loras is not None and any(lora is not None for lora in loras):
+            if config.lora_mode == "none":
+                raise ConfigError("LoRAs were sent but use_lora is false; send them with use_lora true, or none")
+            check_lora_ranks(list(loras), config.lora_rank if any(lora is None for lora in loras) else None)
         multiple = self.models.vae_scale_factor * 2 ** (len(self.models.unet.config.down_block_types) - 1)
         resolution = config.resolution or self.models.native_resolution
         if resolution % multiple:
@@ -250,6 +255,11 @@ class DiffMorpherPipeline:
         scale = vae.config.scaling_factor
         slices = [vae.decode(part.to(vae.dtype) / scale).sample for part in latents.split(vae_batch_size)]
         return ((torch.cat(slices).float() + 1) / 2).clamp(0, 1)
+
+    def read_lora(self, data: bytes, field: str | None = None) -> Lora:
+        """A LoRA sent as safetensors (diffusers' format, as a result's LoRA part), checked
+        against this model's UNet (lora_file.read_lora); pass it as `loras[i]` to skip a fit."""
+        return read_lora(data, lora_module_shapes(self.models.unet), field=field)
 
     def stored_image(self, key: str) -> Image.Image:
         """The input image a previous result named by its `image_key` (cache_plan.stored_image)."""

@@ -15,7 +15,7 @@ import math
 import re
 import unicodedata
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
@@ -45,6 +45,9 @@ class MorphRequest:
     config: MorphConfig
     outputs: list[OutputOptions]  # one per requested format, same duration/loop
     stream: bool
+    # Per image, a LoRA sent instead of fitted (`lora_<i>`, safetensors bytes, size-checked
+    # here; checked against the served UNet by the core's read_lora), or None.
+    loras: list[bytes | None] = field(default_factory=list)
 
     @property
     def formats(self) -> list[str]:
@@ -316,19 +319,35 @@ def parse_request(data: Mapping[str, Any], defaults: MorphConfig) -> MorphReques
             raise ConfigError(f"missing {FIELD} for image {index}: send one prompt per image", field=key, kind="prompt")
         prompts.append(_check_prompt(key, fields[key]))
     expected = {wire.image_key(i) for i in range(count)} | {wire.prompt_key(i) for i in range(count)}
-    expected |= {wire.image_ref_key(i) for i in range(count)}
+    expected |= {wire.image_ref_key(i) for i in range(count)} | {wire.lora_key(i) for i in range(count)}
     expected |= {wire.INPUT_OPTIONS, wire.INPUT_STREAM, wire.INPUT_DEADLINE, wire.INPUT_CALL_ID}
     unknown = sorted(set(fields) - expected)
     if unknown:
         raise ConfigError(
             f"unknown field(s) {name_list(unknown)}; expected image_0..image_{count - 1} (or "
             f"image_ref_<i> in place of image_<i>), "
-            f"prompt_0..prompt_{count - 1}, options, stream, deadline"
+            f"prompt_0..prompt_{count - 1}, lora_<i> (optional), options, stream, deadline"
         )
     config, outputs = split_options(parse_options(fields.get(wire.INPUT_OPTIONS)), defaults)
     stream = parse_stream(fields.get(wire.INPUT_STREAM))
     images = [_image_or_reference(fields, i) for i in range(count)]
-    return MorphRequest(images, prompts, config, outputs, stream)
+    loras = [_sent_lora(fields, i) for i in range(count)]
+    return MorphRequest(images, prompts, config, outputs, stream, loras)
+
+
+def _sent_lora(fields: Mapping[str, Any], index: int) -> bytes | None:
+    """The bytes of a LoRA sent for image `index` (`lora_<i>`), at most limits.MAX_LORA_BYTES;
+    what they hold is checked against the served model by the core (lora_file.read_lora)."""
+    name = wire.lora_key(index)
+    if name not in fields:
+        return None
+    data = _as_bytes(name, fields[name])
+    if not data:
+        raise ConfigError(f"{FIELD} is empty; send a LoRA as safetensors or leave the field out", field=name)
+    if len(data) > limits.MAX_LORA_BYTES:
+        raise ConfigError(f"{FIELD} is {len(data)} bytes; a LoRA may have at most {limits.MAX_LORA_BYTES} "
+                          f"bytes (limits.MAX_LORA_BYTES)", field=name)
+    return data
 
 
 def _image_or_reference(fields: Mapping[str, Any], index: int) -> Image.Image | wire.ImageRef:

@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 from morph_protocol import wire
 from diffmorpher.encoding import MIME_PNG, encode_png, frame_name
+from diffmorpher.lora_file import lora_to_safetensors
 from diffmorpher.results import MorphResult, ProgressEvent
 from handler.morph_request import MorphRequest
 
@@ -48,9 +49,21 @@ def result_metadata(request: MorphRequest, result: MorphResult, timings: dict[st
         "frame_batch_size": result.frame_batch_size,  # and the rows per UNet call for this morph
         "cache": result.cache,  # per input image: lora/latent "hit" | "miss" | "off", lora_key, image_key
         "schedule_cache": result.schedule_cache,  # the reschedule's alphas: "hit" | "miss" | "off"
+        # the result's LoRA parts (return_loras), by image: diffusers LoRA files
+        "lora_parts": [wire.lora_part_name(index) for index, lora in enumerate(result.loras) if lora is not None]
+        if request.config.return_loras else [],
         "work": result.work.to_dict(),  # LoRA fits/steps and inversions this morph ran (the cache's proof)
         "worker_pid": os.getpid(),  # which worker served it (logs, cache sharing)
     }
+
+
+def lora_parts(result: MorphResult) -> list[wire.Part]:
+    """The morph's LoRAs (fitted, cached or sent), one diffusers LoRA file per image
+    (`lora_<i>.safetensors`); none in no-LoRA mode."""
+    return [
+        wire.Part(wire.lora_part_name(index), wire.MIME_SAFETENSORS, lora_to_safetensors(lora))
+        for index, lora in enumerate(result.loras) if lora is not None
+    ]
 
 
 class StreamSender:

@@ -45,7 +45,7 @@ from diffmorpher.interrupt import CANCELLED, MorphStopped
 from diffmorpher.pipeline import DiffMorpherPipeline
 from morph_protocol.control import ControlDir
 from handler.morph_request import parse_request
-from handler.morph_response import ResponseTooLarge, StreamSender, check_size, result_metadata
+from handler.morph_response import ResponseTooLarge, StreamSender, check_size, lora_parts, result_metadata
 from handler.oip import CONTENT_TYPE as OIP_CONTENT_TYPE
 from handler.oip import InferRequest, oip_message, parse_infer_request, response_body
 from handler.request_stop import CallStop, WorkerHeartbeat, parse_call_control
@@ -193,13 +193,19 @@ class DiffMorpherHandler:
                 self._intermediate_sender(index, context), self.max_response_bytes, self.progress_interval_s
             )
         images = [self._resolve(index, image) for index, image in enumerate(request.images)]
-        result = self.pipeline(images, request.prompts, request.config, progress=progress, stop=stop)
+        # LoRAs sent instead of fitted, checked against this model (errors name lora_<i>)
+        sent = [self.pipeline.read_lora(data, wire.lora_key(i)) if data is not None else None
+                for i, data in enumerate(request.loras)]
+        given = sent if any(lora is not None for lora in sent) else None
+        result = self.pipeline(images, request.prompts, request.config, loras=given, progress=progress, stop=stop)
         generated = time.perf_counter()
         parts = [
             wire.Part(part.name, part.mime, part.data)
             for output in request.outputs
             for part in encode_parts(result.frames, output)
         ]
+        if request.config.return_loras:
+            parts += lora_parts(result)
         finished = time.perf_counter()
         timings = {
             **{stage: round(float(t), 4) for stage, t in result.timings.items()},

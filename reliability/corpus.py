@@ -762,6 +762,20 @@ def build_corpus(base_options: dict, *, include_huge: bool = False) -> list[Case
         "neither true nor false",
         request(options=base, stream=b"maybe"),
     )
+    # --- a LoRA sent instead of fitted (lora_<i>): what the parser refuses before the model
+    # (shapes, keys and rank are checked against the served UNet by the core: test_lora_file)
+    invalid(
+        "lora_empty",
+        "field 'lora_0' is empty",
+        "an empty LoRA field is a mistake, not a request to fit",
+        request(options=base, lora_0=b""),
+    )
+    invalid(
+        "lora_for_no_image",
+        "unknown field(s) ['lora_2']",
+        "a LoRA for an image the request does not have",
+        request(options=base, lora_2=b"x"),
+    )
 
     # --- authentication (fields are the valid baseline)
     cases.append(

@@ -25,7 +25,7 @@ from morph_protocol import wire
 from morph_protocol.errors import ErrorCode, format_error
 from client.__main__ import format_for, main
 from morph_protocol.keyfile import TokenError, TokenSource, read_key_file
-from client.morph_client import MorphClient, MorphClientError, build_input
+from client.morph_client import MorphClient, MorphClientError, MorphResult, build_input
 from tests.conftest import REPO_ROOT
 
 # ---------------------------------------------------------------------------- framing
@@ -78,6 +78,41 @@ def test_build_input_rejects_bad_shapes(images, prompts, match) -> None:
     with pytest.raises(MorphClientError, match=match):
         build_input(images, prompts, None, stream=False)
 
+
+
+def test_loras_travel_as_lora_fields_and_come_back_as_files(tmp_path: Path) -> None:
+    fields = build_input([b"a", b"b", b"c"], ["p0", "p1", "p2"], None, stream=False, loras=[None, b"LORA1", None])
+    assert fields["lora_1"] == b"LORA1" and "lora_0" not in fields and "lora_2" not in fields
+    with pytest.raises(MorphClientError, match="one LoRA \\(or None\\) per image: 2 images, 1 LoRAs"):
+        build_input([b"a", b"b"], ["x", "y"], None, stream=False, loras=[b"x"])
+    with pytest.raises(MorphClientError, match="LoRA 0 is 0 bytes"):
+        build_input([b"a", b"b"], ["x", "y"], None, stream=False, loras=[b"", None])
+    result = MorphResult({}, [wire.Part("frame_0.png", "image/png", b"png"),
+                              wire.Part("lora_0.safetensors", wire.MIME_SAFETENSORS, b"zero"),
+                              wire.Part("../../lora_1.safetensors", wire.MIME_SAFETENSORS, b"one")])
+    written = result.save_loras(tmp_path / "loras")
+    assert written == [tmp_path / "loras" / "lora_0.safetensors", tmp_path / "loras" / "lora_1.safetensors"]
+    assert [path.read_bytes() for path in written] == [b"zero", b"one"]
+    with pytest.raises(MorphClientError, match="return_loras=true"):
+        MorphResult({}, []).save_loras(tmp_path / "none")
+
+
+def test_cli_lora_arguments(tmp_path: Path) -> None:
+    from client.__main__ import _options, _read_loras, build_parser
+
+    (tmp_path / "l.safetensors").write_bytes(b"LORA")
+    parser = build_parser()
+    args = parser.parse_args(["morph", "a.png", "b.png", "--lora", f"1={tmp_path / 'l.safetensors'}",
+                              "--save-loras", str(tmp_path / "out")])
+    assert _read_loras(args) == [None, b"LORA"]
+    assert _options(args, ["gif"])["return_loras"] is True
+    assert _read_loras(parser.parse_args(["morph", "a.png", "b.png"])) is None
+    with pytest.raises(SystemExit, match="there are only 2 images"):
+        _read_loras(parser.parse_args(["morph", "a.png", "b.png", "--lora", f"2={tmp_path / 'l.safetensors'}"]))
+    with pytest.raises(SystemExit, match="cannot read LoRA"):
+        _read_loras(parser.parse_args(["morph", "a.png", "b.png", "--lora", f"0={tmp_path / 'missing'}"]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["morph", "a.png", "b.png", "--lora", "nonsense"])
 
 def test_format_from_output_suffix() -> None:
     assert format_for(Path("a.gif"), None) == "gif"

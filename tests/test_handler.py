@@ -212,6 +212,53 @@ def test_in_a_batch_only_the_bad_request_fails(handler: DiffMorpherHandler, tiny
     assert context.get_response_status(1)[0] == 400
 
 
+
+# ---------------------------------------------------------------------------- LoRAs out and in
+def test_returned_loras_sent_back_give_the_same_frames_without_a_fit(handler: DiffMorpherHandler,
+                                                                     tiny_sd_dir: Path) -> None:
+    """return_loras adds one diffusers LoRA file per image; sent back as lora_<i> they replace
+    the fits and the frames are the same bytes."""
+    # A seed of its own: the handler's cache holds the LoRAs other tests fitted.
+    (payload,) = handler.handle([good_request(format="png", return_loras=True, seed=11)], make_context(tiny_sd_dir))
+    first = wire.decode_message(payload)
+    loras = [p for p in first.parts if p.mime == wire.MIME_SAFETENSORS]
+    assert [p.name for p in loras] == ["lora_0.safetensors", "lora_1.safetensors"] == first.header["lora_parts"]
+    assert first.header["work"]["lora_fits"] == 2
+    sent = {**good_request(format="png", seed=11), "lora_0": loras[0].data, "lora_1": loras[1].data}
+    (payload,) = handler.handle([sent], make_context(tiny_sd_dir))
+    second = wire.decode_message(payload)
+    assert second.header["work"] == {"lora_fits": 0, "lora_steps": 0, "inversions": 2}
+    assert second.header["lora_parts"] == [] and all(p.mime == "image/png" for p in second.parts)
+    assert [p.data for p in second.parts] == [p.data for p in first.parts if p.mime == "image/png"]
+
+
+@pytest.mark.parametrize(
+    ("lora", "message"),
+    [
+        (b"not safetensors", "invalid request: field 'lora_1' is not a safetensors file (15 bytes"),
+        (b"", "invalid request: field 'lora_1' is empty"),
+        ("too big", "bytes; a LoRA may have at most 67108864 bytes"),
+        ("wrong shape", "invalid request: field 'lora_1' has 'unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k.lora_A.weight' of shape [4, 33]"),
+        ("unknown key", "invalid request: field 'lora_1' has the unknown key 'unet.conv_in.lora_A.weight'"),
+    ],
+)
+def test_a_bad_sent_lora_is_invalid_argument_naming_it(handler: DiffMorpherHandler, tiny_sd_dir: Path,
+                                                      lora, message: str) -> None:
+    import safetensors.torch
+
+    module = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"
+    data = {
+        "too big": b"\0" * (64 * 2**20 + 1),
+        "wrong shape": safetensors.torch.save({f"{module}.lora_A.weight": torch.zeros(4, 33),
+                                               f"{module}.lora_B.weight": torch.zeros(32, 4)}),
+        "unknown key": safetensors.torch.save({"unet.conv_in.lora_A.weight": torch.zeros(4, 4)}),
+    }.get(lora, lora)
+    with pytest.raises(PredictionException) as raised:
+        handler.handle([{**good_request(), "lora_1": data}], make_context(tiny_sd_dir))
+    code, text = parse_error(raised.value.message)
+    assert (raised.value.error_code, code) == (400, ErrorCode.INVALID_REQUEST)
+    assert message in text
+
 # ---------------------------------------------------------------------------- request parsing
 @pytest.mark.parametrize(
     ("request_change", "field", "message"),
@@ -222,6 +269,8 @@ def test_in_a_batch_only_the_bad_request_fails(handler: DiffMorpherHandler, tiny
         ({"options": b"[1]"}, "options", "field 'options' must be a JSON object, got list"),
         ({"image_ref_0": b"xyz", "image_0": None}, "image_ref_0", "field 'image_ref_0' must be the 64-hex-digit"),
         ({"options": b'{"num_frames": 0}'}, None, "num_frames must be between 2 and 256"),
+        ({"lora_0": b""}, "lora_0", "field 'lora_0' is empty"),
+        ({"lora_2": b"x"}, None, "unknown field(s) ['lora_2']"),
     ],
 )
 def test_errors_name_their_request_field_as_data(request_change: dict, field: str | None, message: str) -> None:

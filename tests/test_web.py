@@ -444,6 +444,41 @@ def test_service_error_is_shown_and_the_page_still_works(browser, web_url: str, 
     assert gif_frame_count(download(driver, "download-gif")) == FRAMES
 
 
+
+def test_fitted_loras_download_and_upload_in_the_browser(browser, web_url: str, tmp_path: Path) -> None:
+    """The advanced option return_loras offers one LoRA download per image (diffusers LoRA files);
+    uploaded beside their images, they are sent instead of fitted: no LoRA step runs, the
+    images are inverted with the sent LoRAs, and the GIF is the same bytes."""
+    from selenium.webdriver.support.select import Select
+
+    driver = browser
+    driver.set_script_timeout(60)
+    open_page(driver, web_url)
+    upload(driver, *(DEMO_DIR / name for name in DEMO_NAMES))
+    fill_fast_settings(driver)
+    Select(driver.find_element("id", "opt-return_loras")).select_by_value("true")
+    assert morph_and_wait(driver) == "done", error_text(driver)
+    gif = download(driver, "download-gif")
+    links = driver.find_elements("css selector", "#download-loras a")
+    assert [link.get_attribute("download") for link in links] == ["lora_0.safetensors", "lora_1.safetensors"]
+    assert driver.find_element("id", "download-loras").is_displayed()
+    paths = []
+    for index in range(2):
+        data = download(driver, f"download-lora_{index}")
+        header_length = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_length])
+        assert header["__metadata__"]["lora_adapter_metadata"] and any(k.startswith("unet.") for k in header)
+        paths.append(tmp_path / f"lora_{index}.safetensors")
+        paths[-1].write_bytes(data)
+    for lora_input, path in zip(driver.find_elements("css selector", "#images input.lora"), paths):
+        lora_input.send_keys(str(path))
+    assert [s.text for s in driver.find_elements("css selector", "#images .lora-name")] == [p.name for p in paths]
+    assert morph_and_wait(driver) == "done", error_text(driver)
+    metadata = json.loads(driver.find_element("id", "metadata-json").get_attribute("textContent"))
+    assert metadata["work"] == {"lora_fits": 0, "lora_steps": 0, "inversions": 2}  # sent: nothing cached under them
+    assert [entry["lora"] for entry in metadata["cache"]] == ["off", "off"]
+    assert download(driver, "download-gif") == gif
+
 def test_upload_over_the_service_limit_is_refused_before_reading(web_url: str) -> None:
     """An upload larger than max_request_size is answered 413 from its Content-Length alone."""
     host, port = web_url.split("//")[1].strip("/").split(":")

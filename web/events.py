@@ -49,13 +49,19 @@ def for_message(message: wire.Message) -> bytes:
 
 
 def for_result(result: MorphResult) -> bytes:
-    """The final answer: the service's metadata as it sent it, plus the GIF, MP4, ZIP (and WebP)."""
+    """The final answer: the service's metadata as it sent it, plus the GIF, MP4, ZIP (and WebP),
+    and the morph's LoRA files when it was asked for them (return_loras)."""
     media = {}
     for part in result.parts:
         key = MEDIA_KEYS.get(part.mime)
         if key:
-            media[key] = {"name": part.name, "mime": part.mime, "size": len(part.data), "data": _b64(part.data)}
-    return sse(EVENT_RESULT, {"metadata": result.metadata, "media": media})
+            media[key] = _media(part)
+    loras = [_media(part) for part in result.lora_parts()]
+    return sse(EVENT_RESULT, {"metadata": result.metadata, "media": media, "loras": loras})
+
+
+def _media(part: wire.Part) -> dict[str, Any]:
+    return {"name": part.name, "mime": part.mime, "size": len(part.data), "data": _b64(part.data)}
 
 
 def for_client_error(error: MorphClientError) -> bytes:

@@ -173,13 +173,19 @@ class MorphPage {
       li.draggable = true;
       li.dataset.index = index;
       li.innerHTML = `<span class="handle" title="drag to reorder">&#x2630;</span><img alt="">
-        <div><input type="text" class="prompt" aria-label="prompt of image ${index + 1}"><div class="name"></div></div>
+        <div><input type="text" class="prompt" aria-label="prompt of image ${index + 1}"><div class="name"></div>
+          <label class="lora-upload">LoRA (optional) <input type="file" class="lora" accept=".safetensors"></label> <span class="lora-name"></span></div>
         <div class="tools"><button type="button" class="up" title="earlier">&uarr;</button><button type="button" class="down" title="later">&darr;</button><button type="button" class="remove" title="remove">&times;</button></div>`;
       li.querySelector("img").src = item.url;
       li.querySelector(".name").textContent = `${index + 1}. ${item.file.name} (${formatBytes(item.file.size)})`;
       const prompt = li.querySelector("input.prompt");
       prompt.value = item.prompt;
       prompt.addEventListener("input", () => { item.prompt = prompt.value; });
+      // A LoRA file sent for this image instead of fitting one (kept with the image when reordered).
+      const lora = li.querySelector("input.lora");
+      const loraName = li.querySelector(".lora-name");
+      loraName.textContent = item.lora ? item.lora.name : "";
+      lora.addEventListener("change", () => { item.lora = lora.files[0] || null; loraName.textContent = item.lora ? item.lora.name : ""; });
       li.querySelector(".up").addEventListener("click", () => this.move(index, index - 1));
       li.querySelector(".down").addEventListener("click", () => this.move(index, index + 1));
       li.querySelector(".remove").addEventListener("click", () => {
@@ -240,10 +246,11 @@ class MorphPage {
     if (problem) { this.showError("REFUSED", problem); return; }
     this.resetRun();
     const body = new FormData();
-    for (const item of this.items) {
+    this.items.forEach((item, index) => {
       body.append("image", item.file, item.file.name);
       body.append("prompt", item.prompt);
-    }
+      if (item.lora) body.append("lora_" + index, item.lora, item.lora.name);
+    });
     body.append("options", JSON.stringify(this.options()));
     this.abort = new AbortController();
     this.started = performance.now();
@@ -332,7 +339,7 @@ class MorphPage {
     $("status").textContent = `frame ${f.index + 1} of ${f.num_frames}`;
   }
 
-  onResult({ metadata, media }) {
+  onResult({ metadata, media, loras }) {
     for (const stage of STAGES) {
       if (!this.stageState[stage]) $("label-" + stage).textContent = this.skippedLabel(stage, metadata);
     }
@@ -349,11 +356,27 @@ class MorphPage {
     show("mp4", "result-mp4", "download-mp4");
     show("zip", null, "download-zip");
     show("webp", null, "download-webp");
+    this.showLoras(loras || []);
     this.renderMetadata(metadata);
     $("metadata-json").textContent = JSON.stringify(metadata, null, 2);
     $("result").hidden = false;
     const seconds = ((performance.now() - this.started) / 1000).toFixed(1);
     $("status").textContent = `done: ${metadata.num_frames} frames in ${seconds} s`;
+  }
+
+  showLoras(loras) {
+    // One download per image's LoRA (return_loras): diffusers LoRA files.
+    const box = $("download-loras");
+    box.replaceChildren();
+    for (const part of loras) {
+      const url = URL.createObjectURL(base64Blob(part.data, part.mime));
+      this.urls.push(url);
+      const link = document.createElement("a");
+      link.className = "button"; link.href = url; link.download = part.name; link.id = "download-" + part.name.replace(/\.safetensors$/, "");
+      link.textContent = `Download ${part.name} (${formatBytes(part.size)})`;
+      box.appendChild(link);
+    }
+    box.hidden = loras.length === 0;
   }
 
   skippedLabel(stage, metadata) {
