@@ -1,7 +1,7 @@
 """shared_lora against per-image LoRAs on the embedded model (issue 26): fit time, PPL, PDV and
 endpoint PSNR, on fixed pairs of different shapes and on sets of one subject in several poses.
 
-    .venv/bin/python -m benchmarks.shared_lora [--model DIR] [--pairs 0,1,2] [--seed 0]
+    .venv/bin/python -m benchmarks.shared_lora [--model DIR] [--pairs 0,1,2] [--seed 0] [--frames 17]
 
 Protocol: the served options (MorphConfig defaults under the model's morph_defaults.json) with
 QUALITY_OPTIONS' 17 frames per segment, 100 LoRA and 25 DDIM steps, as benchmarks/per_pair.py;
@@ -86,16 +86,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=str(REPO_ROOT / "models" / "tiny-shapes-sd"))
     parser.add_argument("--pairs", default="0,1,2", help="fixed pairs (embedded_model/morph_pairs.py)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--frames", type=int, default=QUALITY_OPTIONS["num_frames"],
+                        help="frames per segment (17: the paper's sequences; fewer on a busy CPU)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/shared-lora-<time>.json)")
     args = parser.parse_args(argv)
 
-    served = {**model_defaults(Path(args.model)), **QUALITY_OPTIONS, "seed": args.seed}
+    served = {**model_defaults(Path(args.model)), **QUALITY_OPTIONS, "seed": args.seed, "num_frames": args.frames}
     pipe = DiffMorpherPipeline.from_pretrained(args.model, device="cpu")
     metric = pipe.perceptual_metric(MorphConfig(**served))
     out = Path(args.out) if args.out else (
         REPO_ROOT / "benchmarks" / "results" / time.strftime("shared-lora-%Y%m%dT%H%M%SZ.json", time.gmtime()))
-    sets = [(f"pair {int(index)}", *morph_pair(int(index))) for index in args.pairs.split(",") if index]
-    sets += [(name, *pose_set(name)) for name in POSE_SETS]
+    pairs = [(f"pair {int(index)}", *morph_pair(int(index))) for index in args.pairs.split(",") if index]
+    poses = [(name, *pose_set(name)) for name in POSE_SETS]
+    sets = [item for both in zip(poses, pairs) for item in both] + poses[len(pairs):] + pairs[len(poses):]
     rows = []
     for name, images, prompts in sets:
         row: dict[str, Any] = {"set": name, "images": len(images), "prompts": prompts}
