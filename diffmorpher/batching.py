@@ -20,6 +20,7 @@ from .conditioning import PromptConditioning, cat
 from .config import AUTO_FRAME_BATCH, DEFAULT_FRAME_BATCH, MorphConfig
 from .devices import free_memory_bytes
 from .interpolation import interpolate_latents
+from .lora_mix import SHARED_LORA, SharedLora
 from .transfer import row_index
 
 T = TypeVar("T")
@@ -49,7 +50,8 @@ class Batch:
     """The rows of one UNet call: endpoint images first, then frames.
 
     `weights` (len(frames), K) places each frame between the K images (attention and text mix);
-    `lora_weights` (rows, K) is each row's LoRA mix, None without LoRAs. `mode` is what the
+    `lora_weights` (rows, K) is each row's LoRA mix, SHARED_LORA where every row uses the one
+    shared LoRA (shared_lora), None without LoRAs. `mode` is what the
     up-block self-attention does: off (inversion), store (endpoints only) or replace.
     """
 
@@ -57,7 +59,7 @@ class Batch:
     images: list[int]
     frames: list[FrameSpec]
     weights: torch.Tensor
-    lora_weights: torch.Tensor | None
+    lora_weights: torch.Tensor | SharedLora | None
     alphas: torch.Tensor | None = None  # (len(frames),) float32: each frame's alpha (slerp, AdaIN)
 
     def on(self, device: torch.device, dtype: torch.dtype) -> "Batch":
@@ -65,7 +67,9 @@ class Batch:
         the mix weights in the run dtype (the attention, text and LoRA mixes use them in it) and
         the alphas in float32 (slerp widens them). Built on the host, they would otherwise be
         copied to the device by every layer that reads them, at every step."""
-        lora = None if self.lora_weights is None else self.lora_weights.to(device=device, dtype=dtype)
+        lora = self.lora_weights
+        if isinstance(lora, torch.Tensor):
+            lora = lora.to(device=device, dtype=dtype)
         alphas = None if self.alphas is None else self.alphas.to(device)
         return replace(self, weights=self.weights.to(device=device, dtype=dtype), lora_weights=lora, alphas=alphas)
 
@@ -84,7 +88,9 @@ class Batch:
         images, first, last = self.images[start:stop], max(0, start - count), max(0, stop - count)
         frames = self.frames[first:last]
         mode = self.mode if self.mode == MODE_OFF else MODE_REPLACE if frames else MODE_STORE
-        lora_weights = None if self.lora_weights is None else self.lora_weights[start:stop]
+        lora_weights = self.lora_weights
+        if isinstance(lora_weights, torch.Tensor):
+            lora_weights = lora_weights[start:stop]
         alphas = None if self.alphas is None else self.alphas[first:last]
         return Batch(mode, images, frames, self.weights[first:last], lora_weights, alphas)
 
@@ -184,27 +190,39 @@ def sequence_batches(specs: list[FrameSpec], num_images: int, config: MorphConfi
                    if frames else torch.zeros(0, num_images))
         lora_parts = [endpoint_lora_weights(images, num_images, config) if images else None,
                       frame_lora_weights(frames, num_images, config) if frames else None]
-        lora_weights = None if config.lora_mode == "none" else torch.cat([w for w in lora_parts if w is not None])
+        lora_weights: torch.Tensor | SharedLora | None = None
+        if config.lora_mode == "shared":
+            lora_weights = SHARED_LORA
+        elif config.lora_mode != "none":
+            lora_weights = torch.cat([w for w in lora_parts if isinstance(w, torch.Tensor)])
         alphas = torch.tensor([s.alpha for s in frames], dtype=torch.float32)
         batches.append(Batch(MODE_REPLACE if frames else MODE_STORE, images, frames, weights, lora_weights, alphas))
     return batches
 
 
-def endpoint_lora_weights(images: list[int], num_images: int, config: MorphConfig) -> torch.Tensor | None:
+def endpoint_lora_weights(
+    images: list[int], num_images: int, config: MorphConfig
+) -> torch.Tensor | SharedLora | None:
     """LoRA mix used to invert and reconstruct image i: its own LoRA, or in fixed mode the
-    fixed mix of the segment it starts (the last image: the segment it ends)."""
+    fixed mix of the segment it starts (the last image: the segment it ends), or the shared one."""
     if config.lora_mode == "none":
         return None
+    if config.lora_mode == "shared":
+        return SHARED_LORA
     if config.lora_mode == "interpolate":
         return one_hot(images, num_images)
     fixed = float(config.fixed_lora_alpha or 0.0)
     return torch.stack([segment_weights(min(i, num_images - 2), fixed, num_images) for i in images])
 
 
-def frame_lora_weights(specs: list[FrameSpec], num_images: int, config: MorphConfig) -> torch.Tensor | None:
-    """LoRA mix of each frame: its own alpha's (paper Sec. 3.2), or the fixed one."""
+def frame_lora_weights(
+    specs: list[FrameSpec], num_images: int, config: MorphConfig
+) -> torch.Tensor | SharedLora | None:
+    """LoRA mix of each frame: its own alpha's (paper Sec. 3.2), the fixed one, or the shared one."""
     if config.lora_mode == "none":
         return None
+    if config.lora_mode == "shared":
+        return SHARED_LORA
     fixed = config.fixed_lora_alpha
     return torch.stack([segment_weights(s.segment, s.alpha if fixed is None else fixed, num_images) for s in specs])
 

@@ -19,7 +19,7 @@ from .cache import KEY as CACHE_KEY
 from .cache import CacheKeys, CacheMiss, TensorCache
 from .config import ConfigError, MorphConfig, show
 from .interrupt import StopCheck, never_stop
-from .lora import image_cache_key, inversion_cache_key, lora_cache_key
+from .lora import image_cache_key, inversion_cache_key, lora_cache_key, shared_lora_cache_key
 from .models import MorphModels
 from .perceptual import PerceptualDistance
 from .preprocess import to_model_square
@@ -49,17 +49,21 @@ class CachePlan:
     ) -> CachePlan:
         """Per image, the content keys of its LoRA and its inverted latent: no LoRA key where the
         caller gave the LoRA, no latent key where the inversion depends on another image's LoRA
-        (fixed-LoRA mode) or on a given LoRA."""
+        (fixed-LoRA mode) or on a given LoRA. With a shared LoRA every image has the one key of
+        the whole image set (lora.shared_lora_cache_key), and its latent is keyed by it."""
         if cache is None:
             return cls(None)
         model_identity = models.identity  # hashes the weights once: only asked with a cache
+        shared = None
+        if config.lora_mode == "shared":
+            shared = shared_lora_cache_key(images, prompts, model_identity, config, resolution)
         keys = []
         for index, (image, prompt) in enumerate(zip(images, prompts)):
-            lora = None
-            if config.lora_mode != "none" and not (given is not None and given[index] is not None):
+            lora = shared
+            if config.lora_mode in ("interpolate", "fixed") and not (given is not None and given[index] is not None):
                 lora = lora_cache_key(image, prompt, model_identity, config, resolution)
             latent = None
-            if config.lora_mode == "none" or (config.lora_mode == "interpolate" and lora):
+            if config.lora_mode == "none" or (config.lora_mode in ("interpolate", "shared") and lora):
                 latent = inversion_cache_key(image, prompt, model_identity, config, resolution, lora)
             keys.append(CacheKeys(lora, latent, image_cache_key(image, resolution)))
         return cls(cache, keys)
@@ -97,6 +101,17 @@ class CachePlan:
         for index in indices:
             self.keys[index].lora_hit = self.keys[index].lora in hits
         return {index: loras[self.keys[index].lora] for index in indices}  # type: ignore[index]
+
+    def shared_lora(self, fit: Callable[[], Lora], stop: StopCheck = never_stop) -> Lora:
+        """The shared LoRA of all the images: read where cached, else fitted by `fit` and cached
+        under its key's lock (a worker fitting the same set makes the others wait and read;
+        `stop` ends that wait at the request's deadline or cancellation)."""
+        if self.cache is None or not self.keys or self.keys[0].lora is None:
+            return fit()
+        lora, hit = self.cache.get_or_compute(self.keys[0].lora, fit, stop)
+        for key in self.keys:
+            key.lora_hit = hit
+        return lora
 
     def cached_latents(self, like: torch.Tensor) -> dict[int, torch.Tensor]:
         """The inverted latents the cache holds, by image index, on `like`'s device and dtype."""

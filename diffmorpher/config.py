@@ -112,6 +112,12 @@ class MorphConfig:
     # Step 1: LoRA fitting
     use_lora: bool = True
     fixed_lora_alpha: float | None = None  # None: interpolate LoRAs; else use this alpha for all frames
+    # One LoRA fitted on all the request's images together (each image with its own prompt) and
+    # used for every frame, instead of one per image interpolated: K photos of one subject morph
+    # with one fit and one LoRA to cache. It runs lora_steps optimizer steps, each on a batch of
+    # all K images, so each image is seen lora_steps times, as by its own fit (docs/quality.md
+    # "Shared LoRA").
+    shared_lora: bool = False
     lora_rank: int = 16
     lora_steps: int = 200
     lora_lr: float = 2e-4
@@ -164,6 +170,14 @@ class MorphConfig:
         _check_bool("use_lora", self.use_lora)
         if self.fixed_lora_alpha is not None:
             _check_float("fixed_lora_alpha", self.fixed_lora_alpha, 0.0, 1.0)
+        _check_bool("shared_lora", self.shared_lora)
+        if self.shared_lora and not self.use_lora:
+            raise ConfigError("shared_lora fits one LoRA for all the images; it needs use_lora=true")
+        if self.shared_lora and self.fixed_lora_alpha is not None:
+            raise ConfigError(
+                "shared_lora uses one LoRA for every frame; fixed_lora_alpha (a fixed mix of two "
+                "images' LoRAs) cannot be combined with it"
+            )
         _check_int("lora_rank", self.lora_rank, 1, limits.MAX_LORA_RANK)
         _check_int("lora_steps", self.lora_steps, 0, limits.MAX_LORA_STEPS)
         _check_float("lora_lr", self.lora_lr, 0.0, 1.0, low_inclusive=False)
@@ -202,9 +216,12 @@ class MorphConfig:
 
     @property
     def lora_mode(self) -> str:
-        """'interpolate' (the paper), 'fixed' (one LoRA mix for every frame) or 'none'."""
+        """'interpolate' (the paper), 'fixed' (one LoRA mix for every frame), 'shared' (one LoRA
+        fitted on all the images, for every frame) or 'none'."""
         if not self.use_lora:
             return "none"
+        if self.shared_lora:
+            return "shared"
         return "interpolate" if self.fixed_lora_alpha is None else "fixed"
 
     @property

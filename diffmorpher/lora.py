@@ -11,7 +11,7 @@ import hashlib
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +24,9 @@ from .attention import AttentionStore, MorphController, morph_attention
 from .conditioning import PromptConditioning
 from .config import LORA_TARGET_MODULES, MorphConfig
 from .ddim import NoiseSchedule, as_schedule
-from .lora_mix import OWN_LORA, LoraStack
+from .lora_mix import OWN_LORA, SHARED_LORA, LoraStack, LoraWeights
 from .preprocess import to_model_square
-from .transfer import move_together
+from .transfer import move_together, row_index
 
 ADAPTER_NAME = "diffmorpher_fit"  # peft's name for the adapter that gives the initial LoRA
 
@@ -78,6 +78,58 @@ def fit_loras(
                     optimizer.step()
                 if on_step:
                     on_step(start + offset + 1, config.lora_steps, losses.detach())
+    return stacks_on_host(stacks, count)
+
+
+def fit_shared_lora(
+    unet: UNet2DConditionModel,
+    scheduler: "DDIMScheduler | NoiseSchedule",
+    latent_mean: torch.Tensor,
+    latent_std: torch.Tensor,
+    conditioning: PromptConditioning,
+    config: MorphConfig,
+    seed: int,
+    rows_per_call: int,
+    on_step: LoraStepCallback | None = None,
+) -> dict[str, torch.Tensor]:
+    """Train one rank-r LoRA on all K images together (shared_lora), each with its own prompt's
+    conditioning; return its tensors (peft state-dict keys, fp32 on the CPU).
+
+    `config.lora_steps` AdamW steps (the paper's hyper-parameters, as fit_loras), each on a batch
+    of all K images: one posterior sample, noise and timestep per image, and the mean of the K
+    per-image losses. Each image is thus seen lora_steps times, as by its own fit, and the fit
+    runs as many UNet rows as K per-image fits. The draws come from one generator seeded by
+    `seed`, image after image (per-image fits give every image the same draws from its own
+    generator; in one batch that would put all images at the same timestep). The K rows go
+    through the UNet `rows_per_call` at a time with their gradients accumulated, so the split
+    changes nothing but rounding. `on_step` gets the (K,) per-image losses."""
+    count, device = len(latent_mean), latent_mean.device
+    stacks = initial_lora_stacks(unet, config, seed, 1, device)
+    optimizer = _optimizer([tensor for stack in stacks.values() for tensor in (stack.down, stack.up)], config)
+    generators = [torch.Generator(device="cpu").manual_seed(seed)] * count  # one stream, image after image
+    noising = ForwardNoising(scheduler, device)
+    parts = [list(range(start, min(start + rows_per_call, count))) for start in range(0, count, rows_per_call)]
+    with lora_training(unet, stacks, SHARED_LORA):
+        for start in range(0, config.lora_steps, DRAW_BLOCK_STEPS):
+            block = min(DRAW_BLOCK_STEPS, config.lora_steps - start)
+            for offset, draws in enumerate(draw_steps(generators, latent_mean, len(noising.alphas), block)):
+                optimizer.zero_grad(set_to_none=True)
+                losses = []
+                for rows in parts:
+                    index = row_index(rows)
+                    with torch.enable_grad():
+                        part = training_losses(unet, noising, latent_mean[index], latent_std[index],
+                                               conditioning.select(rows), draws.rows(index))
+                        (part.sum() / count).backward()
+                    losses.append(part.detach())
+                optimizer.step()
+                if on_step:
+                    on_step(start + offset + 1, config.lora_steps, torch.cat(losses))
+    return stacks_on_host(stacks, 1)[0]
+
+
+def stacks_on_host(stacks: dict[str, LoraStack], count: int) -> list[dict[str, torch.Tensor]]:
+    """The `count` LoRAs of trained stacks as peft state dicts, fp32 on the CPU."""
     names = [f"{module}.{part}.weight" for module in stacks for part in ("lora_A", "lora_B")]
     fitted = [tensor.detach().float() for stack in stacks.values() for tensor in (stack.down, stack.up)]
     on_host = move_together(fitted, torch.device("cpu"))  # one copy back, not one per tensor
@@ -118,10 +170,12 @@ def initial_lora_stacks(
 
 
 @contextmanager
-def lora_training(unet: UNet2DConditionModel, stacks: dict[str, LoraStack]) -> Iterator[MorphController]:
-    """The UNet with row k of every batch through LoRA k of `stacks` (attention processors
-    restored on exit)."""
-    controller = MorphController(AttentionStore(num_images=0, num_steps=0), lora_weights=OWN_LORA)  # stores nothing
+def lora_training(
+    unet: UNet2DConditionModel, stacks: dict[str, LoraStack], weights: LoraWeights = OWN_LORA
+) -> Iterator[MorphController]:
+    """The UNet with row k of every batch through LoRA k of `stacks` (OWN_LORA), or every row
+    through its one LoRA (SHARED_LORA); attention processors restored on exit."""
+    controller = MorphController(AttentionStore(num_images=0, num_steps=0), lora_weights=weights)  # stores nothing
     with morph_attention(unet, controller, stacks):
         yield controller
 
@@ -138,6 +192,10 @@ class StepDraws:
     posterior: torch.Tensor  # (K, C, h, w) standard normal: each image's sample of its posterior
     noise: torch.Tensor  # (K, C, h, w) the noise added at the timestep
     timesteps: torch.Tensor  # (K,) int64 in [0, num_train_timesteps)
+
+    def rows(self, index: slice | list[int]) -> "StepDraws":
+        """The draws of some of the images (a slice or list of rows, transfer.row_index)."""
+        return StepDraws(self.posterior[index], self.noise[index], self.timesteps[index])
 
 
 def draw_steps(
@@ -242,6 +300,23 @@ def lora_cache_key(
         "steps": config.lora_steps, "lr": config.lora_lr, "seed": config.seed, "dtype": config.dtype,
         "targets": list(LORA_TARGET_MODULES), "version": 1,
     })
+
+
+def shared_lora_cache_key(
+    images: Sequence[Image.Image], prompts: Sequence[str], model_id: str, config: MorphConfig, resolution: int
+) -> str:
+    """Content address of a shared LoRA (shared_lora): the pixels of every image the model sees,
+    in order (the fit draws its noise image after image), all the prompts, the model and every
+    hyper-parameter that changes the result. Changing any one image changes the key."""
+    digest = hashlib.sha256()
+    for image in images:  # squares of one size: the concatenation is unambiguous
+        digest.update(to_model_square(image, resolution).tobytes())
+    digest.update(json.dumps({
+        "prompts": list(prompts), "model": model_id, "resolution": resolution, "rank": config.lora_rank,
+        "steps": config.lora_steps, "lr": config.lora_lr, "seed": config.seed, "dtype": config.dtype,
+        "targets": list(LORA_TARGET_MODULES), "kind": "shared_lora", "version": 1,
+    }, sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 def inversion_cache_key(

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError
@@ -32,7 +33,20 @@ class OwnLora:
 
 
 OWN_LORA = OwnLora()
-LoraWeights = torch.Tensor | OwnLora | None
+
+
+class SharedLora:
+    """LoRA weights meaning "every row of the batch uses the stack's one LoRA" (shared_lora: one
+    LoRA fitted on all the images, for every frame): the LoRA is applied as it is, two small
+    matmuls per projection, with no per-row mix (the paper's mix of two copies of the same LoRA
+    would give the same values at the cost of two einsums per layer call)."""
+
+    def __repr__(self) -> str:
+        return "SHARED_LORA"
+
+
+SHARED_LORA = SharedLora()
+LoraWeights = torch.Tensor | OwnLora | SharedLora | None
 
 
 @dataclass
@@ -81,13 +95,16 @@ def mixed_linear(
     B_b = sum_k w_bk B_k (the paper interpolates the LoRA parameters), x_b -> B_b A_b x_b.
     x is (B, L, in), weights (B, K) on x's device (the caller moves them once per batch,
     batching.Batch.on: a move here would copy them to the device for every projection of every
-    UNet call), or OWN_LORA (A_b = A_b: one LoRA per row). The mixed factors are (B, r, in) and
+    UNet call), OWN_LORA (A_b = A_b: one LoRA per row) or SHARED_LORA (the stack's one LoRA
+    for every row). The mixed factors are (B, r, in) and
     (B, out, r), small next to the layer; nothing is read back to the host (no per-LoRA zero
     test)."""
     out = linear(x)
     if stack is None or weights is None:
         return out
     down, up = stack.down.to(x.dtype), stack.up.to(x.dtype)  # no-op unless fitting in fp32
+    if isinstance(weights, SharedLora):  # the stack holds one LoRA, the same for every row
+        return out + stack.scaling * F.linear(F.linear(x, down[0]), up[0])
     if not isinstance(weights, OwnLora):
         w = weights.to(x.dtype)  # no-op: the batch's weights are in the run dtype
         down = torch.einsum("bk,kri->bri", w, down)

@@ -2,7 +2,7 @@
 
     0. check inputs
     1. encode images and prompts       (one preprocessing for every stage; conditioning.py)
-    2. fit one LoRA per image          (lora.py, peft)
+    2. fit one LoRA per image          (lora.py, peft), or one for all (shared_lora)
     3. DDIM-invert each image          (ddim.py, with its own LoRA mix loaded)
     4. reschedule: a measuring pass at uniform alphas (a coarse walk over `reschedule_probe_fraction`
        of the DDIM steps); alphas that make the perceptual distance between frames even (reschedule.py)
@@ -51,7 +51,7 @@ from .ddim import Predictor, ddim_invert, ddim_sample
 from .devices import is_out_of_memory, release_cached_memory, resolve_dtype, select_device, synchronize
 from .emission import FrameCollector
 from .interrupt import StopCheck, never_stop, raise_if_stopped
-from .lora import fit_loras
+from .lora import fit_loras, fit_shared_lora
 from .lora_file import check_lora_ranks, lora_module_shapes, read_lora
 from .lora_mix import LoraStack, build_lora_stacks
 from .models import MorphModels, load_morph_models
@@ -203,6 +203,8 @@ class DiffMorpherPipeline:
                 raise ConfigError(f"prompt {index} must be a string, got {type(prompt).__name__}")
         if loras is not None and len(loras) != len(images):
             raise ConfigError(f"need one LoRA (or None) per image, got {len(loras)}")
+        if config.lora_mode == "shared" and loras is not None and any(lora is not None for lora in loras):
+            raise ConfigError("shared_lora fits one LoRA on all the images; it cannot be combined with given LoRAs")
         if loras is not None and any(lora is not None for lora in loras):
             if config.lora_mode == "none":
                 raise ConfigError("LoRAs were sent but use_lora is false; send them with use_lora true, or none")
@@ -279,11 +281,15 @@ class DiffMorpherPipeline:
         work: WorkDone | None = None,
     ) -> list[Lora | None]:
         """One LoRA per image: a given one, else the cache's, else fitted (and cached). None in
-        no-LoRA mode. Missing LoRAs are fitted together, `frame_batch_size` images per UNet call
-        (lora.fit_loras). `work` counts the fits and optimizer steps run."""
+        no-LoRA mode; with shared_lora the one LoRA of all the images, for each of them. Missing
+        LoRAs are fitted together, `frame_batch_size` images per UNet call (lora.fit_loras).
+        `work` counts the fits and optimizer steps run."""
         work = work if work is not None else WorkDone()
         if config.lora_mode == "none":
             return [None] * len(latent_mean)
+        if config.lora_mode == "shared":
+            shared = self.fit_shared_lora(latent_mean, latent_std, conditioning, config, progress, stop, plan, work)
+            return [shared] * len(latent_mean)
         fitted: dict[int, Lora] = {index: lora for index, lora in enumerate(given or []) if lora is not None}
         todo = [index for index in range(len(latent_mean)) if index not in fitted]
 
@@ -312,10 +318,57 @@ class DiffMorpherPipeline:
         fitted |= (plan or CachePlan(None)).loras(todo, fit, stop)
         return [fitted[index] for index in range(len(latent_mean))]
 
+    def fit_shared_lora(
+        self,
+        latent_mean: torch.Tensor,
+        latent_std: torch.Tensor,
+        conditioning: PromptConditioning,
+        config: MorphConfig,
+        progress: ProgressCallback | None,
+        stop: StopCheck = never_stop,
+        plan: CachePlan | None = None,
+        work: WorkDone | None = None,
+    ) -> Lora:
+        """One LoRA fitted on all the images (lora.fit_shared_lora), the cache's where it holds
+        it. Its steps run `frame_batch_size` images per UNet call; a step that runs out of device
+        memory restarts the fit at half as many (the fit is deterministic, so the result is the
+        same up to rounding). `work` counts one fit and its optimizer steps."""
+        work = work if work is not None else WorkDone()
+
+        def on_step(step: int, total: int, losses: torch.Tensor) -> None:
+            raise_if_stopped(stop, STAGE_LORA)
+            work.lora_steps += 1
+            if progress:
+                progress(ProgressEvent(stage=STAGE_LORA, step=step, total=total, item=0))
+
+        def fit() -> Lora:
+            rows, steps_before = min(rows_per_call(config), len(latent_mean)), work.lora_steps
+            while True:
+                try:
+                    lora = fit_shared_lora(
+                        self.models.unet, self.models.schedule, latent_mean, latent_std, conditioning, config,
+                        seed=config.seed, rows_per_call=rows, on_step=on_step,
+                    )
+                except Exception as error:  # noqa: BLE001 - only an out-of-memory error is retried
+                    if not is_out_of_memory(error) or rows == 1:
+                        raise
+                    release_cached_memory(self.models.device)
+                    logger.warning("a shared LoRA fit of %d rows per call ran out of memory; restarting at %d",
+                                   rows, (rows + 1) // 2)
+                    rows, work.lora_steps = (rows + 1) // 2, steps_before
+                    continue
+                work.lora_fits += 1
+                return lora
+
+        return (plan or CachePlan(None)).shared_lora(fit, stop)
+
     def lora_stacks(self, fitted: list[Lora | None], config: MorphConfig) -> dict[str, LoraStack] | None:
-        """The K LoRAs by module, on the run device, for per-sample mixing; None without LoRAs."""
+        """The K LoRAs by module, on the run device, for per-sample mixing (the shared LoRA
+        once, applied to every row as it is); None without LoRAs."""
         if config.lora_mode == "none":
             return None
+        if config.lora_mode == "shared":
+            fitted = fitted[:1]
         return build_lora_stacks(fitted, self.models.device, self.models.dtype)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ stage 3: inversion

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 # Stage names, in pipeline order. Servers forward them to clients verbatim.
-STAGE_LORA = "lora"  # fitting one LoRA per image; step = optimisation step
+STAGE_LORA = "lora"  # fitting one LoRA per image (or one shared: item 0); step = optimisation step
 STAGE_INVERSION = "inversion"  # DDIM inversion per image; step = denoising step
 STAGE_FRAMES = "frames"  # generating frames (first pass); step = frames done
 STAGE_RESCHEDULE = "reschedule"  # second pass at re-spaced alphas; step = frames done
@@ -40,8 +40,8 @@ class WorkDone:
     recompute gives the same frames as a cache hit, so only these counts show that a cache
     saved the work (tests of the cache compare them, not its own hit/miss labels)."""
 
-    lora_fits: int = 0  # images whose LoRA this morph fitted
-    lora_steps: int = 0  # LoRA optimizer steps run, per image (2 images fitted for 40 steps: 80)
+    lora_fits: int = 0  # LoRAs this morph fitted: one per image, or one shared by all (shared_lora)
+    lora_steps: int = 0  # LoRA optimizer steps run, per LoRA (2 images fitted for 40 steps: 80; shared: 40)
     inversions: int = 0  # images this morph DDIM-inverted
 
     def to_dict(self) -> dict[str, int]:

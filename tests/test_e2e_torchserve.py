@@ -363,3 +363,39 @@ def test_model_registration_over_the_api_is_off(server: TorchServeProcess) -> No
         urllib.request.urlopen(request, timeout=10)
     assert raised.value.code in (400, 403, 405)
     assert server.worker_status() == "READY"
+
+
+# ---------------------------------------------------------------------------- shared LoRA (issue 26)
+def test_cli_morphs_three_images_with_one_shared_lora(server: TorchServeProcess, tmp_path: Path) -> None:
+    """`python -m client morph a b c --option shared_lora=true` through the served model: one
+    LoRA fitted (the metadata's work counts), every frame of the two segments returned."""
+    import subprocess
+    import sys
+
+    from PIL import ImageChops
+
+    from tests.conftest import REPO_ROOT
+
+    images, prompts = demo_inputs()
+    paths = []
+    for index, data in enumerate([*images, images[0]]):
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        if index == 2:  # the first subject again, moved: a third pose
+            image = ImageChops.offset(image, image.width // 6, image.height // 8)
+        paths.append(tmp_path / f"image{index}.png")
+        image.save(paths[-1])
+    out, meta = tmp_path / "morph.gif", tmp_path / "meta.json"
+    options = [f"{key}={json.dumps(value)}" for key, value in TINY.items() if key != "num_frames"]
+    command = [
+        sys.executable, "-m", "client", "--target", server.grpc_target, "--key-file", str(server.key_file),
+        "morph", *map(str, paths), "--prompt", prompts[0], "--prompt", prompts[1], "--prompt", prompts[0],
+        "--frames", str(FRAMES), "--option", "shared_lora=true", *(f"--option={o}" for o in options),
+        "--out", str(out), "--metadata-out", str(meta),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    metadata = json.loads(meta.read_text())
+    assert metadata["config"]["shared_lora"] is True
+    assert metadata["work"] == {"lora_fits": 1, "lora_steps": TINY["lora_steps"], "inversions": 3}
+    assert len({entry["lora_key"] for entry in metadata["cache"]}) == 1  # one key for the whole set
+    assert len(frames_of_gif(out.read_bytes())) == metadata["num_frames"] == 2 * (FRAMES - 1) + 1

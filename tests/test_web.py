@@ -609,3 +609,33 @@ def test_deadline_is_shown_in_the_service_words(browser, server: TorchServeProce
         assert message.startswith("deadline exceeded: the morph was stopped"), message
         assert "during lora" in message
         assert "Traceback" not in driver.find_element("tag name", "body").text
+
+
+# ---------------------------------------------------------------------------- shared LoRA (issue 26)
+def test_shared_lora_switch_fits_one_lora_for_three_images(browser, web_url: str, tmp_path: Path) -> None:
+    """The settings' "One LoRA for all images" switch sends shared_lora: three images morph with
+    one LoRA fit (the metadata's work counts), and the option is not also in the advanced fold."""
+    from PIL import ImageChops
+
+    driver = browser
+    driver.set_script_timeout(60)
+    open_page(driver, web_url)
+    moved = tmp_path / "red_circle_moved.png"
+    with Image.open(DEMO_DIR / DEMO_NAMES[0]) as image:  # the first subject again, in another place
+        ImageChops.offset(image.convert("RGB"), image.width // 6, image.height // 8).save(moved)
+    upload(driver, *(DEMO_DIR / name for name in DEMO_NAMES), moved)
+    assert len(image_names(driver)) == 3
+    switch = driver.find_element("id", "shared-lora")
+    assert switch.get_attribute("type") == "checkbox" and not switch.is_selected()
+    assert not driver.find_elements("id", "opt-shared_lora")
+    fill_fast_settings(driver)
+    switch.click()
+    assert switch.is_selected()
+    assert morph_and_wait(driver) == "done", error_text(driver)
+    metadata = json.loads(driver.find_element("id", "metadata-json").get_attribute("textContent"))
+    assert metadata["config"]["shared_lora"] is True
+    assert metadata["work"] == {"lora_fits": 1, "lora_steps": int(ADVANCED["lora_steps"]), "inversions": 3}
+    assert metadata["num_frames"] == 2 * (FRAMES - 1) + 1
+    assert gif_frame_count(download(driver, "download-gif")) == 2 * (FRAMES - 1) + 1
+    label = driver.find_element("id", "label-lora").text
+    assert label == f"{ADVANCED['lora_steps']} / {ADVANCED['lora_steps']} steps", label  # one fit, not "(3 images)"

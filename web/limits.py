@@ -33,6 +33,8 @@ DEMO_PROMPTS = REPO_ROOT / "assets" / "demo" / "prompts.json"
 # request sends them): neither goes into the "advanced" fold.
 MAIN_OPTIONS = ("num_frames", "seed")
 SERVER_OPTIONS = ("device", "dtype")
+# Options the page sets with a switch of their own in the settings (not in the "advanced" fold).
+SWITCH_OPTIONS = ("shared_lora",)
 # The page's preset when the user picks none: a shared CPU server answers it in seconds.
 DEFAULT_PRESET = "fast"
 # One morph, every encoding the page offers: the GIF plays, MP4 and ZIP are downloads.
@@ -113,7 +115,7 @@ def page_limits(ts_config: Path = DEFAULT_TS_CONFIG) -> PageLimits:
     defaults = config.MorphConfig()
     options = []
     for spec in dataclasses.fields(config.MorphConfig):
-        if spec.name in MAIN_OPTIONS or spec.name in SERVER_OPTIONS:
+        if spec.name in MAIN_OPTIONS or spec.name in SERVER_OPTIONS or spec.name in SWITCH_OPTIONS:
             continue
         kind, optional = _option_kind(spec.type)
         entry: dict[str, Any] = {

@@ -125,6 +125,8 @@ class MorphPage {
       const kind = input.dataset.kind;
       options[input.dataset.option] = kind === "bool" ? raw === "true" : kind === "int" || kind === "float" ? Number(raw) : raw;
     }
+    // The shared-LoRA switch: one LoRA fitted on all the images (MorphConfig.shared_lora).
+    if ($("shared-lora").checked) options.shared_lora = true;
     return { ...options, ...this.webpOptions() };
   }
 
