@@ -4,8 +4,8 @@ Two named definitions of PPL and PDV over the distances d_k between consecutive 
 (lower = smoother path / more even transition speed), both kept because results differ by them:
 
 - "raw" (`sequence_quality`): PPL = sum(d_k), PDV = population variance of d_k, with d_k taken
-  on the frames as they are (the model's resolution). Every committed number of bench.py,
-  ablation.py, sweep.py and per_pair.py uses it (docs/quality.md).
+  on the frames as they are (the model's resolution). The committed tables of bench.py,
+  ablation.py, sweep.py and per_pair.py use it (docs/quality.md).
 - "authors" (`authors_quality`, what `make eval` reports): the authors' evaluation (their
   issue #33 and the paper's printed magnitudes). Each frame is the 8-bit PNG a sequence is saved
   as, resized to 512x512 (PIL bilinear) and scaled to [-1, 1] for LPIPS v0.1 AlexNet; with
