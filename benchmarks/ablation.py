@@ -1,7 +1,7 @@
 """Quality ablation of the method's parts on the fixed embedded-model pairs (paper Table 2 style).
 
 For each pair the LoRAs are fitted once and shared by every variant, so the variants differ only
-in the part being ablated. Prints PPL / PDV (raw LPIPS-alex sums / variances) per pair and
+in the part being ablated. Prints PPL / PDV (raw LPIPS-alex sums / variances: the "raw" definition) per pair and
 variant, and how many pairs each variant beats the plain baseline on; writes frame strips.
 
 With --text-path it also writes text_path.png: per pair, images sampled from one fixed noise
