@@ -73,7 +73,8 @@ def test_stub_distances_are_scaled_by_the_step_count_and_see_512px_unit_frames()
     quality = authors_quality(frames, even)
     assert quality.ppl == pytest.approx(1.6) and quality.pdv == pytest.approx(0.0, abs=1e-12)
     seen = torch.cat(even.seen)
-    assert seen.shape[1:] == (3, AUTHORS_RESOLUTION, AUTHORS_RESOLUTION)  # squashed to a square, as Resize((512, 512))
+    # Squashed to a square, as Resize((512, 512)) does.
+    assert seen.shape[1:] == (3, AUTHORS_RESOLUTION, AUTHORS_RESOLUTION)
     assert 0.0 <= float(seen.min()) and float(seen.max()) <= 1.0  # LpipsDistance maps [0, 1] to [-1, 1]
     # Same path length, uneven speed: variance of [0.05, 0.15, 0.05, 0.15] * 16 = 0.8^2 = 0.64.
     uneven = authors_quality(frames, StubDistance([0.05, 0.15, 0.05, 0.15]))
@@ -114,7 +115,8 @@ def test_real_lpips_sequence_matches_the_authors_reading_of_png_files(tmp_path: 
     )
     for index, name in enumerate(names):
         Image.open(REFERENCE_DIR / f"{name}.png").convert("RGB").save(tmp_path / f"{index:03d}.png")
-    images = [prepare(Image.open(file).convert("RGB")).unsqueeze(0) for file in sorted(tmp_path.glob("*.png"))]
+    files = sorted(tmp_path.glob("*.png"))
+    images = [prepare(Image.open(file).convert("RGB")).unsqueeze(0) for file in files]
     with torch.no_grad():
         steps = np.array([float(metric.model(images[k], images[k + 1])) for k in range(len(images) - 1)])
     n = len(steps)
