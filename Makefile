@@ -176,7 +176,8 @@ clean:
 
 # ---------------------------------------------------------------------------- MorphBench
 # The paper's benchmark on any SD folder (benchmarks/morphbench.py, docs/quality.md "MorphBench"):
-# per pair and overall PPL/PDV (17 frames), endpoint PSNR/LPIPS, and FID where Inception weights
+# per pair and overall PPL/PDV (17 frames; the authors' definition, docs/quality.md "The authors'
+# PPL/PDV", and the raw one), endpoint PSNR/LPIPS, and FID where Inception weights
 # are given (EVAL_ARGS="--inception-weights PATH" or $$DIFFMORPHER_INCEPTION_WEIGHTS); results in
 # benchmarks/results/morphbench-<time>/. On a GPU: EVAL_ARGS="--device cuda --dtype float16".
 BENCH ?=

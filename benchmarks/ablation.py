@@ -1,8 +1,9 @@
 """Quality ablation of the method's parts on the fixed embedded-model pairs (paper Table 2 style).
 
 For each pair the LoRAs are fitted once and shared by every variant, so the variants differ only
-in the part being ablated. Prints PPL / PDV (raw LPIPS-alex sums / variances) per pair and
-variant, and how many pairs each variant beats the plain baseline on; writes frame strips.
+in the part being ablated. Prints PPL / PDV (LPIPS-alex sums / variances: the "raw" definition of
+diffmorpher/metrics.py) per pair and variant, and how many pairs each variant beats the plain
+baseline on; writes frame strips.
 
 With --text-path it also writes text_path.png: per pair, images sampled from one fixed noise
 along the lerped text embedding alone (no inversion, LoRA or attention), which shows the path

@@ -18,8 +18,8 @@ Modes (all on the same inputs, 16 frames + reschedule, the server's defaults oth
   cold (no cache).
 
 Ratios are measured within this one run (machines here are shared and noisy: compare ratios,
-not absolute seconds across runs). Quality per mode: PPL and PDV (LPIPS-AlexNet, as
-docs/quality.md) and the endpoints' reconstruction PSNR. Output: a table on stdout and JSON in
+not absolute seconds across runs). Quality per mode: PPL and PDV (LPIPS-AlexNet, the raw
+definition of docs/quality.md, not the paper's scale) and the endpoints' reconstruction PSNR. Output: a table on stdout and JSON in
 benchmarks/results/bench-<UTC time>.json.
 """
 

@@ -4,8 +4,12 @@
         [--device cuda --dtype float16|bfloat16] [--frames 17] [--set key=value ...] [--limit N] \
         [--inception-weights PATH] [--save-frames] [--out DIR]
 
-Per pair and overall (and per subset): PPL and PDV of a 17-frame sequence (raw LPIPS-alex sums /
-variances, as docs/quality.md), the endpoints' PSNR and LPIPS against the inputs, and FID between
+Per pair and overall (and per subset): PPL and PDV of a 17-frame sequence by the authors'
+definition (diffmorpher/metrics.py `authors_quality`: frames as 8-bit PNGs resized to 512 px,
+LPIPS-alex, PPL = n * sum, PDV = n^4 * variance of the n steps' distances; docs/quality.md, "The
+authors' PPL/PDV") and by this project's "raw" one (`ppl_raw`, `pdv_raw`: sum / variance at the
+model's resolution, as bench.py and ablation.py report), the endpoints' PSNR and LPIPS against
+the inputs, and FID between
 the input images and all generated frames where Inception weights are on the machine (benchmarks/
 fid.py); where they are not, the run says so at its start and end and the JSON records
 `"fid": null` with the reason. Output: <out>/morphbench.json and <out>/morphbench.md (default
@@ -52,7 +56,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 from benchmarks.fid import FidAccumulator, FidUnavailable, InceptionFeatures, resolve_inception_weights
 from diffmorpher.config import ConfigError, MorphConfig
-from diffmorpher.metrics import endpoint_psnr, model_inputs, sequence_quality
+from diffmorpher.metrics import AUTHORS, AUTHORS_MIN_FRAMES, authors_quality, endpoint_psnr, model_inputs, sequence_quality
 from diffmorpher.perceptual import PerceptualDistance
 from diffmorpher.pipeline import DiffMorpherPipeline
 from diffmorpher.preprocess import tensor_to_images
@@ -234,12 +238,13 @@ def evaluate_pair(pipe: DiffMorpherPipeline, pair: BenchPair, config: MorphConfi
     wall = time.perf_counter() - started
     frames = result.frame_tensors.float()
     inputs = model_inputs(images, result.resolution)
-    quality = sequence_quality(frames, metric)
+    quality, raw = authors_quality(frames, metric), sequence_quality(frames, metric)
     ends = torch.stack([frames[0], frames[-1]])
     row = {
         "subset": pair.subset, "name": pair.name, "images": [path.name for path in pair.paths],
         "prompts": list(pair.prompts), "prompt_source": list(pair.prompt_sources),
         "ppl": quality.ppl, "pdv": quality.pdv, "distances": [round(d, 5) for d in quality.distances],
+        "ppl_raw": raw.ppl, "pdv_raw": raw.pdv, "distances_raw": [round(d, 5) for d in raw.distances],
         "endpoint_psnr_db": endpoint_psnr(frames, inputs),
         "endpoint_lpips": [float(d) for d in metric(ends, inputs)],
         "alphas": [round(a, 4) for a in result.alphas], "wall_s": round(wall, 2),
@@ -257,7 +262,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Means over all pairs and per subset (endpoint metrics: the mean of both ends)."""
     groups = {"overall": rows} | {s: [r for r in rows if r["subset"] == s] for s in dict.fromkeys(r["subset"] for r in rows)}
     return {
-        name: {"pairs": len(members), **{key: _mean(members, key) for key in ("ppl", "pdv", "endpoint_psnr_db", "endpoint_lpips")}}
+        name: {"pairs": len(members), **{key: _mean(members, key) for key in ("ppl", "pdv", "ppl_raw", "pdv_raw", "endpoint_psnr_db", "endpoint_lpips")}}
         for name, members in groups.items()
     }
 
@@ -278,11 +283,13 @@ def evaluate(pipe: DiffMorpherPipeline, pairs: list[BenchPair], config: MorphCon
             (frames_dir / pair.subset).mkdir(parents=True, exist_ok=True)
             strip = tensor_to_images(torch.cat(list(frames), dim=2).unsqueeze(0))[0]
             strip.save(frames_dir / pair.subset / f"{pair.name}.png")
-        log(f"[{index}/{len(pairs)}] {pair.id}: PPL {row['ppl']:.4f} PDV {row['pdv']:.6f} "
+        log(f"[{index}/{len(pairs)}] {pair.id}: PPL {row['ppl']:.3f} PDV {row['pdv']:.3f} (raw {row['ppl_raw']:.4f} / "
+            f"{row['pdv_raw']:.6f}) "
             f"endpoint PSNR {row['endpoint_psnr_db'][0]:.2f}/{row['endpoint_psnr_db'][1]:.2f} dB "
             f"LPIPS {row['endpoint_lpips'][0]:.4f}/{row['endpoint_lpips'][1]:.4f} ({row['wall_s']:.1f} s)")
     report.summary = summarise(report.pairs)
     report.summary["metric"] = metric.name
+    report.summary["definition"] = AUTHORS  # of "ppl"/"pdv"; "ppl_raw"/"pdv_raw" are the raw definition
     if fid is not None:
         report.fid = fid.compute()
     return report
@@ -291,19 +298,20 @@ def evaluate(pipe: DiffMorpherPipeline, pairs: list[BenchPair], config: MorphCon
 def markdown(report: EvalReport, header: str) -> str:
     """The per-pair and summary tables."""
     lines = [f"# MorphBench evaluation\n\n{header}\n",
-             "| pair | PPL | PDV x1000 | endpoint PSNR dB (0 / 1) | endpoint LPIPS (0 / 1) | prompts |",
-             "|---|---|---|---|---|---|"]
+             "| pair | PPL | PDV | raw PPL | raw PDV x1000 | endpoint PSNR dB (0 / 1) | endpoint LPIPS (0 / 1) | prompts |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in report.pairs:
-        lines.append(f"| {r['subset']}/{r['name']} | {r['ppl']:.4f} | {r['pdv'] * 1000:.3f} | "
+        lines.append(f"| {r['subset']}/{r['name']} | {r['ppl']:.3f} | {r['pdv']:.3f} | {r['ppl_raw']:.4f} | {r['pdv_raw'] * 1000:.3f} | "
                      f"{r['endpoint_psnr_db'][0]:.2f} / {r['endpoint_psnr_db'][1]:.2f} | "
                      f"{r['endpoint_lpips'][0]:.4f} / {r['endpoint_lpips'][1]:.4f} | {'/'.join(sorted(set(r['prompt_source'])))} |")
-    lines += ["", "| group | pairs | mean PPL | mean PDV x1000 | mean endpoint PSNR dB | mean endpoint LPIPS | FID |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "| group | pairs | mean PPL | mean PDV | mean raw PPL | mean raw PDV x1000 | mean endpoint PSNR dB | mean endpoint LPIPS | FID |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for name, values in report.summary.items():
         if not isinstance(values, dict):
             continue
         fid = report.fid.get(name) if report.fid else None
-        lines.append(f"| {name} | {values['pairs']} | {values['ppl']:.4f} | {values['pdv'] * 1000:.3f} | "
+        lines.append(f"| {name} | {values['pairs']} | {values['ppl']:.3f} | {values['pdv']:.3f} | "
+                     f"{values['ppl_raw']:.4f} | {values['pdv_raw'] * 1000:.3f} | "
                      f"{values['endpoint_psnr_db']:.2f} | {values['endpoint_lpips']:.4f} | "
                      f"{'n/a' if fid is None else f'{fid:.2f}'} |")
     if report.fid is None:
@@ -343,6 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     except MorphBenchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.frames < AUTHORS_MIN_FRAMES:
+        print(f"error: --frames must be at least {AUTHORS_MIN_FRAMES} (the authors' PPL/PDV skip shorter "
+              f"sequences; the paper uses {PAPER_FRAMES}), got {args.frames}", file=sys.stderr)
+        return 2
     if args.limit:
         pairs = pairs[: args.limit]
     defaulted = sum(source == "default" for pair in pairs for source in pair.prompt_sources)
@@ -366,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
               "not comparable; run `make setup` (python -m export.lpips_weights prepare)")
     header = (f"Model `{args.model}`, {len(pairs)} pairs of `{args.bench}`, {args.frames} frames, device "
               f"{args.device} {args.dtype}; options {json.dumps(overrides)}; metric {report.summary['metric']} "
-              "(PPL/PDV raw LPIPS sums/variances).")
+              "(PPL/PDV: the authors' definition, LPIPS-alex at 512 px, PPL = n * sum, PDV = n^4 * variance of the "
+              "n steps' distances; raw: sum / variance at the model's resolution; docs/quality.md).")
     document = {
         "model": args.model, "bench": str(args.bench), "config": config.to_dict(),
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "device": str(pipe.models.device)},

@@ -5,7 +5,10 @@ the five chosen for this protocol before any morph of them was run) and LoRA see
     .venv/bin/python -m benchmarks.per_pair [--model DIR] [--seeds 0,1,2,3]
 
 Protocol, unchanged from docs/quality.md: 17 frames, QUALITY_OPTIONS' 100 LoRA / 25 DDIM
-steps, LPIPS-alex PPL (sum of consecutive distances) and PDV (their variance). "Full" is what
+steps, LPIPS-alex PPL (sum of consecutive distances) and PDV (their variance): the "raw"
+definition of diffmorpher/metrics.py, which the committed tables use; each row also has the
+authors' definition (`ppl_authors`, `pdv_authors`: 512 px, n * sum, n^4 * variance;
+docs/quality.md "The authors' PPL/PDV"), and the wins are counted under both. "Full" is what
 the model's archive serves: MorphConfig's defaults under the folder's morph_defaults.json
 (export.build_mar.model_defaults), with the LoRA seed set; "plain" is PLAIN_BASELINE_OPTIONS,
 which fits no LoRA, so it is measured once per pair. Each morph also gets the hue-arc check of
@@ -29,7 +32,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 from diffmorpher.config import PLAIN_BASELINE_OPTIONS, MorphConfig
-from diffmorpher.metrics import sequence_quality
+from diffmorpher.metrics import authors_quality, sequence_quality
 from diffmorpher.perceptual import PerceptualDistance
 from diffmorpher.pipeline import DiffMorpherPipeline
 from embedded_model.hue_path import morph_hue_path
@@ -44,9 +47,10 @@ def measure(pipe: DiffMorpherPipeline, index: int, config: MorphConfig,
     started = time.perf_counter()
     result = pipe(images, prompts, config)
     frames = result.frame_tensors.float()
-    quality = sequence_quality(frames, metric)
+    quality, authors = sequence_quality(frames, metric), authors_quality(frames, metric)
     hue_path = morph_hue_path(frames, images)
     return {"pair": index, "seed": config.seed, "ppl": quality.ppl, "pdv": quality.pdv,
+            "ppl_authors": authors.ppl, "pdv_authors": authors.pdv,
             "off_arc_frames": hue_path.off_arc, "hue_path": hue_path.as_dict(),
             "alphas": [round(a, 4) for a in result.alphas],
             "wall_s": round(time.perf_counter() - started, 1)}
@@ -54,14 +58,15 @@ def measure(pipe: DiffMorpherPipeline, index: int, config: MorphConfig,
 
 def wins(plain: dict[int, dict[str, Any]], full: list[dict[str, Any]]) -> dict[str, int]:
     """How many pairs the full method beats plain on, per metric."""
-    return {key: sum(r[key] < plain[r["pair"]][key] for r in full) for key in ("ppl", "pdv")}
+    return {key: sum(r[key] < plain[r["pair"]][key] for r in full) for key in ("ppl", "pdv", "ppl_authors", "pdv_authors")}
 
 
 def table(plain: dict[int, dict[str, Any]], full: list[dict[str, Any]], seed: int) -> str:
     mine = [r for r in full if r["seed"] == seed]
     won = wins(plain, mine)
     lines = [f"LoRA seed {seed}: full PPL < plain on {won['ppl']}/{len(mine)}, "
-             f"PDV < plain on {won['pdv']}/{len(mine)}", "",
+             f"PDV < plain on {won['pdv']}/{len(mine)} (authors' definition: PPL {won['ppl_authors']}/{len(mine)}, "
+             f"PDV {won['pdv_authors']}/{len(mine)})", "",
              "| pair | plain PPL / PDV x1000 | full PPL / PDV x1000 | PPL | PDV | off-arc frames plain / full |",
              "|---|---|---|---|---|---|"]
     for r in mine:

@@ -1,6 +1,7 @@
 """The fidelity/smoothness trade-off of attention interpolation, measured: a sweep of
 `attn_lambda` x the reschedule on the fixed embedded-model pairs, with the protocol of
-docs/quality.md (17 frames, QUALITY_OPTIONS' LoRA and DDIM steps, LPIPS-alex PPL/PDV).
+docs/quality.md (17 frames, QUALITY_OPTIONS' LoRA and DDIM steps, LPIPS-alex PPL/PDV in the raw
+definition, diffmorpher/metrics.py).
 
     .venv/bin/python -m benchmarks.sweep [--pairs 0,1,2,3,4] \
         [--lambdas 0,0.2,0.4,0.6,0.8,1.0] [--reschedule on,off] [--plot docs/quality-sweep.png]

@@ -105,6 +105,12 @@ def test_missing_folder_is_a_clear_error_and_exit_code_2(tmp_path: Path, capsys:
     assert "does not exist or is not a directory" in capsys.readouterr().err
 
 
+def test_fewer_than_three_frames_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The authors' PPL/PDV skip sequences of 2 frames or fewer: `make eval` refuses them upfront."""
+    assert morphbench.main(["--bench", str(write_bench(tmp_path / "bench")), "--frames", "2"]) == 2
+    assert "--frames must be at least 3" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (EMBEDDED_MODEL / "unet").is_dir(), reason="needs the embedded model")
 def test_eval_on_the_embedded_model_reports_metrics_and_why_fid_is_missing(
@@ -122,17 +128,22 @@ def test_eval_on_the_embedded_model_reports_metrics_and_why_fid_is_missing(
     assert "no Inception-v3 weights" in report["fid_reason"] and "--inception-weights" in report["fid_reason"]
     assert [(row["subset"], row["name"]) for row in report["pairs"]] == [(s, n) for s, n, _, _ in PAIRS]
     for row in report["pairs"]:
-        print(row["name"], row["ppl"], row["pdv"], row["endpoint_psnr_db"], row["endpoint_lpips"])
-        assert len(row["distances"]) == 4 and len(row["alphas"]) == 5
-        assert 0.05 < row["ppl"] < 4.0, row
-        assert 0.0 <= row["pdv"] < 0.5, row
+        print(row["name"], row["ppl"], row["pdv"], row["ppl_raw"], row["pdv_raw"], row["endpoint_psnr_db"], row["endpoint_lpips"])
+        assert len(row["distances"]) == 4 and len(row["distances_raw"]) == 4 and len(row["alphas"]) == 5
+        # The authors' definition (4 steps): PPL = 4 * sum, PDV = 4^4 * variance of the 512 px distances.
+        steps = np.array(row["distances"])
+        assert row["ppl"] == pytest.approx(4 * steps.sum(), rel=1e-3), row
+        assert row["pdv"] == pytest.approx(4**4 * steps.var(), rel=1e-3, abs=1e-4), row
+        assert row["ppl_raw"] == pytest.approx(sum(row["distances_raw"]), rel=1e-3), row
+        assert 0.05 < row["ppl_raw"] < 4.0 and 0.0 <= row["pdv_raw"] < 0.5, row
         assert all(MIN_ENDPOINT_PSNR_DB < value < 60 for value in row["endpoint_psnr_db"]), row
         assert all(0.0 <= value < 0.4 for value in row["endpoint_lpips"]), row
     assert report["pairs"][1]["prompts"] == ["", ""]  # the Animation pair has no prompts file
     summary = report["summary"]
-    assert summary["metric"] == "lpips-alex"
+    assert summary["metric"] == "lpips-alex" and summary["definition"] == "authors"
     assert summary["overall"]["pairs"] == 2 and summary["Animation"]["pairs"] == 1
     assert summary["overall"]["ppl"] == pytest.approx(sum(r["ppl"] for r in report["pairs"]) / 2)
+    assert summary["overall"]["pdv_raw"] == pytest.approx(sum(r["pdv_raw"] for r in report["pairs"]) / 2)
     table = (out / "morphbench.md").read_text()
     assert "| Metamorphosis/circle_triangle |" in table and "FID not computed: no Inception-v3 weights" in table
 
