@@ -47,8 +47,22 @@ def result_metadata(request: MorphRequest, result: MorphResult, timings: dict[st
         "cache": result.cache,  # per input image: lora/latent "hit" | "miss" | "off", lora_key, image_key
         "schedule_cache": result.schedule_cache,  # the reschedule's alphas: "hit" | "miss" | "off"
         "work": result.work.to_dict(),  # LoRA fits/steps and inversions this morph ran (the cache's proof)
+        # One image, K prompts: per endpoint the server made, its prompt index, part and cache state.
+        "endpoints": [
+            {"index": index, "part": wire.endpoint_part_name(index), "cache": state}
+            for index, state in enumerate(result.endpoint_cache, start=1)
+        ],
         "worker_pid": os.getpid(),  # which worker served it (logs, cache sharing)
     }
+
+
+def endpoint_parts(result: MorphResult) -> list[wire.Part]:
+    """The endpoints the server made for prompts 1..K-1 of a one-image morph, as PNG parts
+    (wire.MIME_ENDPOINT); none for a morph of uploaded images."""
+    return [
+        wire.Part(wire.endpoint_part_name(index), wire.MIME_ENDPOINT, encode_png(image))
+        for index, image in enumerate(result.generated, start=1)
+    ]
 
 
 class StreamSender:

@@ -44,7 +44,7 @@ from diffmorpher.interrupt import CANCELLED, MorphStopped
 from diffmorpher.pipeline import DiffMorpherPipeline
 from morph_protocol.control import ControlDir
 from handler.morph_request import parse_request
-from handler.morph_response import ResponseTooLarge, StreamSender, check_size, result_metadata
+from handler.morph_response import ResponseTooLarge, StreamSender, check_size, endpoint_parts, result_metadata
 from handler.oip import CONTENT_TYPE as OIP_CONTENT_TYPE
 from handler.oip import InferRequest, oip_message, parse_infer_request, response_body
 from handler.request_stop import CallStop, WorkerHeartbeat, parse_call_control
@@ -191,7 +191,7 @@ class DiffMorpherHandler:
             wire.Part(part.name, part.mime, part.data)
             for output in request.outputs
             for part in encode_parts(result.frames, output)
-        ]
+        ] + endpoint_parts(result)
         finished = time.perf_counter()
         timings = {
             **{stage: round(float(t), 4) for stage, t in result.timings.items()},
