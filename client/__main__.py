@@ -7,6 +7,8 @@ Examples::
         --frames 16 --out out/morph.gif --out out/morph.mp4 --stream
     python -m client morph a.png b.png c.png --prompt "a" --prompt "b" --prompt "c" \\
         --option lora_steps=50 --format png --out out/frames/
+    python -m client morph red.png --prompt "a red circle" --prompt "a blue circle" --out out/morph.gif
+        (one image: the server makes the blue circle from it; saved as out/morph.endpoint_1.png)
 
 The output format follows each --out's suffix (.gif, .mp4, .zip = frames-zip; no suffix = a
 directory of one PNG per frame; morph_protocol.formats) unless --format is given.
@@ -82,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "reuses an image a previous result named (its fitted LoRA, no upload)")
     morph.add_argument("--prompt-a", help="prompt of the first image (two-image morphs)")
     morph.add_argument("--prompt-b", help="prompt of the second image (two-image morphs)")
-    morph.add_argument("--prompt", action="append", default=[], help="one per image, in order")
+    morph.add_argument("--prompt", action="append", default=[],
+                       help="one per image, in order; with ONE image, two or more: the server makes "
+                            "an endpoint from the image for each prompt after the first and morphs through them")
     morph.add_argument("--frames", type=int, help="number of frames (num_frames)")
     morph.add_argument("--seed", type=int, help="random seed")
     morph.add_argument("--option", action="append", type=_parse_option, default=[],
@@ -187,6 +191,8 @@ def _run_morph(client: MorphClient, args: argparse.Namespace) -> int:
     for out, fmt in zip(outs, formats):
         for path in result.save(out, fmt):
             print(f"wrote {path}")
+    for path in result.save_endpoints(outs[0]):
+        print(f"wrote {path} (an endpoint the server made)")
     meta = result.metadata
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in meta.get("timings", {}).items())
     print(f"{meta.get('num_frames')} frames, seed {meta.get('seed')}, "

@@ -25,7 +25,7 @@ from morph_protocol import wire
 from morph_protocol.errors import ErrorCode, format_error
 from client.__main__ import format_for, main
 from morph_protocol.keyfile import TokenError, TokenSource, read_key_file
-from client.morph_client import MorphClient, MorphClientError, build_input
+from client.morph_client import MorphClient, MorphClientError, MorphResult, build_input
 from tests.conftest import REPO_ROOT
 
 # ---------------------------------------------------------------------------- framing
@@ -72,11 +72,22 @@ def test_build_input_follows_the_schema() -> None:
 
 @pytest.mark.parametrize(
     ("images", "prompts", "match"),
-    [([b"a"], ["x"], "at least 2"), ([b"a", b"b"], ["x"], "one prompt per image"), ([b"a"] * 9, ["x"] * 9, "at most")],
+    [([b"a"], ["x"], "at least 2 images, or one image and 2 to 8 prompts"), ([b"a"], ["x"] * 9, "got 1 image and 9"),
+     ([b"a", b"b"], ["x"], "one prompt per image"), ([b"a"] * 9, ["x"] * 9, "at most")],
 )
 def test_build_input_rejects_bad_shapes(images, prompts, match) -> None:
     with pytest.raises(MorphClientError, match=match):
         build_input(images, prompts, None, stream=False)
+
+
+def test_one_image_and_two_prompts_is_a_request_and_its_made_endpoints_are_saved(tmp_path) -> None:
+    fields = build_input([b"a"], ["a red circle", "a blue circle"], None, stream=False)
+    assert (fields["image_0"], fields["prompt_0"], fields["prompt_1"]) == (b"a", b"a red circle", b"a blue circle")
+    assert "image_1" not in fields
+    parts = [wire.Part("morph.gif", "image/gif", b"GIF89a"), wire.Part("endpoint_1.png", wire.MIME_ENDPOINT, b"\x89PNG1")]
+    written = MorphResult({}, parts).save_endpoints(tmp_path / "out" / "morph.gif")
+    assert written == [tmp_path / "out" / "morph.endpoint_1.png"]
+    assert written[0].read_bytes() == b"\x89PNG1"
 
 
 def test_format_from_output_suffix() -> None:
