@@ -54,7 +54,9 @@ def for_result(result: MorphResult) -> bytes:
         key = MEDIA_KEYS.get(part.mime)
         if key:
             media[key] = {"name": part.name, "mime": part.mime, "size": len(part.data), "data": _b64(part.data)}
-    return sse(EVENT_RESULT, {"metadata": result.metadata, "media": media})
+    # One image and several prompts: the endpoints the service made, as PNGs, in prompt order.
+    endpoints = [{"name": part.name, "png": _b64(part.data)} for part in result.parts if part.mime == wire.MIME_ENDPOINT]
+    return sse(EVENT_RESULT, {"metadata": result.metadata, "media": media, "endpoints": endpoints})
 
 
 def for_client_error(error: MorphClientError) -> bytes:

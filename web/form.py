@@ -1,5 +1,6 @@
 """The page's morph form (multipart: `image` files in morph order, one `prompt` each, `options`
-JSON), checked against the service's limits before anything is sent on.
+JSON; or one `image` and several `prompt`s, the service making the other endpoints), checked
+against the service's limits before anything is sent on.
 
 Only what protects this process is checked here (the upload's size, the image count, that the
 options are a JSON object). Whether a file is an image and whether an option is valid is the
@@ -51,7 +52,7 @@ def check_length(request: Request, limits: PageLimits) -> None:
 
 async def read_form(request: Request, limits: PageLimits) -> MorphForm:
     check_length(request, limits)
-    form = await request.form(max_files=limits.max_images + 1, max_fields=limits.max_images + 8,
+    form = await request.form(max_files=limits.max_images + 1, max_fields=limits.max_one_image_prompts + 8,
                               max_part_size=service_limits.MAX_OPTIONS_BYTES)
     try:
         uploads = form.getlist("image")
@@ -59,10 +60,14 @@ async def read_form(request: Request, limits: PageLimits) -> MorphForm:
         raw_options = form.get("options") or "{}"
         if not all(isinstance(upload, UploadFile) for upload in uploads):
             raise FormError(400, "every `image` field must be a file")
-        if not limits.min_images <= len(uploads) <= limits.max_images:
+        one_image = len(uploads) == 1 and len(prompts) >= limits.min_one_image_prompts
+        if one_image and len(prompts) > limits.max_one_image_prompts:
+            raise FormError(400, f"one image takes {limits.min_one_image_prompts} to "
+                                 f"{limits.max_one_image_prompts} prompts, got {len(prompts)}")
+        if not one_image and not limits.min_images <= len(uploads) <= limits.max_images:
             raise FormError(400, f"a morph takes {limits.min_images} to {limits.max_images} images, "
                                  f"got {len(uploads)}")
-        if len(prompts) != len(uploads):
+        if not one_image and len(prompts) != len(uploads):
             raise FormError(400, f"one prompt per image: {len(uploads)} images, {len(prompts)} prompts")
         images = [await upload.read() for upload in uploads]  # type: ignore[union-attr]
     finally:
