@@ -132,7 +132,7 @@ class MorphConfig:
     # inverted with its own prompt over the last `endpoint_strength` of the steps, denoised back
     # with the next prompt at classifier-free guidance `endpoint_guidance` (1: none). Chosen on the
     # embedded model's red-to-blue circle (docs/core.md "One image, several prompts").
-    endpoint_strength: float = 0.8
+    endpoint_strength: float = 0.6
     endpoint_guidance: float = 5.0
     # Execution
     # Rows (endpoints + frames, or images being fitted) per UNet call; AUTO_FRAME_BATCH (0): as
