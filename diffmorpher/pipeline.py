@@ -206,14 +206,17 @@ class DiffMorpherPipeline:
         config: MorphConfig,
         loras: Sequence[Lora | None] | None,
     ) -> None:
-        if len(images) == 1:
-            if not limits.MIN_ONE_IMAGE_PROMPTS <= len(prompts) <= limits.MAX_ONE_IMAGE_PROMPTS:
+        if len(images) == 1 and len(prompts) >= limits.MIN_ONE_IMAGE_PROMPTS:
+            if len(prompts) > limits.MAX_ONE_IMAGE_PROMPTS:
                 raise ConfigError(
-                    f"one image needs between {limits.MIN_ONE_IMAGE_PROMPTS} and {limits.MAX_ONE_IMAGE_PROMPTS} "
-                    f"prompts (its own, then one per endpoint to make), got {len(prompts)}"
+                    f"one image takes at most {limits.MAX_ONE_IMAGE_PROMPTS} prompts (its own, then one per "
+                    f"endpoint to make), got {len(prompts)}"
                 )
         elif not limits.MIN_IMAGES <= len(images) <= limits.MAX_IMAGES:
-            raise ConfigError(f"need between {limits.MIN_IMAGES} and {limits.MAX_IMAGES} images, got {len(images)}")
+            raise ConfigError(
+                f"need between {limits.MIN_IMAGES} and {limits.MAX_IMAGES} images, got {len(images)} (or one image "
+                f"and {limits.MIN_ONE_IMAGE_PROMPTS} to {limits.MAX_ONE_IMAGE_PROMPTS} prompts)"
+            )
         elif len(prompts) != len(images):
             raise ConfigError(f"need one prompt per image: {len(images)} images, {len(prompts)} prompts")
         for index, prompt in enumerate(prompts):

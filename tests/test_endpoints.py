@@ -86,7 +86,8 @@ def test_the_same_request_makes_the_same_endpoint_bytes_and_the_cache_keeps_them
 @pytest.mark.parametrize(
     ("prompts", "options", "message"),
     [
-        (PROMPTS[:1], {}, "one image needs between 2 and 8 prompts"),
+        (PROMPTS[:1], {}, r"need between 2 and 8 images, got 1 \(or one image and 2 to 8 prompts\)"),
+        (PROMPTS[:1] * 9, {}, "one image takes at most 8 prompts"),
         (PROMPTS[:2], {"endpoint_strength": 0.0}, "endpoint_strength must be in"),
         (PROMPTS[:2], {"endpoint_guidance": 31.0}, r"endpoint_guidance must be in \[1.0, 30.0\]"),
     ],
