@@ -69,7 +69,7 @@ def test_the_same_request_makes_the_same_endpoint_bytes_and_the_cache_keeps_them
     once = pipe([image], PROMPTS[:2], config)
     again = pipe([image], PROMPTS[:2], config)
     assert _png(once.generated[0]) == _png(again.generated[0])
-    stronger = pipe([image], PROMPTS[:2], config.replace(endpoint_strength=0.5))
+    stronger = pipe([image], PROMPTS[:2], config.replace(endpoint_strength=1.0))  # 4 steps, not 2
     assert _png(stronger.generated[0]) != _png(once.generated[0])  # the options reach the pass
 
     cached = DiffMorpherPipeline(pipe.models, pipe.perceptual, TensorCache(DiskStore(tmp_path)))
