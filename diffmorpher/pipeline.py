@@ -136,7 +136,7 @@ class DiffMorpherPipeline:
         device = self.models.device
         generated: list[Image.Image] = []
         endpoint_cache: list[str] = []
-        if len(images) == 1:
+        if len(images) == 1:  # 0b. one image, K prompts: make the other endpoints (base model, no LoRA yet)
             with torch.no_grad(), _timed(timings, STAGE_ENDPOINTS, device):
                 generated, endpoint_cache = self.generate_endpoints(images[0], prompts, config, resolution, progress, stop)
             images = [images[0], *generated]
