@@ -35,7 +35,7 @@ DEMO_FRAMES ?= 16
 DEMO_OPTIONS ?= lora_steps=100 num_inference_steps=25
 PYTEST_ARGS ?=
 
-.PHONY: help setup stubs export serve stop demo test loadtest soak bench train-model clean web
+.PHONY: help setup stubs export serve stop demo test loadtest soak bench train-model clean web image image-test
 
 help:
 	@echo "make setup     venv with pinned deps (torch 2.14.1 via constraints.txt), the project (editable), gRPC stubs, LPIPS weights"
@@ -52,6 +52,8 @@ help:
 	@echo "make eval      MorphBench with MODEL=<sd folder> BENCH=<MorphBench folder>: PPL, PDV, endpoint PSNR/LPIPS, FID (EVAL_ARGS=\"--device cuda --dtype float16\")"
 	@echo "make sized-e2e ARCH=sd15|sd21-base|sd21|sdxl-base: a real-size random-weight model served and morphed at its native resolution"
 	@echo "make gpu-check on a CUDA host: SD 2.1-base-sized bf16 morphs, presets x compile x cold/warm, sync check, profiler, FLOP floors (GPU_CHECK_ARGS=--fake: no GPU)"
+	@echo "make image     the serving image (deploy/image/Dockerfile) built with podman, from a local stand-in base where no registry serves it"
+	@echo "make image-test  a container of it served and morphed through its published ports, then stopped with SIGTERM (IMAGE_TEST_ARGS=--grace N)"
 	@echo "make web       the morph web page on http://127.0.0.1:$(WEB_PORT)/ against make serve's TorchServe (started if needed)"
 
 # ---------------------------------------------------------------------------- setup
@@ -211,3 +213,19 @@ WEB_ARGS ?=
 web: setup
 	@$(MAKE) --no-print-directory serve
 	$(PY) -m web --port $(WEB_PORT) --target $(GRPC_TARGET) --key-file key_file.json --ts-config config.properties $(WEB_ARGS)
+
+# ---------------------------------------------------------------------------- serving image
+# deploy/image/Dockerfile built here with podman (installed with apt when missing, root only):
+# the base python:3.11-slim-bookworm is made locally with debootstrap when no registry serves it,
+# pip reads this host's local package indices and keeps its cache between builds; prints the
+# image's size and build time. The tag is deploy/image_build.py's IMAGE.
+image: setup
+	$(PY) -m deploy.image_build
+
+# A container of that image laid out as deploy/base's pod, with model_store/$(MODEL_NAME).mar:
+# /healthz, one morph through the published gateway with the client, frames checked, SIGTERM
+# drains within the grace period, container removed (deploy/image_smoke.py).
+IMAGE_TEST_ARGS ?=
+image-test: image
+	@test -e $(MAR) || $(MAKE) --no-print-directory export
+	$(PY) -m deploy.image_smoke --model-store model_store $(IMAGE_TEST_ARGS)

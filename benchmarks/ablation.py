@@ -9,12 +9,17 @@ along the lerped text embedding alone (no inversion, LoRA or attention), which s
 the model's own text space takes between the two prompts.
 
     .venv/bin/python -m benchmarks.ablation [--frames 17] [--out out/ablation]
+    .venv/bin/python -m benchmarks.ablation --table benchmarks/results/ablation-<date>.json
+
+The second form runs nothing: it prints the Markdown table of a saved run, the one in
+docs/quality.md ("Results"; tests/test_claims.py checks that the two agree).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -67,6 +72,38 @@ def text_path(pipe: DiffMorpherPipeline, prompts: list[str], frames: int, steps:
         return pipe.decode(ddim_sample(models.scheduler, predict, noise.repeat(frames, 1, 1, 1), steps))
 
 
+def write_json(path: Path, run: dict, rows: list[dict]) -> None:
+    """The run's settings and its rows so far (docs/quality.md's table is made from this file)."""
+    variants = list(dict.fromkeys(row["variant"] for row in rows))
+    path.write_text(json.dumps(dict(run, variants={name: VARIANTS[name] for name in variants}, rows=rows), indent=2))
+
+
+def table(report: dict) -> str:
+    """The Markdown table of a run (ablation.json): per pair PPL / PDV x1000, the means over the
+    pairs and on how many pairs each variant beats plain; the full method's row in bold."""
+    rows = report["rows"]
+    pairs = list(dict.fromkeys(row["pair"] for row in rows))
+    plain = {row["pair"]: row for row in rows if row["variant"] == "plain"}
+    lines = ["| variant | " + " | ".join(f"pair {pair}" for pair in pairs)
+             + " | mean PPL | mean PDV×1000 | PPL < plain | PDV < plain |",
+             "|---|" + "---|" * (len(pairs) + 4)]
+    for name in dict.fromkeys(row["variant"] for row in rows):
+        mine = {row["pair"]: row for row in rows if row["variant"] == name}
+        cells = [f"{mine[pair]['ppl']:.3f} / {mine[pair]['pdv'] * 1000:.3f}" for pair in pairs]
+        mean_ppl = sum(row["ppl"] for row in mine.values()) / len(mine)
+        mean_pdv = sum(row["pdv"] for row in mine.values()) / len(mine) * 1000
+        if name == "plain":
+            wins = ["–", "–"]
+        else:
+            wins = [f"{sum(mine[pair][key] < plain[pair][key] for pair in pairs)}/{len(pairs)}" for key in ("ppl", "pdv")]
+        totals = [f"{mean_ppl:.3f}", f"{mean_pdv:.3f}", *wins]
+        label = name.replace("-", " − ") if name.startswith("full-") else name
+        if name == "full":
+            label, totals = "**full** (+reschedule)", [f"**{cell}**" for cell in totals]
+        lines.append(f"| {label} | " + " | ".join(cells + totals) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="models/tiny-shapes-sd")
@@ -79,7 +116,11 @@ def main() -> None:
     parser.add_argument("--out", default="out/ablation")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--text-path", action="store_true", help="also write text_path.png (see above)")
+    parser.add_argument("--table", type=Path, help="print the Markdown table of this saved run, run nothing")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     extra = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
@@ -88,6 +129,9 @@ def main() -> None:
     pipe = DiffMorpherPipeline.from_pretrained(args.model, device="cpu")
     metric = pipe.perceptual_metric(MorphConfig())
     base = dict(num_frames=args.frames, num_inference_steps=args.steps, lora_steps=args.lora_steps, **extra)
+    # The distance actually loaded ("lpips-alex", or "pixel-l2" without weights) and what ran.
+    run = dict(model=args.model, metric=metric.name, threads=torch.get_num_threads(),
+               started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), base=base)
     names = args.variants.split(",")
     rows = []
     paths = []
@@ -107,6 +151,8 @@ def main() -> None:
             to_image(strip(result.frame_tensors)).save(out / f"pair{index}_{name}.png")
             print(f"pair {index} {name:11s} PPL {quality.ppl:.4f} PDV {quality.pdv:.5f} "
                   f"ends {direct:.4f} steps {[round(s, 3) for s in steps]}", flush=True)
+        # After each pair, so that a long run interrupted keeps the pairs it finished.
+        write_json(out / "ablation.json", run, rows)
     print(f"\n{args.frames} frames, {args.steps} DDIM steps, {args.lora_steps} LoRA steps, extra {extra}")
     plain = {r["pair"]: r for r in rows if r["variant"] == "plain"}
     for name in names:
@@ -119,7 +165,7 @@ def main() -> None:
               f"beats plain: PPL {ppl_wins}/{len(mine)} PDV {pdv_wins}/{len(mine)}")
     if paths:
         to_image(torch.cat(paths, dim=1)).save(out / "text_path.png")
-    (out / "ablation.json").write_text(json.dumps(dict(base=base, rows=rows), indent=2))
+    write_json(out / "ablation.json", run, rows)
 
 
 if __name__ == "__main__":

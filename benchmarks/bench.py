@@ -1,5 +1,6 @@
 """`make bench`: the same morphs in several modes, in one process and one run, with per-stage
-times, their ratios, peak memory and the quality metrics of each.
+times, their ratios, each mode's own peak memory (benchmarks/peak_memory.py) and the quality
+metrics of each.
 
     python benchmarks/bench.py [--pairs 0] [--model models/tiny-shapes-sd] [--set key=value ...]
 
@@ -28,7 +29,6 @@ import argparse
 import json
 import platform
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -38,6 +38,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+from benchmarks.peak_memory import PeakMemory
 from diffmorpher.cache import DiskStore, TensorCache
 from diffmorpher.config import FAST_PRESET_OPTIONS, PAPER_IMPLEMENTATION_OPTIONS, MorphConfig
 from diffmorpher.metrics import endpoint_psnr, model_inputs, sequence_quality
@@ -46,29 +47,6 @@ from embedded_model.morph_pairs import morph_pair
 
 STAGES = ("encode", "lora", "inversion", "frames", "reschedule", "total")
 MODES = ("baseline", "default_cold", "default_warm", "fast")
-
-
-class PeakMemory:
-    """The process's peak RSS while a block runs (sampled every 20 ms)."""
-
-    def __init__(self) -> None:
-        self.process = psutil.Process()
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def __enter__(self) -> "PeakMemory":
-        self.peak = self.process.memory_info().rss
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self.process.memory_info().rss)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def run_mode(pipe: DiffMorpherPipeline, mode: str, config: MorphConfig, cache: TensorCache,
@@ -85,7 +63,10 @@ def run_mode(pipe: DiffMorpherPipeline, mode: str, config: MorphConfig, cache: T
     return {
         "mode": mode, "pair": pair, "wall_s": round(wall, 3),
         "stages_s": {stage: round(float(result.timings.get(stage, 0.0)), 3) for stage in STAGES},
-        "peak_rss_mib": round(memory.peak / 2**20, 1),
+        # This mode's own peak (the kernel's high-water mark reset at its start), and the RSS
+        # it started from (the model, what earlier modes left with the allocator).
+        "peak_rss_mib": round(memory.peak / 2**20, 1), "start_rss_mib": round(memory.start / 2**20, 1),
+        "peak_rss_method": memory.method,
         "ppl": round(quality.ppl, 4), "pdv": round(quality.pdv, 6),
         "endpoint_psnr_db": [round(db, 2) for db in endpoint_psnr(result.frame_tensors, model_inputs(images, result.resolution))],
         "cache": result.cache, "schedule_cache": result.schedule_cache,
@@ -120,7 +101,8 @@ def summarise(runs: list[dict]) -> dict:
             "ppl": sum(r["ppl"] for r in rows) / len(rows),
             "pdv": sum(r["pdv"] for r in rows) / len(rows),
             "endpoint_psnr_db": sum(sum(r["endpoint_psnr_db"]) / 2 for r in rows) / len(rows),
-            "peak_rss_mib": max(r["peak_rss_mib"] for r in rows),
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in rows),  # over the pairs, each its own
+            "added_rss_mib": round(max(r["peak_rss_mib"] - r["start_rss_mib"] for r in rows), 1),
         }
     base, cold, warm, fast = (by_mode[m] for m in MODES)
     return {
@@ -138,13 +120,13 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def table(runs: list[dict], summary: dict) -> str:
-    lines = ["| mode | pair | wall s | " + " | ".join(STAGES[:-1]) + " | peak RSS MiB | PPL | PDV x1000 | endpoint PSNR dB | cache |",
+    lines = ["| mode | pair | wall s | " + " | ".join(STAGES[:-1]) + " | peak RSS MiB (at start) | PPL | PDV x1000 | endpoint PSNR dB | cache |",
              "|---|---|---|" + "---|" * (len(STAGES) - 1) + "---|---|---|---|---|"]
     for r in runs:
         stages = " | ".join(f"{r['stages_s'][s]:.2f}" for s in STAGES[:-1])
         hits = ",".join(f"{c['lora']}/{c['latent']}" for c in r["cache"]) or "off"
         hits += f"; schedule {r.get('schedule_cache', 'off')}"
-        lines.append(f"| {r['mode']} | {r['pair']} | {r['wall_s']:.2f} | {stages} | {r['peak_rss_mib']} | "
+        lines.append(f"| {r['mode']} | {r['pair']} | {r['wall_s']:.2f} | {stages} | {r['peak_rss_mib']} ({r['start_rss_mib']}) | "
                      f"{r['ppl']:.4f} | {r['pdv'] * 1000:.3f} | {r['endpoint_psnr_db'][0]:.2f} / "
                      f"{r['endpoint_psnr_db'][1]:.2f} | {hits} |")
     ratios = summary["ratios"]

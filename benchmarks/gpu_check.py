@@ -53,6 +53,7 @@ import diffmorpher.pipeline as pipeline_module
 from diffmorpher.cache import DiskStore, TensorCache
 from diffmorpher.compile import compile_unet_blocks
 from diffmorpher.config import MorphConfig
+from diffmorpher.interrupt import StopCheck, never_stop
 from diffmorpher.pipeline import DiffMorpherPipeline
 from embedded_model.morph_pairs import morph_pair
 
@@ -397,7 +398,7 @@ class MemoryStore:
     def put(self, key: str, data: bytes) -> None:
         self.entries[key] = data
 
-    def lock(self, key: str) -> contextlib.AbstractContextManager[None]:
+    def lock(self, key: str, stop: StopCheck = never_stop) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
 

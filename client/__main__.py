@@ -9,9 +9,14 @@ Examples::
         --option lora_steps=50 --format png --out out/frames/
     python -m client morph red.png --prompt "a red circle" --prompt "a blue circle" --out out/morph.gif
         (one image: the server makes the blue circle from it; saved as out/morph.endpoint_1.png)
+    python -m client morph a.png b.png --prompt-a ... --prompt-b ... --save-loras out/loras/
+    python -m client morph a.png b.png --prompt-a ... --prompt-b ... \
+        --lora 0=out/loras/lora_0.safetensors --lora 1=out/loras/lora_1.safetensors
 
-The output format follows each --out's suffix (.gif, .mp4, .zip = frames-zip; no suffix = a
-directory of one PNG per frame; morph_protocol.formats) unless --format is given.
+The output format follows each --out's suffix (.gif, .mp4, .webp, .zip = frames-zip; no suffix =
+a directory of one PNG per frame; morph_protocol.formats) unless --format is given. A WebP is
+lossy at --webp-quality (0-100; the server's default when absent) or, with --webp-lossless,
+keeps every pixel.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from morph_protocol import wire
+from morph_protocol import limits, wire
 from morph_protocol.formats import FORMATS, format_for_path
 from morph_protocol.keyfile import TokenError, TokenSource
 from .morph_client import DEFAULT_MAX_MESSAGE_MB, DEFAULT_MODEL, DEFAULT_TARGET, MorphClient, MorphClientError, MorphResult
@@ -38,6 +43,51 @@ def _parse_option(text: str) -> tuple[str, Any]:
         return key.strip(), json.loads(raw)
     except json.JSONDecodeError:
         return key.strip(), raw
+
+
+def _webp_quality(text: str) -> int:
+    """--webp-quality, checked against morph_protocol.limits before anything is sent."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if not limits.MIN_WEBP_QUALITY <= value <= limits.MAX_WEBP_QUALITY:
+        raise argparse.ArgumentTypeError(
+            f"must be between {limits.MIN_WEBP_QUALITY} and {limits.MAX_WEBP_QUALITY}, got {value}"
+        )
+    return value
+
+
+def _parse_lora(text: str) -> tuple[int, Path]:
+    """`I=PATH`: the LoRA file for image I."""
+    index, sep, path = text.partition("=")
+    if not sep or not index.strip().isdigit() or not path:
+        raise argparse.ArgumentTypeError(f"--lora expects I=PATH (image index, LoRA file), got {text!r}")
+    return int(index), Path(path)
+
+
+def _read_loras(args: argparse.Namespace) -> list[bytes | None] | None:
+    """Per endpoint (each image; with one image, each prompt's endpoint), the bytes of its
+    --lora file, or None (no --lora at all: None)."""
+    if not args.lora:
+        return None
+    one_image = len(args.images) == 1
+    count = len(args.prompt or []) if one_image else len(args.images)
+    what = "prompts (one image: one endpoint per prompt)" if one_image else "images"
+    loras: list[bytes | None] = [None] * count
+    for index, path in args.lora:
+        if index >= count:
+            raise SystemExit(f"--lora {index}={path}: there are only {count} {what} (0..{count - 1})")
+        if loras[index] is not None:
+            raise SystemExit(f"--lora {index}=...: image {index} has two LoRAs")
+        try:
+            size = path.stat().st_size
+            if size > limits.MAX_LORA_BYTES:
+                raise SystemExit(f"LoRA {path} is {size} bytes; the service takes at most {limits.MAX_LORA_BYTES}")
+            loras[index] = path.read_bytes()
+        except OSError as error:
+            raise SystemExit(f"cannot read LoRA {path}: {error}") from error
+    return loras
 
 
 def format_for(out: Path, explicit: str | None) -> str:
@@ -93,13 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="any MorphConfig option as key=value, e.g. lora_steps=50")
     morph.add_argument("--format", choices=FORMATS,
                        help="output format (default: from --out's suffix)")
-    morph.add_argument("--frame-duration-ms", type=int, help="GIF/MP4 frame duration")
+    morph.add_argument("--frame-duration-ms", type=int, help="GIF/MP4/WebP frame duration")
+    morph.add_argument("--webp-quality", type=_webp_quality, metavar="0-100",
+                       help="lossy WebP's quality (default: the server's)")
+    morph.add_argument("--webp-lossless", action="store_true", help="a lossless WebP (every pixel kept)")
     morph.add_argument("--out", action="append", type=Path, default=[],
                        help="output path; repeat to get several formats from one morph")
     morph.add_argument("--stream", action="store_true", help="stream progress and frames")
     morph.add_argument("--frames-dir", type=Path, help="with --stream: also save each frame PNG")
     morph.add_argument("--deadline", type=float, default=1800.0, help="seconds before giving up")
     morph.add_argument("--metadata-out", type=Path, help="write the result metadata JSON here")
+    morph.add_argument("--save-loras", type=Path, metavar="DIR",
+                       help="ask for the morph's LoRAs (return_loras) and write them here as "
+                            "lora_<i>.safetensors (diffusers' LoRA format)")
+    morph.add_argument("--lora", action="append", type=_parse_lora, default=[], metavar="I=PATH",
+                       help="use this LoRA file for image I instead of fitting one (e.g. a --save-loras "
+                            "file); repeat per image")
     return parser
 
 
@@ -119,7 +178,13 @@ def _options(args: argparse.Namespace, formats: list[str]) -> dict[str, Any]:
         options["seed"] = args.seed
     if args.frame_duration_ms is not None:
         options["frame_duration_ms"] = args.frame_duration_ms
+    if args.webp_quality is not None:
+        options["webp_quality"] = args.webp_quality
+    if args.webp_lossless:
+        options["webp_lossless"] = True
     options["format"] = formats[0] if len(formats) == 1 else formats
+    if args.save_loras is not None:
+        options["return_loras"] = True
     return options
 
 
@@ -177,22 +242,26 @@ def _run_morph(client: MorphClient, args: argparse.Namespace) -> int:
     outs = args.out or [Path("morph.gif")]
     formats = [format_for(out, args.format) for out in outs]
     images = [_read_image(path) for path in args.images]
+    loras = _read_loras(args)
     options = _options(args, formats)
     if args.stream:
         bar = _ProgressBar(args.frames_dir)
         try:
             result: MorphResult = client.morph_stream(
-                images, _prompts(args), options, deadline_s=args.deadline, on_event=bar
+                images, _prompts(args), options, deadline_s=args.deadline, on_event=bar, loras=loras
             )
         finally:
             bar.close()
     else:
-        result = client.morph(images, _prompts(args), options, deadline_s=args.deadline)
+        result = client.morph(images, _prompts(args), options, deadline_s=args.deadline, loras=loras)
     for out, fmt in zip(outs, formats):
         for path in result.save(out, fmt):
             print(f"wrote {path}")
     for path in result.save_endpoints(outs[0]):
         print(f"wrote {path} (an endpoint the server made)")
+    if args.save_loras is not None:
+        for path in result.save_loras(args.save_loras):
+            print(f"wrote {path}")
     meta = result.metadata
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in meta.get("timings", {}).items())
     print(f"{meta.get('num_frames')} frames, seed {meta.get('seed')}, "

@@ -131,6 +131,26 @@ class MorphResult:
             written.append(path)
         return written
 
+    def lora_parts(self) -> list[wire.Part]:
+        """The morph's LoRAs (`return_loras`): one diffusers LoRA file per endpoint (image)."""
+        return [part for part in self.parts if part.mime == wire.MIME_SAFETENSORS]
+
+    def save_loras(self, directory: str | Path) -> list[Path]:
+        """Write each LoRA part as `<directory>/lora_<i>.safetensors`: loadable with diffusers'
+        `load_lora_weights`, and sendable back (`loras=`) to skip that image's fit."""
+        directory = Path(directory)
+        parts = self.lora_parts()
+        if not parts:
+            raise MorphClientError(None, "the result has no LoRA parts: ask with the option return_loras=true "
+                                         "(and use_lora true)")
+        directory.mkdir(parents=True, exist_ok=True)
+        written = []
+        for part in parts:
+            path = directory / Path(part.name).name  # a name from the server never leaves the directory
+            path.write_bytes(part.data)
+            written.append(path)
+        return written
+
     def save(self, out: str | Path, fmt: str) -> list[Path]:
         """Write the `fmt` part to `out` (for `png`, every frame PNG into the directory `out`)."""
         out = Path(out)
@@ -157,11 +177,14 @@ def build_input(
     *,
     stream: bool,
     deadline_s: float | None = None,
+    loras: Sequence[bytes | None] | None = None,
 ) -> dict[str, bytes]:
     """The TorchServe input map for one morph (see morph_protocol/wire.py for the schema). With
     `deadline_s` the request carries its deadline, so the server stops working on it when this
     client stops waiting (the gateway also derives it from the gRPC deadline). An image may be
-    a `wire.ImageRef` (the `image_key` of a previous result) instead of its bytes."""
+    a `wire.ImageRef` (the `image_key` of a previous result) instead of its bytes. `loras`: per
+    endpoint (each image; with one image, each prompt's endpoint, made ones too), a LoRA file (a
+    result's LoRA part) to use instead of fitting one, or None."""
     if len(images) == 1:  # one image, K >= 2 prompts: the server makes the other endpoints
         if not limits.MIN_ONE_IMAGE_PROMPTS <= len(prompts) <= limits.MAX_ONE_IMAGE_PROMPTS:
             raise MorphClientError(
@@ -182,6 +205,17 @@ def build_input(
             data[wire.image_key(index)] = bytes(image)
     for index, prompt in enumerate(prompts):
         data[wire.prompt_key(index)] = prompt.encode("utf-8")
+    if loras is not None and len(loras) != len(prompts):  # one per endpoint; as many as prompts
+        what = f"{len(images)} images" if len(images) > 1 else f"1 image and {len(prompts)} prompts"
+        raise MorphClientError(None, f"one LoRA (or None) per image (or prompt, with one image): {what}, "
+                                     f"{len(loras)} LoRAs")
+    for index, lora in enumerate(loras or []):
+        if lora is None:
+            continue
+        if not 0 < len(lora) <= limits.MAX_LORA_BYTES:
+            raise MorphClientError(None, f"LoRA {index} is {len(lora)} bytes; a LoRA has 1 to "
+                                         f"{limits.MAX_LORA_BYTES} bytes")
+        data[wire.lora_key(index)] = bytes(lora)
     data[wire.INPUT_OPTIONS] = json.dumps(options or {}).encode("utf-8")
     if stream:
         data[wire.INPUT_STREAM] = b"true"
@@ -245,9 +279,10 @@ class MorphClient:
         options: dict[str, Any] | None = None,
         *,
         deadline_s: float | None = None,
+        loras: Sequence[bytes | None] | None = None,
     ) -> MorphResult:
-        """Unary Predictions: one response holding the final result."""
-        request = self._request(images, prompts, options, stream=False, deadline_s=deadline_s)
+        """Unary Predictions: one response holding the final result. `loras`: build_input's."""
+        request = self._request(images, prompts, options, stream=False, deadline_s=deadline_s, loras=loras)
         message = self._unary(request, _with_grace(deadline_s))
         if message.type != wire.TYPE_RESULT:
             raise MorphClientError(None, f"expected a result message, got {message.type!r}")
@@ -268,9 +303,10 @@ class MorphClient:
         *,
         deadline_s: float | None = None,
         on_event: EventCallback | None = None,
+        loras: Sequence[bytes | None] | None = None,
     ) -> MorphResult:
         """StreamPredictions: progress and frame messages (passed to `on_event`), then the result."""
-        request = self._request(images, prompts, options, stream=True, deadline_s=deadline_s)
+        request = self._request(images, prompts, options, stream=True, deadline_s=deadline_s, loras=loras)
         streamed: list[bytes] = []
         progress: list[dict[str, Any]] = []
         for message in self._stream(request, _with_grace(deadline_s)):
@@ -290,8 +326,8 @@ class MorphClient:
         response = self._call(lambda md: self._stub.Predictions(request, timeout=timeout_s, metadata=md))
         return _decode(response.prediction)
 
-    def _request(self, images, prompts, options, *, stream: bool, deadline_s: float | None):
-        fields = build_input(images, prompts, options, stream=stream, deadline_s=deadline_s)
+    def _request(self, images, prompts, options, *, stream: bool, deadline_s: float | None, loras=None):
+        fields = build_input(images, prompts, options, stream=stream, deadline_s=deadline_s, loras=loras)
         return self._pb2.PredictionsRequest(model_name=self.model, input=fields)
 
     def _call(self, invoke: Callable[[list[tuple[str, str]]], Any]) -> Any:

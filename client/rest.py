@@ -39,8 +39,8 @@ JSON_CONTENT_TYPE = "application/json"
 # ---------------------------------------------------------------------------- the body
 def is_file_field(name: str) -> bool:
     """Fields sent as file uploads (`image_<i>`, also `image_ref_<i>`, as the load test and the
-    corpus always sent them); TorchServe hands the worker their bytes unchanged."""
-    return name.startswith("image_")
+    corpus always sent them; `lora_<i>`); TorchServe hands the worker their bytes unchanged."""
+    return name.startswith(("image_", "lora_"))
 
 
 def field_content_type(name: str) -> str:

@@ -4,8 +4,8 @@
 
 No cluster is needed. Core kinds (Deployment, Service, ConfigMap, HPA, ...) are checked with
 kubernetes-validate's strict schemas for Kubernetes KUBERNETES_VERSION, in which no object
-accepts a field it does not define. An InferenceService is checked against the
-openAPIV3Schema of KServe's own published CRD (vendored in deploy/schemas/, with its release
+accepts a field it does not define. An InferenceService or a ServingRuntime is checked against
+the openAPIV3Schema of KServe's own published CRD (vendored in deploy/schemas/, with its release
 and commit), closed the same way: the API server prunes unknown fields of a custom resource
 silently, and `kubectl apply --validate=strict` refuses them, which is what this mirrors. Its
 metadata is checked as the Kubernetes ObjectMeta it is.
@@ -32,6 +32,11 @@ DEPLOY_DIR = Path(__file__).resolve().parent
 SCHEMA_DIR = DEPLOY_DIR / "schemas"
 KSERVE_SCHEMA = SCHEMA_DIR / "kserve-inferenceservice-v1beta1.schema.yaml"
 KSERVE_API_VERSION = "serving.kserve.io/v1beta1"
+# KServe kinds -> (apiVersion, the vendored schema of that version's CRD)
+KSERVE_KINDS: dict[str, tuple[str, Path]] = {
+    "InferenceService": (KSERVE_API_VERSION, KSERVE_SCHEMA),
+    "ServingRuntime": ("serving.kserve.io/v1alpha1", SCHEMA_DIR / "kserve-servingruntime-v1alpha1.schema.yaml"),
+}
 # YAML files in deploy/ that are not Kubernetes objects: kustomize's own file, Helm values.
 NOT_OBJECTS = frozenset({"kustomization.yaml", "values.yaml"})
 OBJECT_META = "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
@@ -92,8 +97,8 @@ def _where(error: jsonschema.ValidationError) -> str:
 
 def validate(manifest: Manifest, version: str = KUBERNETES_VERSION) -> None:
     """Raises ManifestError naming the field when `manifest` does not match its schema."""
-    if manifest.kind == "InferenceService":
-        validate_inference_service(manifest, version)
+    if manifest.kind in KSERVE_KINDS:
+        validate_kserve_resource(manifest, version)
         return
     try:
         kubernetes_validate.validate(manifest.doc, version, strict=True)
@@ -103,7 +108,7 @@ def validate(manifest: Manifest, version: str = KUBERNETES_VERSION) -> None:
         raise ManifestError(f"{manifest}: {error.message}") from error
 
 
-# ---------------------------------------------------------------------------- InferenceService
+# ---------------------------------------------------------------------------- KServe resources
 def read_vendored_schema(path: Path = KSERVE_SCHEMA) -> dict[str, Any]:
     """The vendored schema: JSON after a header of `#` comment lines."""
     lines = path.read_text().splitlines(keepends=True)
@@ -140,9 +145,9 @@ def closed(schema: Any) -> Any:
     return result
 
 
-@lru_cache(maxsize=1)
-def _inference_service_validator() -> jsonschema.Draft202012Validator:
-    return jsonschema.Draft202012Validator(closed(read_vendored_schema()))
+@lru_cache(maxsize=len(KSERVE_KINDS))
+def _kserve_validator(kind: str) -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(closed(read_vendored_schema(KSERVE_KINDS[kind][1])))
 
 
 @lru_cache(maxsize=4)
@@ -157,11 +162,14 @@ def _object_meta_validator(version: str) -> jsonschema.Draft202012Validator:
     )
 
 
-def validate_inference_service(manifest: Manifest, version: str = KUBERNETES_VERSION) -> None:
+def validate_kserve_resource(manifest: Manifest, version: str = KUBERNETES_VERSION) -> None:
+    """An InferenceService or ServingRuntime against its vendored CRD schema, its metadata as
+    Kubernetes ObjectMeta."""
     doc = manifest.doc
-    if doc.get("apiVersion") != KSERVE_API_VERSION:
-        raise ManifestError(f"{manifest}: apiVersion must be {KSERVE_API_VERSION}, got {doc.get('apiVersion')!r}")
-    error = jsonschema.exceptions.best_match(_inference_service_validator().iter_errors(doc))
+    api_version = KSERVE_KINDS[manifest.kind][0]
+    if doc.get("apiVersion") != api_version:
+        raise ManifestError(f"{manifest}: apiVersion must be {api_version}, got {doc.get('apiVersion')!r}")
+    error = jsonschema.exceptions.best_match(_kserve_validator(manifest.kind).iter_errors(doc))
     if error is not None:
         raise ManifestError(f"{manifest}: {_where(error)}: {error.message}")
     meta_error = jsonschema.exceptions.best_match(

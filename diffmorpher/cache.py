@@ -14,6 +14,12 @@ Two layers:
   reads). A Redis store for several hosts implements the same three methods.
 - `TensorCache`: safetensors dicts in a store, and `get_or_compute(_many)` (check, lock, check
   again, compute what is still missing, write).
+
+Waiting for a lock is part of a request: the waiter asks the request's StopCheck every
+`LOCK_POLL_S` (interrupt.py), so a deadline or a cancellation ends the wait with the same
+MorphStopped a denoising step raises, and the server's StopCheck writes the worker's heartbeat,
+so a worker waiting behind another's long fit is not taken for a wedged one. `lock_timeout_s`
+(an hour) is only the last resort against a holder that never finishes: CacheWaitTimeout.
 """
 
 from __future__ import annotations
@@ -26,9 +32,9 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ContextManager, Iterator, Protocol
+from typing import BinaryIO, Callable, ContextManager, Iterator, Protocol
 
 import torch
 from safetensors.torch import load as load_tensors
@@ -37,12 +43,14 @@ from safetensors.torch import save as save_tensors
 from morph_protocol import limits
 
 from .config import FieldNamed
+from .interrupt import MorphStopped, StopCheck, StopReason, never_stop
 
 logger = logging.getLogger(__name__)
 
 KEY = re.compile(r"^[0-9a-f]{16,128}$")
 _MAGIC = b"DMC1"
 _DIGEST = 32
+LOCK_POLL_S = 0.1  # how often a waiter tries the lock again and asks its StopCheck
 
 
 class CacheMiss(FieldNamed, LookupError):
@@ -54,14 +62,42 @@ class CacheMiss(FieldNamed, LookupError):
         super().__init__(self._set_field(message, field, "field"))
 
 
+class CacheWaitTimeout(TimeoutError):
+    """A key's lock stayed held past the store's last-resort wait (an hour by default): its
+    holder neither finished nor died. Servers answer it as busy (retry later), not as a failure
+    of this request's inputs."""
+
+
 class CacheStore(Protocol):
-    """Bytes by content key, shared by every worker that can reach the store."""
+    """Bytes by content key, shared by every worker that can reach the store. `lock` waits for
+    another holder of the key, asking `stop` while it waits (wait_for_lock)."""
 
     def get(self, key: str) -> bytes | None: ...
 
     def put(self, key: str, data: bytes) -> None: ...
 
-    def lock(self, key: str) -> ContextManager[None]: ...
+    def lock(self, key: str, stop: StopCheck = never_stop) -> ContextManager[None]: ...
+
+
+def wait_for_lock(acquire: Callable[[], bool], key: str, stop: StopCheck, timeout_s: float) -> None:
+    """Call `acquire` every LOCK_POLL_S until it returns True. Between tries ask `stop`: when the
+    request's deadline passed or it was cancelled, raise MorphStopped (whose message says what
+    the request was waiting for); after `timeout_s`, CacheWaitTimeout."""
+    started = time.monotonic()
+    while not acquire():
+        waited = time.monotonic() - started
+        reason = stop()
+        if reason is not None:
+            raise MorphStopped(StopReason(reason.kind, (
+                f"{reason.message} (it was waiting {waited:.1f} s for another worker's fit of the same "
+                f"image, cache key {key[:16]}, which goes on: a retry finds it cached)"
+            )))
+        if waited > timeout_s:
+            raise CacheWaitTimeout(
+                f"gave up after waiting {waited:.0f} s for another worker's fit of the same image "
+                f"(cache key {key[:16]}), which has not finished; retry later"
+            )
+        time.sleep(LOCK_POLL_S)
 
 
 def _check_key(key: str) -> str:
@@ -85,11 +121,28 @@ def unseal(entry: bytes) -> bytes | None:
 
 @dataclass
 class DiskStore:
-    """Entries under `root` (one directory for all workers of a host), at most `max_bytes`."""
+    """Entries under `root` (one directory for all workers of a host), at most `max_bytes`.
+
+    Size accounting without a directory walk per put: `root/size` holds the entries' total
+    bytes, updated under its own `fcntl` lock by every put and removal. Eviction reads it; only
+    when it exceeds the cap does a worker evict, taking the least recently used entries from
+    the list its last full scan (stat of every entry) sorted by age, rescanning when that list
+    is used up. An entry used or removed since the scan (its mtime changed, or it is gone) is
+    skipped, so the order stays LRU and a scan serves as many evictions as it saw entries: the
+    stats stay O(puts). Each store object scans once at its first put, which also corrects any
+    drift of the total (a worker killed between writing an entry and counting it) and clears
+    temporary files of dead writers.
+
+    Lock files (`root/locks/<key>.lock`) are deleted by their holder on release, while still
+    held; a waiter that then gets the lock of the deleted file sees that the path no longer
+    names the file it locked (device and inode differ) and locks the path's new file instead.
+    """
 
     root: Path
     max_bytes: int = limits.CACHE_MAX_BYTES
     lock_timeout_s: float = 3600.0
+    _candidates: list[tuple[float, int, Path]] = field(default_factory=list, init=False, repr=False)  # newest first
+    _scanned: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -109,6 +162,7 @@ class DiskStore:
         if data is None:
             logger.warning("cache entry %s is damaged; removed, it will be recomputed", key)
             path.unlink(missing_ok=True)
+            self._add_to_total(-len(entry))
             return None
         with contextlib.suppress(OSError):
             os.utime(path)  # recently used: last to be evicted
@@ -116,40 +170,96 @@ class DiskStore:
 
     def put(self, key: str, data: bytes) -> None:
         path = self.path(key)
+        entry = seal(data)
+        try:
+            replaced = path.stat().st_size  # an entry written again (e.g. by a worker that missed it)
+        except FileNotFoundError:
+            replaced = 0
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:16]}.", suffix=".tmp")
         try:
             with os.fdopen(handle, "wb") as stream:
-                stream.write(seal(data))
+                stream.write(entry)
                 stream.flush()
                 os.fsync(stream.fileno())
             os.replace(temporary, path)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
-        self.evict(keep=path)
+        total = self._add_to_total(len(entry) - replaced) if self._scanned else None
+        if total is None:  # this object's first put, or no readable total: count once
+            total = self._scan()
+        if total > self.max_bytes:
+            self._evict_to_cap(total, keep=path)
 
     @contextlib.contextmanager
-    def lock(self, key: str) -> Iterator[None]:
-        """Exclusive across processes; released by the kernel if the holder dies."""
-        with open(self.root / "locks" / f"{_check_key(key)}.lock", "a+b") as handle:
-            deadline = time.monotonic() + self.lock_timeout_s
+    def lock(self, key: str, stop: StopCheck = never_stop) -> Iterator[None]:
+        """Exclusive across processes; released by the kernel if the holder dies. While another
+        process holds it, `stop` is asked every LOCK_POLL_S (wait_for_lock)."""
+        path = self.root / "locks" / f"{_check_key(key)}.lock"
+        held: list[BinaryIO] = []
+
+        def acquire() -> bool:
             while True:
+                if not held:
+                    held.append(open(path, "a+b"))
                 try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
+                    fcntl.flock(held[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"cache key {key} stayed locked for {self.lock_timeout_s:.0f} s")
-                    time.sleep(0.05)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+                    return False
+                if _names(path, held[0]):
+                    return True
+                held.pop().close()  # its holder deleted it after use: lock the path's new file
+
+        try:
+            wait_for_lock(acquire, key, stop, self.lock_timeout_s)
+        except BaseException:
+            for handle in held:
+                handle.close()  # not ours: waited on, never locked
+            raise
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                if _names(path, held[0]):  # ours and held: no other process can lock or delete it now
+                    path.unlink()
+            held[0].close()  # releases the lock
 
     def evict(self, keep: Path | None = None) -> int:
-        """Delete least recently used entries until the total is under the cap; also clear
-        temporary files left by writers that died (older than an hour). Returns bytes freed."""
-        entries, total, freed = [], 0, 0
+        """Scan every entry, then delete least recently used ones until the total is under the
+        cap; also clear temporary files left by writers that died (older than an hour).
+        Returns bytes freed. Puts call the cheaper path (the running total) themselves."""
+        return self._evict_to_cap(self._scan(), keep, rescan=False)
+
+    def _evict_to_cap(self, total: int, keep: Path | None, rescan: bool = True) -> int:
+        """Delete the oldest entries of the last scan until `total` is under the cap (one
+        rescan when the list runs out first). Returns bytes freed."""
+        freed = 0
+        while total - freed > self.max_bytes:
+            if not self._candidates:
+                if not rescan:
+                    break
+                rescan = False
+                total, freed = self._scan(), 0  # the true total, after what was freed so far
+                continue
+            mtime, _, path = self._candidates.pop()
+            if path == keep:
+                continue
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue  # another worker evicted it
+            if stat.st_mtime != mtime:
+                continue  # used since the scan: no longer among the least recent
+            path.unlink(missing_ok=True)
+            freed += stat.st_size
+        if freed:
+            self._add_to_total(-freed)
+        return freed
+
+    def _scan(self) -> int:
+        """Stat every entry: the total (written to the size file) and the entries oldest first
+        (this object's eviction candidates). Clears temporary files older than an hour."""
+        entries, total = [], 0
         now = time.time()
         for path in (self.root / "entries").iterdir():
             try:
@@ -162,19 +272,47 @@ class DiskStore:
                 continue
             entries.append((stat.st_mtime, stat.st_size, path))
             total += stat.st_size
-        for _, size, path in sorted(entries):
-            if total <= self.max_bytes:
-                break
-            if path == keep:
-                continue
-            path.unlink(missing_ok=True)
-            total -= size
-            freed += size
-        return freed
+        self._candidates = sorted(entries, reverse=True)  # the oldest last: pop() takes it
+        self._scanned = True
+        self._update_total(lambda _: total)
+        return total
+
+    def _add_to_total(self, delta: int) -> int | None:
+        """Add `delta` bytes to the shared total; the new total, or None when there is no
+        readable total yet (a scan then sets it)."""
+        return self._update_total(lambda total: None if total is None else max(0, total + delta))
+
+    def _update_total(self, change: Callable[[int | None], int | None]) -> int | None:
+        """Read, change and write `root/size` under its lock (short: a few bytes)."""
+        fd = os.open(self.root / "size", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current: int | None = int(os.pread(fd, 32, 0))
+            except ValueError:
+                current = None
+            new = change(current)
+            if new is not None:
+                text = str(new).encode()
+                os.pwrite(fd, text, 0)
+                os.ftruncate(fd, len(text))
+            return new
+        finally:
+            os.close(fd)  # releases the lock
 
     @property
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in (self.root / "entries").glob("*.bin"))
+
+
+def _names(path: Path, handle: BinaryIO) -> bool:
+    """Whether `path` still names the file `handle` has open (not deleted, not replaced)."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(handle.fileno())
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 class TensorCache:
@@ -198,24 +336,28 @@ class TensorCache:
         self.store.put(key, save_tensors(cpu))
 
     @contextlib.contextmanager
-    def locked(self, keys: list[str]) -> Iterator[None]:
+    def locked(self, keys: list[str], stop: StopCheck = never_stop) -> Iterator[None]:
         """Hold the locks of several keys (taken in sorted order, so two workers needing
-        overlapping sets cannot deadlock)."""
+        overlapping sets cannot deadlock), asking `stop` while waiting for any of them."""
         with contextlib.ExitStack() as stack:
             for key in sorted(set(keys)):
-                stack.enter_context(self.store.lock(key))
+                stack.enter_context(self.store.lock(key, stop))
             yield
 
     def get_or_compute_many(
-        self, keys: list[str], compute: Callable[[list[str]], dict[str, dict[str, torch.Tensor]]]
+        self,
+        keys: list[str],
+        compute: Callable[[list[str]], dict[str, dict[str, torch.Tensor]]],
+        stop: StopCheck = never_stop,
     ) -> tuple[dict[str, dict[str, torch.Tensor]], set[str]]:
         """({key: tensors}, the keys that were hits). What the cache lacks is computed under the
         missing keys' locks, checked again first (another worker may have computed it while we
-        waited), and `compute` gets every key still missing at once (e.g. one batched fit)."""
+        waited), and `compute` gets every key still missing at once (e.g. one batched fit).
+        `stop` ends a wait for another worker's lock (MorphStopped)."""
         found = {key: value for key in dict.fromkeys(keys) if (value := self.load(key)) is not None}
         missing = [key for key in dict.fromkeys(keys) if key not in found]
         if missing:
-            with self.locked(missing):
+            with self.locked(missing, stop):
                 found |= {key: value for key in missing if (value := self.load(key)) is not None}
                 still = [key for key in missing if key not in found]
                 hits = set(found)
@@ -228,11 +370,11 @@ class TensorCache:
         return found, set(found)
 
     def get_or_compute(
-        self, key: str, compute: Callable[[], dict[str, torch.Tensor]]
+        self, key: str, compute: Callable[[], dict[str, torch.Tensor]], stop: StopCheck = never_stop
     ) -> tuple[dict[str, torch.Tensor], bool]:
         """(tensors, hit) of one key: concurrent workers with the same key compute it once; the
-        others wait and read the result."""
-        values, hits = self.get_or_compute_many([key], lambda keys: {key: compute()})
+        others wait (asking `stop`) and read the result."""
+        values, hits = self.get_or_compute_many([key], lambda keys: {key: compute()}, stop)
         return values[key], key in hits
 
 

@@ -18,6 +18,7 @@ from PIL import Image
 from .cache import KEY as CACHE_KEY
 from .cache import CacheKeys, CacheMiss, TensorCache
 from .config import ConfigError, MorphConfig, show
+from .interrupt import StopCheck, never_stop
 from .lora import endpoint_cache_key, image_cache_key, inversion_cache_key, lora_cache_key
 from .models import MorphModels
 from .perceptual import PerceptualDistance
@@ -77,10 +78,13 @@ class CachePlan:
                 pixels = torch.from_numpy(np.asarray(to_model_square(image, resolution), dtype=np.uint8).copy())
                 self.cache.save(key.image, {"pixels": pixels})
 
-    def loras(self, indices: list[int], fit: Callable[[list[int]], dict[int, Lora]]) -> dict[int, Lora]:
+    def loras(
+        self, indices: list[int], fit: Callable[[list[int]], dict[int, Lora]], stop: StopCheck = never_stop
+    ) -> dict[int, Lora]:
         """The LoRAs of `indices`: read where cached, else fitted by `fit` (all missing ones in
         one call) and cached, under their keys' locks, so a worker that needs a LoRA another
-        worker is fitting waits for it and reads it."""
+        worker is fitting waits for it and reads it; `stop` ends that wait at the request's
+        deadline or cancellation (MorphStopped)."""
         if self.cache is None or not self.keys:
             return fit(indices)
         index_of = {self.keys[index].lora: index for index in indices}
@@ -89,7 +93,7 @@ class CachePlan:
             new = fit([index_of[key] for key in missing])
             return {key: new[index_of[key]] for key in missing}
 
-        loras, hits = self.cache.get_or_compute_many([self.keys[index].lora for index in indices], fit_missing)  # type: ignore[misc]
+        loras, hits = self.cache.get_or_compute_many([self.keys[index].lora for index in indices], fit_missing, stop)  # type: ignore[misc]
         for index in indices:
             self.keys[index].lora_hit = self.keys[index].lora in hits
         return {index: loras[self.keys[index].lora] for index in indices}  # type: ignore[index]
@@ -130,7 +134,8 @@ class CachePlan:
         if self.cache is None or not self.keys or any(key.latent is None for key in self.keys):
             return None
         options = config.to_dict()
-        for name in ("frame_batch_size", "vae_batch_size"):  # how the work is cut into batches, not what it computes
+        # how the work is cut into batches and what the result carries, not what it computes
+        for name in ("frame_batch_size", "vae_batch_size", "return_loras"):
             options.pop(name)
         return schedule_cache_key([key.latent for key in self.keys], options, f"{metric.name}:{metric.identity}")  # type: ignore[misc]
 
@@ -151,11 +156,13 @@ def generated_endpoints(
     config: MorphConfig,
     resolution: int,
     generate: Callable[[list[int]], dict[int, Image.Image]],
+    stop: StopCheck = never_stop,
 ) -> tuple[list[Image.Image], list[str]]:
     """The endpoints made from `image` for prompts 1..K-1 (endpoints.py) and, per endpoint,
     "hit", "miss" or "off": read where cached, else made by `generate` (all missing ones in one
     call, given their prompt indices) and cached as pixels, as `remember_images` keeps an input
-    image; under their keys' locks, so two workers make an endpoint once."""
+    image; under their keys' locks, so two workers make an endpoint once (`stop` ends a wait for
+    another worker's lock: MorphStopped)."""
     indices = list(range(1, len(prompts)))
     if cache is None:
         made = generate(indices)
@@ -170,7 +177,7 @@ def generated_endpoints(
         return {key: {"pixels": torch.from_numpy(np.asarray(made[index_of[key]], dtype=np.uint8).copy())}
                 for key in missing}
 
-    entries, hits = cache.get_or_compute_many([key_of[index] for index in indices], make_missing)
+    entries, hits = cache.get_or_compute_many([key_of[index] for index in indices], make_missing, stop)
     images = [Image.fromarray(entries[key_of[index]]["pixels"].numpy(), mode="RGB") for index in indices]
     return images, ["hit" if key_of[index] in hits else "miss" for index in indices]
 

@@ -24,7 +24,8 @@ from typing import Any, Iterator
 
 from morph_protocol import limits
 
-from .cache import CacheStore, _check_key, seal, unseal
+from .cache import CacheStore, _check_key, seal, unseal, wait_for_lock
+from .interrupt import MorphStopped, StopCheck, never_stop
 
 logger = logging.getLogger(__name__)
 
@@ -92,16 +93,14 @@ class RedisStore:
         self.client.set(KEY_PREFIX + _check_key(key), seal(data))
 
     @contextlib.contextmanager
-    def lock(self, key: str) -> Iterator[None]:
+    def lock(self, key: str, stop: StopCheck = never_stop) -> Iterator[None]:
         """A leased lock (SET NX PX with a token), renewed every third of the lease while held;
-        released only by its holder (compare-and-delete)."""
+        released only by its holder (compare-and-delete), and gone by itself within a lease of
+        a holder's death (the key expires: nothing to clean up). A waiter asks `stop` between
+        tries (cache.wait_for_lock)."""
         name, token = LOCK_PREFIX + _check_key(key), uuid.uuid4().hex
         lease_ms = int(self.lock_lease_s * 1000)
-        deadline = time.monotonic() + self.lock_wait_s
-        while not self.client.set(name, token, nx=True, px=lease_ms):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"shared cache key {key} stayed locked for {self.lock_wait_s:.0f} s")
-            time.sleep(0.05)
+        wait_for_lock(lambda: bool(self.client.set(name, token, nx=True, px=lease_ms)), key, stop, self.lock_wait_s)
         stop = threading.Event()
         renewer = threading.Thread(target=self._renew, args=(name, token, lease_ms, stop), daemon=True)
         renewer.start()
@@ -160,9 +159,9 @@ class TieredStore:
         self._remote("put", lambda: self.remote.put(key, data))
 
     @contextlib.contextmanager
-    def lock(self, key: str) -> Iterator[None]:
-        with self.local.lock(key), contextlib.ExitStack() as stack:
-            self._remote("lock", lambda: stack.enter_context(self.remote.lock(key)))
+    def lock(self, key: str, stop: StopCheck = never_stop) -> Iterator[None]:
+        with self.local.lock(key, stop), contextlib.ExitStack() as stack:
+            self._remote("lock", lambda: stack.enter_context(self.remote.lock(key, stop)))
             yield
 
     def _remote(self, operation: str, call: Any) -> Any:
@@ -170,8 +169,8 @@ class TieredStore:
             return None
         try:
             return call()
-        except TimeoutError:
-            raise  # a lock another replica holds for too long: not a tier failure
+        except (TimeoutError, MorphStopped):
+            raise  # a lock another replica holds too long, or the request stopped waiting: not a tier failure
         except Exception as error:  # noqa: BLE001 - any client failure: serve from the local tier
             self.status.errors += 1
             self.status.down_until = time.monotonic() + self.retry_after_s

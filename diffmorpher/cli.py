@@ -44,13 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
     morph.add_argument("--format", choices=OutputOptions.FORMATS, default=None,
                        help="default: from the --out suffix (no suffix: a directory of PNG frames)")
     morph.add_argument("--frame-duration-ms", type=int, default=OutputOptions().frame_duration_ms)
+    morph.add_argument("--webp-quality", type=int, default=OutputOptions().webp_quality, metavar="0-100",
+                       help="lossy WebP's quality")
+    morph.add_argument("--webp-lossless", action="store_true", help="a lossless WebP (every pixel kept)")
     morph.add_argument("--model", default=str(DEFAULT_MODEL), help="diffusers SD folder or hub id")
     morph.add_argument("--device", default=None, help="a torch device such as cpu or mps (default: the best available)")
     morph.add_argument("--frames", type=int, default=MorphConfig().num_frames)
     morph.add_argument("--seed", type=int, default=MorphConfig().seed)
     morph.add_argument("--lpips-weights", default=None, help="LPIPS AlexNet backbone safetensors")
     morph.add_argument("--save-loras", type=Path, default=None,
-                       help="folder to write the fitted LoRAs (safetensors) into")
+                       help="folder to write the fitted LoRAs into, as lora_<i>.safetensors in diffusers' "
+                            "LoRA format (load_lora_weights; --lora takes them back)")
+    morph.add_argument("--lora", action="append", default=[], metavar="I=PATH",
+                       help="use this LoRA file (e.g. a --save-loras one) for image I instead of fitting one")
     morph.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                        help="any MorphConfig option, value as JSON (e.g. use_reschedule=false)")
     return parser
@@ -107,17 +113,19 @@ class _ProgressBars:
 
 
 def morph_command(args: argparse.Namespace) -> int:
+    from .lora_file import lora_to_safetensors
     from .pipeline import DiffMorpherPipeline  # heavy imports only when morphing
-    from safetensors.torch import save_file
 
     config = _config_from_args(args)
     prompts = _prompts(args)
-    output = OutputOptions(format=_output_format(args), frame_duration_ms=args.frame_duration_ms)
+    output = OutputOptions(format=_output_format(args), frame_duration_ms=args.frame_duration_ms,
+                           webp_quality=args.webp_quality, webp_lossless=args.webp_lossless)
     images = [Image.open(path) for path in args.images]
     pipe = DiffMorpherPipeline.from_pretrained(args.model, config.device, config.dtype, args.lpips_weights)
+    loras = _read_loras(pipe, args.lora, len(prompts))  # one per endpoint (with one image: per prompt)
     bars = _ProgressBars()
     try:
-        result = pipe(images, prompts, config, progress=bars)
+        result = pipe(images, prompts, config, loras=loras, progress=bars)
     finally:
         bars.close()
     _write_parts(encode_parts(result.frames, output), args.out, output.format)
@@ -125,11 +133,24 @@ def morph_command(args: argparse.Namespace) -> int:
         args.save_loras.mkdir(parents=True, exist_ok=True)
         for index, lora in enumerate(result.loras):
             if lora is not None:
-                save_file(lora, str(args.save_loras / f"lora_{index}.safetensors"))
+                (args.save_loras / f"lora_{index}.safetensors").write_bytes(lora_to_safetensors(lora))
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
     print(f"wrote {args.out} ({len(result.frames)} frames; {timings}; reschedule metric "
           f"{result.perceptual_metric})")
     return 0
+
+
+def _read_loras(pipe, specs: list[str], count: int) -> list | None:
+    """Per image, the LoRA of its `--lora I=PATH`, read and checked by the pipeline, or None."""
+    if not specs:
+        return None
+    loras: list = [None] * count
+    for spec in specs:
+        index, sep, path = spec.partition("=")
+        if not sep or not index.isdigit() or not int(index) < count:
+            raise ConfigError(f"--lora expects I=PATH with I an image index 0..{count - 1}, got {spec!r}")
+        loras[int(index)] = pipe.read_lora(Path(path).read_bytes(), f"--lora {index}")
+    return loras
 
 
 def _write_parts(parts: Sequence[EncodedPart], out: Path, fmt: str) -> None:

@@ -75,8 +75,10 @@ PAPER_IMPLEMENTATION_OPTIONS: dict[str, Any] = {"frame_batch_size": 1, "reschedu
 # The `fast` preset: half the LoRA steps (twice the learning rate, so steps x lr stays the
 # paper's), 15 DDIM steps, and interpolated attention for 0.8 of them (0.6 at 15 steps leaves
 # fixed pair 2 with 2.5x the baseline's PDV: too few replaced steps to carry the frames across
-# its layout switch). Chosen on the five fixed pairs (docs/quality.md "The fast preset"): mean
-# PPL -6 %, PDV -15 %, endpoint PSNR -2.5 % against the baseline, about 4-5x faster.
+# its layout switch). Chosen on the previous embedded model's five fixed pairs (docs/quality.md
+# "The fast preset"). Measured by `make bench` on the current model's five fixed pairs against
+# the baseline (PAPER_IMPLEMENTATION_OPTIONS), benchmarks/results/bench-20261202T065428Z.json:
+# 5.5x faster, PPL -14 %, PDV -44 %, endpoint PSNR -3.3 % (README "Benchmark").
 FAST_PRESET_OPTIONS: dict[str, Any] = {
     "lora_steps": 100, "lora_lr": 4e-4, "num_inference_steps": 15, "attn_lambda": 0.8,
 }
@@ -146,6 +148,10 @@ class MorphConfig:
     vae_batch_size: int = DEFAULT_VAE_BATCH
     dtype: str = AUTO
     device: str | None = None  # None: best available (see devices.select_device)
+    # Output: the morph's LoRAs (fitted or sent) as parts of the result, one diffusers LoRA file
+    # per image (lora_file.lora_to_safetensors); off by default, since each costs bytes (fp32):
+    # 0.45 MB an image on the embedded model at rank 16, 12.8 MB on SD 1.5.
+    return_loras: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -179,6 +185,7 @@ class MorphConfig:
         _check_int("frame_batch_size", self.frame_batch_size, AUTO_FRAME_BATCH, limits.MAX_FRAME_BATCH)
         _check_int("vae_batch_size", self.vae_batch_size, 1, limits.MAX_VAE_BATCH)
         _check_choice("dtype", self.dtype, DTYPES)
+        _check_bool("return_loras", self.return_loras)
         if self.device is not None and not isinstance(self.device, str):
             raise ConfigError(f"device must be a string such as 'cpu', got {show(self.device)}")
 
@@ -275,13 +282,22 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 class OutputOptions:
     """How the finished frames are delivered (handler and CLIs)."""
 
-    format: str = "gif"  # gif | mp4 | frames-zip | png
+    format: str = "gif"  # gif | mp4 | frames-zip | png | webp
     frame_duration_ms: int = 100
     loop: bool = True
+    # WebP: lossy at libwebp's quality scale by default (its own default, 80: a few times smaller
+    # than the GIF of the same morph), or lossless (every pixel kept; webp_quality then unused).
+    webp_quality: int = 80
+    webp_lossless: bool = False
 
     from morph_protocol.formats import FORMATS  # the one list of output formats
+
+    # Options that only the webp format reads: a request naming them asks for a WebP.
+    WEBP_OPTIONS = ("webp_quality", "webp_lossless")  # a class constant, not a field
 
     def __post_init__(self) -> None:
         _check_choice("format", self.format, self.FORMATS)
         _check_int("frame_duration_ms", self.frame_duration_ms, 10, 10_000)
         _check_bool("loop", self.loop)
+        _check_int("webp_quality", self.webp_quality, limits.MIN_WEBP_QUALITY, limits.MAX_WEBP_QUALITY)
+        _check_bool("webp_lossless", self.webp_lossless)

@@ -1,4 +1,4 @@
-"""Encoding finished frames into the delivery formats (GIF, MP4, ZIP of PNGs, PNG per frame).
+"""Encoding finished frames into the delivery formats (GIF, MP4, WebP, ZIP of PNGs, PNG per frame).
 
 Servers send encoded bytes, never arrays of pixels: a 16-frame 512 px morph is ~12 MB as raw
 RGB but a few MB as GIF and far less as MP4, which keeps responses under the server's
@@ -16,7 +16,7 @@ from typing import Sequence
 
 from PIL import Image
 
-from morph_protocol.formats import FRAMES_ZIP, GIF, MIME_TYPES, MP4, PNG
+from morph_protocol.formats import FRAMES_ZIP, GIF, MIME_TYPES, MP4, PNG, WEBP
 
 from .config import ConfigError, OutputOptions
 
@@ -24,6 +24,7 @@ MIME_GIF = MIME_TYPES[GIF]
 MIME_MP4 = MIME_TYPES[MP4]
 MIME_ZIP = MIME_TYPES[FRAMES_ZIP]
 MIME_PNG = MIME_TYPES[PNG]
+MIME_WEBP = MIME_TYPES[WEBP]
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,28 @@ def encode_gif(frames: Sequence[Image.Image], options: OutputOptions) -> bytes:
     }
     if options.loop:
         save_args["loop"] = 0  # 0 = repeat forever; without the key the GIF plays once
+    rgb[0].save(buffer, **save_args)
+    return buffer.getvalue()
+
+
+def encode_webp(frames: Sequence[Image.Image], options: OutputOptions) -> bytes:
+    """An animated WebP: lossy at `webp_quality` (full colour, unlike GIF's 256, and a few times
+    smaller), or lossless (`webp_lossless`: every pixel as the morph made it). libwebp, like
+    Pillow's GIF writer, merges a frame identical to its predecessor into it (durations add
+    up); playback is the same."""
+    rgb = [frame.convert("RGB") for frame in frames]
+    buffer = io.BytesIO()
+    save_args: dict = {
+        "format": "WEBP",
+        "save_all": True,
+        "append_images": rgb[1:],
+        "duration": options.frame_duration_ms,
+        "loop": 0 if options.loop else 1,  # WebP counts plays: 0 = forever, 1 = once
+        "lossless": options.webp_lossless,
+        "method": 4,  # libwebp's default effort; 6 (its most) took 45x longer for 1.4 % less (demo, lossless)
+    }
+    if not options.webp_lossless:
+        save_args["quality"] = options.webp_quality
     rgb[0].save(buffer, **save_args)
     return buffer.getvalue()
 
@@ -124,7 +147,7 @@ def encode_frames_zip(frames: Sequence[Image.Image]) -> bytes:
 
 
 def encode_parts(frames: Sequence[Image.Image], options: OutputOptions) -> list[EncodedPart]:
-    """The result as named parts: one part for gif / mp4 / frames-zip, one PNG per frame for
+    """The result as named parts: one part for gif / mp4 / webp / frames-zip, one PNG per frame for
     `png` (the envelope carries several parts, so no container is needed)."""
     if not frames:
         raise ConfigError("there are no frames to encode")
@@ -134,6 +157,8 @@ def encode_parts(frames: Sequence[Image.Image], options: OutputOptions) -> list[
         return [EncodedPart("morph.gif", MIME_GIF, encode_gif(frames, options))]
     if options.format == MP4:
         return [EncodedPart("morph.mp4", MIME_MP4, encode_mp4(frames, options))]
+    if options.format == WEBP:
+        return [EncodedPart("morph.webp", MIME_WEBP, encode_webp(frames, options))]
     if options.format == FRAMES_ZIP:
         return [EncodedPart("frames.zip", MIME_ZIP, encode_frames_zip(frames))]
     if options.format == PNG:

@@ -54,6 +54,7 @@ from .emission import FrameCollector
 from .endpoints import UNCONDITIONAL_PROMPT, generate_endpoint_latents
 from .interrupt import StopCheck, never_stop, raise_if_stopped
 from .lora import fit_loras
+from .lora_file import check_lora_ranks, lora_module_shapes, read_lora
 from .lora_mix import LoraStack, build_lora_stacks
 from .models import MorphModels, load_morph_models
 from .perceptual import PerceptualDistance, PixelDistance, consecutive_distances, load_perceptual
@@ -224,6 +225,10 @@ class DiffMorpherPipeline:
                 raise ConfigError(f"prompt {index} must be a string, got {type(prompt).__name__}")
         if loras is not None and len(loras) != len(prompts):
             raise ConfigError(f"need one LoRA (or None) per endpoint, got {len(loras)}")
+        if loras is not None and any(lora is not None for lora in loras):
+            if config.lora_mode == "none":
+                raise ConfigError("LoRAs were sent but use_lora is false; send them with use_lora true, or none")
+            check_lora_ranks(list(loras), config.lora_rank if any(lora is None for lora in loras) else None)
         multiple = self.models.vae_scale_factor * 2 ** (len(self.models.unet.config.down_block_types) - 1)
         resolution = config.resolution or self.models.native_resolution
         if resolution % multiple:
@@ -303,7 +308,12 @@ class DiffMorpherPipeline:
             )
             return dict(zip(indices, tensor_to_images(self.decode(latents, config.vae_batch_size))))
 
-        return generated_endpoints(self.cache, image, prompts, self.models, config, resolution, generate)
+        return generated_endpoints(self.cache, image, prompts, self.models, config, resolution, generate, stop)
+
+    def read_lora(self, data: bytes, field: str | None = None) -> Lora:
+        """A LoRA sent as safetensors (diffusers' format, as a result's LoRA part), checked
+        against this model's UNet (lora_file.read_lora); pass it as `loras[i]` to skip a fit."""
+        return read_lora(data, lora_module_shapes(self.models.unet), field=field)
 
     def stored_image(self, key: str) -> Image.Image:
         """The input image a previous result named by its `image_key` (cache_plan.stored_image)."""
@@ -353,7 +363,7 @@ class DiffMorpherPipeline:
                 new |= dict(zip(chunk, loras))
             return new
 
-        fitted |= (plan or CachePlan(None)).loras(todo, fit)
+        fitted |= (plan or CachePlan(None)).loras(todo, fit, stop)
         return [fitted[index] for index in range(len(latent_mean))]
 
     def lora_stacks(self, fitted: list[Lora | None], config: MorphConfig) -> dict[str, LoraStack] | None:

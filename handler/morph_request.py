@@ -15,16 +15,17 @@ import math
 import re
 import unicodedata
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from morph_protocol import limits, wire
+from morph_protocol.formats import WEBP
 from diffmorpher.config import FIELD, ConfigError, MorphConfig, OutputOptions, name_list, show, with_preset
 
-OUTPUT_KEYS = ("format", "frame_duration_ms", "loop")
+OUTPUT_KEYS = ("format", "frame_duration_ms", "loop", *OutputOptions.WEBP_OPTIONS)
 # Chosen by the server (they follow from how the pipeline was loaded), never by a request.
 SERVER_KEYS = ("device", "dtype")
 # Raster formats only: Pillow would open PostScript (EPS) by running Ghostscript.
@@ -44,6 +45,10 @@ class MorphRequest:
     config: MorphConfig
     outputs: list[OutputOptions]  # one per requested format, same duration/loop
     stream: bool
+    # Per endpoint (an image, or one made from one image for prompt i), a LoRA sent instead of
+    # fitted (`lora_<i>`, safetensors bytes, size-checked here; checked against the served UNet
+    # by the core's read_lora), or None.
+    loras: list[bytes | None] = field(default_factory=list)
 
     @property
     def formats(self) -> list[str]:
@@ -254,11 +259,28 @@ def split_options(
         )
     if len(set(formats)) != len(formats):
         raise ConfigError(f"format lists a format twice: {show(formats)}")
+    _check_webp_options(output, formats)
     # One dict, not **options: an option named like a parameter ("options") must be "unknown".
     # A preset overrides the server's defaults; the request's own options override the preset.
     config = MorphConfig.from_dict({**defaults.to_dict(), **with_preset(options)})
     outputs = [OutputOptions(format=f, **output) for f in formats]
     return config, outputs
+
+
+def _check_webp_options(output: Mapping[str, Any], formats: list[str]) -> None:
+    """WebP's options name a WebP: refused without one, and the lossy quality refused beside
+    `webp_lossless: true`, rather than read by nothing."""
+    sent = [key for key in OutputOptions.WEBP_OPTIONS if key in output]
+    if sent and WEBP not in formats:
+        raise ConfigError(
+            f"option(s) {name_list(sent)} apply to the webp format only, and the request asks for "
+            f"{show(formats)}; add \"webp\" to format or remove them"
+        )
+    if "webp_quality" in output and output.get("webp_lossless") is True:
+        raise ConfigError(
+            "webp_quality sets lossy WebP's quality and the request asks for lossless WebP "
+            "(webp_lossless: true); send one of the two"
+        )
 
 
 def parse_request(data: Mapping[str, Any], defaults: MorphConfig) -> MorphRequest:
@@ -305,19 +327,35 @@ def parse_request(data: Mapping[str, Any], defaults: MorphConfig) -> MorphReques
             raise ConfigError(f"missing {FIELD} for image {index}: send one prompt per image", field=key, kind="prompt")
         prompts.append(_check_prompt(key, fields[key]))
     expected = {wire.image_key(i) for i in range(count)} | {wire.prompt_key(i) for i in range(num_prompts)}
-    expected |= {wire.image_ref_key(i) for i in range(count)}
+    expected |= {wire.image_ref_key(i) for i in range(count)} | {wire.lora_key(i) for i in range(num_prompts)}
     expected |= {wire.INPUT_OPTIONS, wire.INPUT_STREAM, wire.INPUT_DEADLINE, wire.INPUT_CALL_ID}
     unknown = sorted(set(fields) - expected)
     if unknown:
         raise ConfigError(
             f"unknown field(s) {name_list(unknown)}; expected image_0..image_{count - 1} (or "
             f"image_ref_<i> in place of image_<i>), "
-            f"prompt_0..prompt_{num_prompts - 1}, options, stream, deadline"
+            f"prompt_0..prompt_{num_prompts - 1}, lora_<i> (optional), options, stream, deadline"
         )
     config, outputs = split_options(parse_options(fields.get(wire.INPUT_OPTIONS)), defaults)
     stream = parse_stream(fields.get(wire.INPUT_STREAM))
     images = [_image_or_reference(fields, i) for i in range(count)]
-    return MorphRequest(images, prompts, config, outputs, stream)
+    loras = [_sent_lora(fields, i) for i in range(num_prompts)]  # one per endpoint, made ones too
+    return MorphRequest(images, prompts, config, outputs, stream, loras)
+
+
+def _sent_lora(fields: Mapping[str, Any], index: int) -> bytes | None:
+    """The bytes of a LoRA sent for image `index` (`lora_<i>`), at most limits.MAX_LORA_BYTES;
+    what they hold is checked against the served model by the core (lora_file.read_lora)."""
+    name = wire.lora_key(index)
+    if name not in fields:
+        return None
+    data = _as_bytes(name, fields[name])
+    if not data:
+        raise ConfigError(f"{FIELD} is empty; send a LoRA as safetensors or leave the field out", field=name)
+    if len(data) > limits.MAX_LORA_BYTES:
+        raise ConfigError(f"{FIELD} is {len(data)} bytes; a LoRA may have at most {limits.MAX_LORA_BYTES} "
+                          f"bytes (limits.MAX_LORA_BYTES)", field=name)
+    return data
 
 
 def _image_or_reference(fields: Mapping[str, Any], index: int) -> Image.Image | wire.ImageRef:

@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 from morph_protocol import wire
 from diffmorpher.encoding import MIME_PNG, encode_png, frame_name
+from diffmorpher.lora_file import lora_to_safetensors
 from diffmorpher.results import MorphResult, ProgressEvent
 from handler.morph_request import MorphRequest
 
@@ -40,12 +41,17 @@ def result_metadata(request: MorphRequest, result: MorphResult, timings: dict[st
         "formats": request.formats,
         "frame_duration_ms": request.outputs[0].frame_duration_ms,
         "loop": request.outputs[0].loop,
+        "webp_quality": request.outputs[0].webp_quality,  # read by a webp output only (lossy)
+        "webp_lossless": request.outputs[0].webp_lossless,
         "config": request.config.to_dict(),  # as requested (0 / "auto" where the worker chooses)
         "device": result.device,  # what the worker chose: its device and dtype,
         "dtype": result.dtype,
         "frame_batch_size": result.frame_batch_size,  # and the rows per UNet call for this morph
         "cache": result.cache,  # per input image: lora/latent "hit" | "miss" | "off", lora_key, image_key
         "schedule_cache": result.schedule_cache,  # the reschedule's alphas: "hit" | "miss" | "off"
+        # the result's LoRA parts (return_loras), by image: diffusers LoRA files
+        "lora_parts": [wire.lora_part_name(index) for index, lora in enumerate(result.loras) if lora is not None]
+        if request.config.return_loras else [],
         "work": result.work.to_dict(),  # LoRA fits/steps and inversions this morph ran (the cache's proof)
         # One image, K prompts: per endpoint the server made, its prompt index, part and cache state.
         "endpoints": [
@@ -62,6 +68,15 @@ def endpoint_parts(result: MorphResult) -> list[wire.Part]:
     return [
         wire.Part(wire.endpoint_part_name(index), wire.MIME_ENDPOINT, encode_png(image))
         for index, image in enumerate(result.generated, start=1)
+    ]
+
+
+def lora_parts(result: MorphResult) -> list[wire.Part]:
+    """The morph's LoRAs (fitted, cached or sent), one diffusers LoRA file per endpoint (each
+    image, made ones of a one-image morph too: `lora_<i>.safetensors`); none in no-LoRA mode."""
+    return [
+        wire.Part(wire.lora_part_name(index), wire.MIME_SAFETENSORS, lora_to_safetensors(lora))
+        for index, lora in enumerate(result.loras) if lora is not None
     ]
 
 

@@ -19,7 +19,8 @@ ModelInferResponse. ModelInfer is unary: it never gets intermediate responses.
 
 Stopping: every request may carry a `deadline`, and the gateway marks cancelled calls in the
 control directory (morph_protocol/control.py); request_stop.CallStop turns both into the core's StopCheck,
-asked at every LoRA and denoising step, and writes this worker's heartbeat for the watchdog.
+asked at every LoRA and denoising step and every LOCK_POLL_S while waiting for another worker's
+fit of the same image (diffmorpher/cache.py), and writes this worker's heartbeat for the watchdog.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 
 from morph_protocol import limits, wire
 from morph_protocol.errors import ErrorCode, format_error
-from diffmorpher.cache import CacheMiss, CacheStore, DiskStore, TensorCache
+from diffmorpher.cache import CacheMiss, CacheStore, CacheWaitTimeout, DiskStore, TensorCache
 from diffmorpher.cache_redis import RedisStore, RemoteStatus, TieredStore
 from diffmorpher.compile import COMPILE_OFF, compile_unet_blocks
 from diffmorpher.config import FIELD, ConfigError, MorphConfig
@@ -44,7 +45,9 @@ from diffmorpher.interrupt import CANCELLED, MorphStopped
 from diffmorpher.pipeline import DiffMorpherPipeline
 from morph_protocol.control import ControlDir
 from handler.morph_request import parse_request
-from handler.morph_response import ResponseTooLarge, StreamSender, check_size, endpoint_parts, result_metadata
+from handler.morph_response import (
+    ResponseTooLarge, StreamSender, check_size, endpoint_parts, lora_parts, result_metadata,
+)
 from handler.oip import CONTENT_TYPE as OIP_CONTENT_TYPE
 from handler.oip import InferRequest, oip_message, parse_infer_request, response_body
 from handler.request_stop import CallStop, WorkerHeartbeat, parse_call_control
@@ -114,6 +117,13 @@ class DiffMorpherHandler:
         self.pipeline = DiffMorpherPipeline.from_pretrained(
             weights, device=device, dtype=self.defaults.dtype, lpips_weights=lpips_path, cache=cache
         )
+        metric = self.pipeline.perceptual
+        if metric is not None and metric.name != "lpips-alex":  # never a silent swap: said here and in every result
+            logger.warning(
+                "LPIPS weights missing: morphs with use_reschedule measure frame distances with %s "
+                "instead, and their results say perceptual_metric %r; ship the weights in the archive "
+                "(python -m export.lpips_weights prepare, then build the archive)", metric.name, metric.name,
+            )
         compile_backend = str(settings.get("compile", COMPILE_OFF) or COMPILE_OFF)
         if compile_backend != COMPILE_OFF:
             compiled = compile_unet_blocks(self.pipeline.models.unet, backend=compile_backend)
@@ -185,13 +195,19 @@ class DiffMorpherHandler:
                 self._intermediate_sender(index, context), self.max_response_bytes, self.progress_interval_s
             )
         images = [self._resolve(index, image) for index, image in enumerate(request.images)]
-        result = self.pipeline(images, request.prompts, request.config, progress=progress, stop=stop)
+        # LoRAs sent instead of fitted, checked against this model (errors name lora_<i>)
+        sent = [self.pipeline.read_lora(data, wire.lora_key(i)) if data is not None else None
+                for i, data in enumerate(request.loras)]
+        given = sent if any(lora is not None for lora in sent) else None
+        result = self.pipeline(images, request.prompts, request.config, loras=given, progress=progress, stop=stop)
         generated = time.perf_counter()
         parts = [
             wire.Part(part.name, part.mime, part.data)
             for output in request.outputs
             for part in encode_parts(result.frames, output)
         ] + endpoint_parts(result)
+        if request.config.return_loras:
+            parts += lora_parts(result)
         finished = time.perf_counter()
         timings = {
             **{stage: round(float(t), 4) for stage, t in result.timings.items()},
@@ -253,6 +269,9 @@ class DiffMorpherHandler:
             return ErrorCode.NOT_FOUND, f"not found: {error}"
         if isinstance(error, ResponseTooLarge):
             return ErrorCode.TOO_LARGE, str(error)
+        if isinstance(error, CacheWaitTimeout):  # another worker's fit of the same image outlasted the last-resort wait
+            logger.warning("cache wait given up: %s", error)
+            return ErrorCode.BUSY, f"busy: {error}"
         if isinstance(error, MorphStopped):
             logger.info("morph stopped: %s", error)
             return (ErrorCode.CANCELLED if error.reason.kind == CANCELLED else ErrorCode.DEADLINE_EXCEEDED), str(error)

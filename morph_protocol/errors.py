@@ -41,7 +41,9 @@ class ErrorCode(StrEnum):
     OUT_OF_MEMORY = "out_of_memory"
     INTERNAL = "internal"
     # The gateway's (said by TorchServe's frontend in its own words, or by no one).
-    BUSY = "busy"  # every worker busy and the job queue full: retry with backoff
+    # every worker busy and the job queue full; from a worker: another worker's fit of the same
+    # image outlasted the cache's last-resort wait (diffmorpher.cache.CacheWaitTimeout): retry with backoff
+    BUSY = "busy"
     WORKER_DIED = "worker_died"  # the worker process died mid-morph; a new one is starting
     UNREACHABLE = "unreachable"  # the model server is not reachable (starting, restarting)
 

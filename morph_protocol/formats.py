@@ -16,6 +16,7 @@ GIF = "gif"
 MP4 = "mp4"
 FRAMES_ZIP = "frames-zip"
 PNG = "png"
+WEBP = "webp"
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ OUTPUT_FORMATS: dict[str, OutputFormat] = {
         OutputFormat(MP4, "video/mp4", ".mp4", "H.264 MP4 video"),
         OutputFormat(FRAMES_ZIP, "application/zip", ".zip", "ZIP of one PNG per frame"),
         OutputFormat(PNG, "image/png", "", "one PNG per frame (a directory)"),
+        OutputFormat(WEBP, "image/webp", ".webp", "animated WebP (lossy, or lossless with webp_lossless)"),
     )
 }
 FORMATS: tuple[str, ...] = tuple(OUTPUT_FORMATS)  # every format name, default (gif) first

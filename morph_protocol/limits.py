@@ -32,12 +32,20 @@ MAX_FRAMES = 256
 MAX_LORA_STEPS = 2000
 MAX_INFERENCE_STEPS = 1000
 MAX_LORA_RANK = 256
+# A LoRA sent instead of fitted (wire.lora_key): SD 1.5's attention projections at rank 16 in
+# fp32 are 12.8 MB, SD 2.1's 13.0 MB; 64 MiB takes rank 64 of either (about 52 MB) and keeps
+# two of them well inside MAX_REQUEST_BYTES.
+MAX_LORA_BYTES = 64 * MiB
 MAX_FRAME_BATCH = 64  # 0 asks for the worker's choice (diffmorpher.batching.frame_batch_size)
 MAX_VAE_BATCH = 64
 MAX_RESOLUTION = 2048
 # Classifier-free guidance of a generated endpoint (MorphConfig.endpoint_guidance): past ~20
 # Stable Diffusion saturates colours; 30 leaves room and refuses nonsense.
 MAX_ENDPOINT_GUIDANCE = 30.0
+
+# Lossy WebP's quality (libwebp's 0-100 scale: 0 smallest, 100 best); `webp_quality`.
+MIN_WEBP_QUALITY = 0
+MAX_WEBP_QUALITY = 100
 
 # ---------------------------------------------------------------------------- the worker
 PROGRESS_INTERVAL_S = 0.5  # least seconds between two progress messages of one stage

@@ -104,8 +104,11 @@ def decode_message(payload: bytes) -> Message:
 # REST multipart/form-data body): `image_0`, `image_1`, ... (encoded image bytes), `prompt_0`,
 # `prompt_1`, ... (UTF-8, one per image); in place of `image_<i>`, `image_ref_<i>`: the
 # `image_key` a previous result returned for an image (its `cache` metadata), so the image is
-# not sent again and its fitted LoRA and inverted latent are reused; `options` (UTF-8 JSON object: MorphConfig fields plus
-# `format`, `frame_duration_ms`, `loop`) and `stream` ("true" only on StreamPredictions).
+# not sent again and its fitted LoRA and inverted latent are reused; `lora_<i>` (optional): a
+# LoRA for image i as safetensors (diffusers' LoRA format, as a result's LoRA part), used instead
+# of fitting one (limits.MAX_LORA_BYTES); `options` (UTF-8 JSON object: MorphConfig fields plus
+# `format`, `frame_duration_ms`, `loop`, and for `webp` `webp_quality`, `webp_lossless`) and
+# `stream` ("true" only on StreamPredictions).
 # `deadline` (optional): when the caller stops waiting, as Unix time in seconds (a decimal
 # string); the server stops the morph then, and does not start it if it is already past. The
 # gateway in front of TorchServe sets it from the gRPC deadline. `call_id` is the gateway's own
@@ -149,3 +152,20 @@ def prompt_key(index: int) -> str:
 def endpoint_part_name(index: int) -> str:
     """The result part of the endpoint the server made for prompt `index` (one-image morphs)."""
     return f"endpoint_{index}.png"
+
+
+# A result carries the morph's LoRAs when the options ask for them (`return_loras`): one part per
+# endpoint (each image, and the endpoints made from one image), `lora_<i>.safetensors`, of MIME_SAFETENSORS, in diffusers' LoRA format (loadable with
+# `load_lora_weights`); the same bytes sent back as `lora_<i>` skip that image's fit.
+MIME_SAFETENSORS = "application/vnd.safetensors"
+LORA_PART_SUFFIX = ".safetensors"
+
+
+def lora_key(index: int) -> str:
+    """The request field of a LoRA sent for image `index`."""
+    return f"lora_{index}"
+
+
+def lora_part_name(index: int) -> str:
+    """The result part of image `index`'s LoRA."""
+    return f"lora_{index}{LORA_PART_SUFFIX}"

@@ -717,6 +717,24 @@ def build_corpus(base_options: dict, *, include_huge: bool = False) -> list[Case
         "loop_string", {"loop": "forever"}, "loop must be true or false", "a string is not a bool"
     )
     bad_option(
+        "webp_quality_over_range",
+        {"format": "webp", "webp_quality": 101},
+        "webp_quality must be between 0 and 100",
+        "libwebp's quality scale ends at 100",
+    )
+    bad_option(
+        "webp_quality_without_webp",
+        {"format": "gif", "webp_quality": 50},
+        "apply to the webp format only",
+        "a WebP option that no requested format reads",
+    )
+    bad_option(
+        "webp_quality_with_lossless",
+        {"format": "webp", "webp_quality": 50, "webp_lossless": True},
+        "webp_quality sets lossy WebP's quality",
+        "a lossy quality for a lossless WebP",
+    )
+    bad_option(
         "device_option",
         {"device": "cuda:7"},
         "option 'device' is set by the server",
@@ -743,6 +761,20 @@ def build_corpus(base_options: dict, *, include_huge: bool = False) -> list[Case
         "field 'stream' must be true or false",
         "neither true nor false",
         request(options=base, stream=b"maybe"),
+    )
+    # --- a LoRA sent instead of fitted (lora_<i>): what the parser refuses before the model
+    # (shapes, keys and rank are checked against the served UNet by the core: test_lora_file)
+    invalid(
+        "lora_empty",
+        "field 'lora_0' is empty",
+        "an empty LoRA field is a mistake, not a request to fit",
+        request(options=base, lora_0=b""),
+    )
+    invalid(
+        "lora_for_no_image",
+        "unknown field(s) ['lora_2']",
+        "a LoRA for an image the request does not have",
+        request(options=base, lora_2=b"x"),
     )
 
     # --- authentication (fields are the valid baseline)

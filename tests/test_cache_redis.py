@@ -16,6 +16,7 @@ from PIL import Image
 from diffmorpher.cache import DiskStore, TensorCache, seal
 from diffmorpher.cache_redis import KEY_PREFIX, LOCK_PREFIX, RedisStore, TieredStore
 from diffmorpher.config import MorphConfig
+from diffmorpher.interrupt import DEADLINE, MorphStopped, StopReason
 from diffmorpher.pipeline import DiffMorpherPipeline
 from tests.redis_server import RedisProcess
 
@@ -95,6 +96,25 @@ def test_a_dead_holders_lock_lapses_after_its_lease(redis_server: RedisProcess) 
         waited = time.monotonic() - started
     assert 0.5 < waited < 5.0
     assert store.client.get(LOCK_PREFIX + KEY) is None  # released by its holder
+
+
+def test_a_wait_for_another_replicas_lock_ends_at_the_requests_deadline(redis_server: RedisProcess, tmp_path: Path) -> None:
+    remote = RedisStore(redis_server.url)
+    remote.client.set(LOCK_PREFIX + KEY, "another replica, fitting", px=60_000)
+    store = TieredStore(DiskStore(tmp_path), remote)
+    deadline, asked = time.monotonic() + 1.0, []
+
+    def stop() -> StopReason | None:
+        asked.append(time.monotonic())
+        return StopReason(DEADLINE, "deadline exceeded") if asked[-1] >= deadline else None
+
+    started = time.monotonic()
+    with pytest.raises(MorphStopped, match="another worker's fit of the same image"):
+        with store.lock(KEY, stop):
+            pass
+    assert 1.0 <= time.monotonic() - started < 1.6 and len(asked) >= 8
+    assert store.status.errors == 0  # the request stopped: not a failure of the shared tier
+    assert list((tmp_path / "locks").iterdir()) == []  # the host's lock was released and deleted
 
 
 def test_a_held_lock_is_renewed_past_its_lease(redis_server: RedisProcess) -> None:

@@ -20,6 +20,27 @@ def test_cli_writes_a_gif_with_the_requested_frames(tiny_sd_dir, tmp_path):
     assert sorted(p.name for p in (tmp_path / "loras").iterdir()) == [
         "lora_0.safetensors", "lora_1.safetensors"
     ]
+    # The saved LoRAs (diffusers format) taken back instead of fitting: the same GIF.
+    again = tmp_path / "out" / "again.gif"
+    code = main([
+        "morph", str(a), str(b), "--prompt-a", "red", "--prompt-b", "blue", "--out", str(again),
+        "--model", str(tiny_sd_dir), "--frames", "4", "--set", "lora_steps=2",
+        "--set", "num_inference_steps=3", "--set", 'perceptual_metric="pixel"',
+        "--lora", f"0={tmp_path / 'loras' / 'lora_0.safetensors'}",
+        "--lora", f"1={tmp_path / 'loras' / 'lora_1.safetensors'}",
+    ])
+    assert code == 0 and again.read_bytes() == out.read_bytes()
+
+
+def test_cli_reports_a_bad_lora_without_a_traceback(tiny_sd_dir, tmp_path, capsys):
+    (tmp_path / "bad.safetensors").write_bytes(b"not a LoRA")
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    Image.new("RGB", (24, 24), (255, 0, 0)).save(a)
+    Image.new("RGB", (24, 24), (0, 0, 255)).save(b)
+    code = main(["morph", str(a), str(b), "--prompt-a", "x", "--prompt-b", "y",
+                 "--model", str(tiny_sd_dir), "--lora", f"0={tmp_path / 'bad.safetensors'}"])
+    assert code == 2
+    assert "field '--lora 0' is not a safetensors file (10 bytes" in capsys.readouterr().err
 
 
 def test_cli_reports_bad_options_without_a_traceback(tiny_sd_dir, tmp_path, capsys):

@@ -90,6 +90,49 @@ def test_one_image_and_two_prompts_is_a_request_and_its_made_endpoints_are_saved
     assert written[0].read_bytes() == b"\x89PNG1"
 
 
+def test_loras_travel_as_lora_fields_and_come_back_as_files(tmp_path: Path) -> None:
+    fields = build_input([b"a", b"b", b"c"], ["p0", "p1", "p2"], None, stream=False, loras=[None, b"LORA1", None])
+    assert fields["lora_1"] == b"LORA1" and "lora_0" not in fields and "lora_2" not in fields
+    with pytest.raises(MorphClientError, match="one LoRA \\(or None\\) per image \\(or prompt, with one image\\): 2 images, 1 LoRAs"):
+        build_input([b"a", b"b"], ["x", "y"], None, stream=False, loras=[b"x"])
+    one = build_input([b"a"], ["p0", "p1", "p2"], None, stream=False, loras=[None, None, b"LORA2"])
+    assert one["lora_2"] == b"LORA2" and "lora_0" not in one  # one image: one LoRA per prompt's endpoint
+    with pytest.raises(MorphClientError, match="1 image and 2 prompts, 1 LoRAs"):
+        build_input([b"a"], ["x", "y"], None, stream=False, loras=[b"x"])
+    with pytest.raises(MorphClientError, match="LoRA 0 is 0 bytes"):
+        build_input([b"a", b"b"], ["x", "y"], None, stream=False, loras=[b"", None])
+    result = MorphResult({}, [wire.Part("frame_0.png", "image/png", b"png"),
+                              wire.Part("lora_0.safetensors", wire.MIME_SAFETENSORS, b"zero"),
+                              wire.Part("../../lora_1.safetensors", wire.MIME_SAFETENSORS, b"one")])
+    written = result.save_loras(tmp_path / "loras")
+    assert written == [tmp_path / "loras" / "lora_0.safetensors", tmp_path / "loras" / "lora_1.safetensors"]
+    assert [path.read_bytes() for path in written] == [b"zero", b"one"]
+    with pytest.raises(MorphClientError, match="return_loras=true"):
+        MorphResult({}, []).save_loras(tmp_path / "none")
+
+
+def test_cli_lora_arguments(tmp_path: Path) -> None:
+    from client.__main__ import _options, _read_loras, build_parser
+
+    (tmp_path / "l.safetensors").write_bytes(b"LORA")
+    parser = build_parser()
+    args = parser.parse_args(["morph", "a.png", "b.png", "--lora", f"1={tmp_path / 'l.safetensors'}",
+                              "--save-loras", str(tmp_path / "out")])
+    assert _read_loras(args) == [None, b"LORA"]
+    assert _options(args, ["gif"])["return_loras"] is True
+    assert _read_loras(parser.parse_args(["morph", "a.png", "b.png"])) is None
+    with pytest.raises(SystemExit, match="there are only 2 images"):
+        _read_loras(parser.parse_args(["morph", "a.png", "b.png", "--lora", f"2={tmp_path / 'l.safetensors'}"]))
+    one = parser.parse_args(["morph", "a.png", "--prompt", "p0", "--prompt", "p1", "--lora", f"1={tmp_path / 'l.safetensors'}"])
+    assert _read_loras(one) == [None, b"LORA"]  # one image: the made endpoint's LoRA
+    with pytest.raises(SystemExit, match="there are only 2 prompts"):
+        _read_loras(parser.parse_args(["morph", "a.png", "--prompt", "p0", "--prompt", "p1",
+                                       "--lora", f"2={tmp_path / 'l.safetensors'}"]))
+    with pytest.raises(SystemExit, match="cannot read LoRA"):
+        _read_loras(parser.parse_args(["morph", "a.png", "b.png", "--lora", f"0={tmp_path / 'missing'}"]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["morph", "a.png", "b.png", "--lora", "nonsense"])
+
 def test_format_from_output_suffix() -> None:
     assert format_for(Path("a.gif"), None) == "gif"
     assert format_for(Path("a.mp4"), None) == "mp4"
@@ -99,6 +142,23 @@ def test_format_from_output_suffix() -> None:
     assert format_for(Path("a.png"), "png") == "png"
     with pytest.raises(SystemExit, match=r"'a\.png'.*\.gif \(gif\)"):
         format_for(Path("a.png"), None)  # a frame directory has no suffix: one rule, morph_protocol.formats
+
+
+def test_webp_options_of_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from client.__main__ import _options, build_parser
+
+    assert format_for(Path("out/x.webp"), None) == "webp"
+    morph = ["morph", "a.png", "b.png", "--out", "x.webp"]
+    args = build_parser().parse_args([*morph, "--webp-quality", "40"])
+    assert _options(args, ["webp"]) == {"webp_quality": 40, "format": "webp"}
+    args = build_parser().parse_args([*morph, "--webp-lossless", "--out", "y.gif"])
+    assert _options(args, ["webp", "gif"]) == {"webp_lossless": True, "format": ["webp", "gif"]}
+    assert "webp_quality" not in _options(build_parser().parse_args(morph), ["webp"])  # the server's default
+    for value in ("101", "-1", "high"):  # refused before any image is read or call made
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*morph, "--webp-quality", value])
+        error = capsys.readouterr().err
+        assert "--webp-quality" in error and ("between 0 and 100" in error or "whole number" in error), error
 
 
 # ---------------------------------------------------------------------------- tokens

@@ -1,6 +1,6 @@
 """The Kubernetes/KServe manifests in deploy/, checked offline: every object against the real
-schema (kubernetes-validate strict for Kubernetes 1.31, KServe's published InferenceService
-CRD), the validator against broken objects, and the manifests against the project itself
+schema (kubernetes-validate strict for Kubernetes 1.31, KServe's published InferenceService and
+ServingRuntime CRDs), the validator against broken objects, and the manifests against the project itself
 (config.properties' ports, the guard's CLI and health paths, the metrics TorchServe and our
 handler export, the drain hook against real heartbeat files)."""
 
@@ -66,7 +66,7 @@ def cluster_properties(manifests: list[Any]) -> dict[str, str]:
 def test_every_manifest_is_valid_against_kubernetes_1_31_strict_and_kserves_crd(manifests) -> None:
     kinds = sorted({m.kind for m in manifests})
     assert kinds == ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "InferenceService",
-                     "PersistentVolumeClaim", "Pod", "PodDisruptionBudget", "Service"]
+                     "PersistentVolumeClaim", "Pod", "PodDisruptionBudget", "Service", "ServingRuntime"]
     assert list(validate.errors(manifests)) == []
     assert validate.KUBERNETES_VERSION == "1.31"
 
@@ -92,6 +92,7 @@ def _set(*path: str | int, value: Any) -> Any:
 
 POD = ("spec", "template", "spec")
 MODEL = ("spec", "predictor", "model")
+RUNTIME = ("spec", "containers", 0)
 BROKEN = {
     # id: (kind, name, mutation, words the error must contain)
     "deployment-string-for-int": ("Deployment", "diffmorpher", _set("spec", "revisionHistoryLimit", value="3"),
@@ -115,7 +116,7 @@ BROKEN = {
                             ["spec.predictor.minReplicas", "'1' is not of type 'integer'"]),
     "isvc-int-for-string": ("InferenceService", "diffmorpher", _set(*MODEL, "protocolVersion", value=2),
                             ["spec.predictor.model.protocolVersion", "2 is not of type 'string'"]),
-    "isvc-bad-quantity": ("InferenceService", "diffmorpher", _set(*MODEL, "resources", "limits", "nvidia.com/gpu", value="one"),
+    "isvc-bad-quantity": ("InferenceService", "diffmorpher", _set(*MODEL, "resources", value={"limits": {"nvidia.com/gpu": "one"}}),
                           ["spec.predictor.model.resources.limits.nvidia.com/gpu", "'one' does not match"]),
     "isvc-unknown-component": ("InferenceService", "diffmorpher", _set("spec", "predictors", value={}),
                                ["spec", "'predictors' was unexpected"]),
@@ -123,6 +124,20 @@ BROKEN = {
                        ["metadata.labels.app.kubernetes.io/name", "not of type 'string'"]),
     "isvc-wrong-version": ("InferenceService", "diffmorpher", _set("apiVersion", value="serving.kserve.io/v1alpha1"),
                            ["apiVersion must be serving.kserve.io/v1beta1"]),
+    "runtime-unknown-field": ("ServingRuntime", "diffmorpher", _set("spec", "supportedModelFormat", value=[]),
+                              ["spec", "'supportedModelFormat' was unexpected"]),
+    "runtime-string-for-bool": ("ServingRuntime", "diffmorpher", _set("spec", "supportedModelFormats", 0, "autoSelect", value="no"),
+                                ["spec.supportedModelFormats.0.autoSelect", "'no' is not of type 'boolean'"]),
+    "runtime-format-without-name": ("ServingRuntime", "diffmorpher", _set("spec", "supportedModelFormats", 0, value={"version": "1"}),
+                                    ["spec.supportedModelFormats.0", "'name' is a required property"]),
+    "runtime-string-port": ("ServingRuntime", "diffmorpher", _set(*RUNTIME, "ports", 0, "containerPort", value="7070"),
+                            ["spec.containers.0.ports.0.containerPort", "not of type 'integer'"]),
+    "runtime-unknown-probe-field": ("ServingRuntime", "diffmorpher", _set(*RUNTIME, "readinessProbe", "httpGet", "paht", value="/"),
+                                    ["spec.containers.0.readinessProbe.httpGet", "'paht' was unexpected"]),
+    "runtime-bad-quantity": ("ServingRuntime", "diffmorpher", _set(*RUNTIME, "resources", "limits", "nvidia.com/gpu", value="one"),
+                             ["spec.containers.0.resources.limits.nvidia.com/gpu", "'one' does not match"]),
+    "runtime-wrong-version": ("ServingRuntime", "diffmorpher", _set("apiVersion", value="serving.kserve.io/v1beta1"),
+                              ["apiVersion must be serving.kserve.io/v1alpha1"]),
 }
 
 
@@ -153,15 +168,60 @@ def test_closing_the_crd_schema_keeps_fields_kserve_leaves_open() -> None:
     assert "additionalProperties" not in result["properties"]["typed"]["properties"]  # a field named so
 
 
-def test_the_vendored_schema_is_kserves_published_crd() -> None:
+def test_the_vendored_schemas_are_kserves_published_crds_of_one_release() -> None:
     source = validate.schema_source()
     assert re.fullmatch(r"https://github\.com/kserve/kserve v\d+\.\d+\.\d+ \(commit [0-9a-f]{40}\)", source), source
-    header = validate.KSERVE_SCHEMA.read_text()[:600]
-    assert "# path:   config/crd/full/serving.kserve.io_inferenceservices.yaml" in header
+    paths = {"InferenceService": "config/crd/full/serving.kserve.io_inferenceservices.yaml",
+             "ServingRuntime": "config/crd/full/serving.kserve.io_servingruntimes.yaml"}
+    assert set(validate.KSERVE_KINDS) == set(paths)
+    for kind, (api_version, schema_path) in validate.KSERVE_KINDS.items():
+        assert validate.schema_source(schema_path) == source, kind  # the same release for both
+        header = schema_path.read_text()[:600]
+        assert header.startswith(f"# {kind} {api_version.split('/')[1]} openAPIV3Schema")
+        assert f"# path:   {paths[kind]}" in header
+        assert schema_path == vendor_script().output_path(kind)
     schema = validate.read_vendored_schema()
     assert sorted(schema["properties"]) == ["apiVersion", "kind", "metadata", "spec", "status"]
     model = schema["properties"]["spec"]["properties"]["predictor"]["properties"]["model"]["properties"]
     assert {"modelFormat", "runtime", "storageUri", "protocolVersion", "resources"} <= set(model)
+    runtime = validate.read_vendored_schema(validate.KSERVE_KINDS["ServingRuntime"][1])["properties"]["spec"]
+    assert runtime["required"] == ["containers"]
+    assert {"supportedModelFormats", "protocolVersions", "containers", "volumes", "annotations",
+            "multiModel"} <= set(runtime["properties"])
+
+
+def vendor_script() -> Any:
+    """deploy/schemas/vendor_kserve_schema.py, a script, loaded as a module."""
+    path = DEPLOY / "schemas" / "vendor_kserve_schema.py"
+    spec = importlib.util.spec_from_file_location("vendor_kserve_schema", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_vendoring_script_copies_the_schema_of_the_named_kind_verbatim() -> None:
+    """A CRD file with both kinds' CRDs (and two versions): each kind gets its own version's
+    schema, unchanged, under a header naming kind, release and path."""
+    def crd(kind: str, versions: dict[str, Any]) -> dict[str, Any]:
+        return {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+                "spec": {"names": {"kind": kind}, "versions": [
+                    {"name": name, "schema": {"openAPIV3Schema": schema}} for name, schema in versions.items()]}}
+    runtime_schema = {"type": "object", "properties": {"spec": {"type": "object", "required": ["containers"]}}}
+    text = yaml.safe_dump_all([
+        crd("InferenceService", {"v1beta1": {"type": "object", "description": "isvc"}}),
+        crd("ServingRuntime", {"v1alpha1": runtime_schema, "v1beta9": {"type": "string"}}),
+    ])
+    script = vendor_script()
+    assert script.crd_schema(text, "ServingRuntime") == runtime_schema
+    assert script.crd_schema(text, "InferenceService") == {"type": "object", "description": "isvc"}
+    with pytest.raises(ValueError, match="expected one ClusterServingRuntime CRD, found 0"):
+        script.crd_schema(text, "ClusterServingRuntime", "v1alpha1")
+    rendered = script.render(runtime_schema, "kserve/kserve", "v0.20.0", "a" * 40,
+                             script.KINDS["ServingRuntime"][1], "ServingRuntime")
+    assert rendered.startswith("# ServingRuntime v1alpha1 openAPIV3Schema")
+    assert json.loads("".join(line for line in rendered.splitlines() if not line.startswith("#"))) == runtime_schema
+    with pytest.raises(ValueError, match="40 hex digits"):
+        script.render(runtime_schema, "kserve/kserve", "v0.20.0", "abc", "x", "ServingRuntime")
 
 
 # ---------------------------------------------------------------------------- kustomize layout
@@ -298,8 +358,7 @@ def test_one_gpu_per_replica(manifests) -> None:
     assert torchserve["resources"]["limits"]["nvidia.com/gpu"] == "1"
     guard = container(find(manifests, "Deployment", "diffmorpher"), "guard")
     assert "nvidia.com/gpu" not in guard["resources"].get("limits", {})
-    model = find(manifests, "InferenceService", "diffmorpher")["spec"]["predictor"]["model"]
-    assert model["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert runtime_container(manifests)["resources"]["limits"]["nvidia.com/gpu"] == "1"
 
 
 # ---------------------------------------------------------------------------- autoscaling
@@ -430,7 +489,7 @@ def test_every_container_drains_before_stopping_within_the_grace_period(manifest
     limit = int(re.search(r"DRAIN_TIMEOUT_S:-(\d+)", (DEPLOY / "image" / "drain.sh").read_text()).group(1))
     deployment = find(manifests, "Deployment", "diffmorpher")
     predictor = find(manifests, "InferenceService", "diffmorpher")["spec"]["predictor"]
-    hooks = [container(deployment, name)["lifecycle"] for name in ("guard", "torchserve")] + [predictor["model"]["lifecycle"]]
+    hooks = [container(deployment, name)["lifecycle"] for name in ("guard", "torchserve")] + [runtime_container(manifests)["lifecycle"]]
     for hook in hooks:
         assert hook["preStop"]["exec"]["command"] == ["/bin/sh", image_path("deploy/image/drain.sh")]
     for grace in (deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"],
@@ -439,11 +498,70 @@ def test_every_container_drains_before_stopping_within_the_grace_period(manifest
 
 
 # ---------------------------------------------------------------------------- KServe variant
-def test_kserve_serves_our_archive_from_the_pvc_in_the_layout_its_runtime_reads(manifests) -> None:
+def runtime_container(manifests: list[Any]) -> dict[str, Any]:
+    """The predictor's container: our ServingRuntime's kserve-container (KServe's predictor
+    container name), which the InferenceService's model overrides nowhere."""
+    (found,) = [c for c in find(manifests, "ServingRuntime", "diffmorpher")["spec"]["containers"]
+                if c["name"] == "kserve-container"]
+    return found
+
+
+def test_the_inferenceservice_runs_on_our_runtime_and_nothing_else(manifests) -> None:
+    """How KServe (v0.20, pkg/controller/v1beta1/inferenceservice) picks and builds the predictor:
+    `runtime:` is looked up as a ServingRuntime in the namespace, then as a ClusterServingRuntime;
+    the runtime must list the model's format (name, and name:version when a version is given)
+    and its protocolVersion; the container named kserve-container is merged with the model's
+    container fields, its args appended; the server-type annotation or a runtime name KServe
+    knows (kserve-torchserve) makes it append "-gpu" to a GPU container's image tag."""
+    isvc = find(manifests, "InferenceService", "diffmorpher")
+    model = isvc["spec"]["predictor"]["model"]
+    runtimes = [m for m in manifests if m.kind in ("ServingRuntime", "ClusterServingRuntime")]
+    assert [(m.kind, m.name) for m in runtimes] == [("ServingRuntime", model["runtime"])]
+    runtime = runtimes[0].doc
+    # Applied together: the runtime lands in the InferenceService's namespace.
+    kustomization = yaml.safe_load((DEPLOY / "kserve" / "kustomization.yaml").read_text())
+    assert runtimes[0].path.name in kustomization["resources"]
+    assert "namespace" not in runtime["metadata"] and "namespace" not in isvc["metadata"]
+    spec = runtime["spec"]
+    assert spec.get("disabled", False) is False and spec["multiModel"] is False
+    formats = {(f["name"], f.get("version")) for f in spec["supportedModelFormats"]}
+    assert (model["modelFormat"]["name"], model["modelFormat"].get("version")) in formats
+    assert model["modelFormat"]["name"] not in ("pytorch", "triton", "onnx")  # no other runtime's format
+    assert all(f.get("autoSelect", False) is False for f in spec["supportedModelFormats"])
+    assert model["protocolVersion"] in spec["protocolVersions"] == ["grpc-v2"]
+    # The model sets no container fields: every one comes from the runtime, none merged over it.
+    assert set(model) == {"runtime", "modelFormat", "protocolVersion", "storageUri"}
+    (predictor,) = spec["containers"]
+    assert predictor["name"] == "kserve-container" and "args" not in predictor
+    assert "serving.kserve.io/server-type" not in runtime["metadata"].get("annotations", {})
+    # The predictor's pod fields a runtime cannot carry are on the InferenceService, as in base/.
+    deployment = find(manifests, "Deployment", "diffmorpher")
+    pod = deployment["spec"]["template"]["spec"]
+    assert isvc["spec"]["predictor"]["securityContext"] == pod["securityContext"]
+    assert {v["name"]: v for v in spec["volumes"]}["client-tokens"] == {v["name"]: v for v in pod["volumes"]}["client-tokens"]
+
+
+def test_no_manifest_doc_or_code_names_kserves_torchserve_runtime() -> None:
+    """KServe is removing kserve-torchserve (kserve/kserve#5638): only deploy/README.md's
+    sentence on why we do not use it names it."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO_ROOT, capture_output=True, check=True).stdout.split(b"\0")
+    naming = []
+    for name in filter(None, files):
+        path = REPO_ROOT / name.decode()
+        if path == Path(__file__) or not path.is_file():
+            continue
+        if b"kserve-torchserve" in path.read_bytes():
+            naming.append(str(path.relative_to(REPO_ROOT)))
+    assert naming == ["deploy/README.md"]
+    paragraphs = [p for p in (DEPLOY / "README.md").read_text().split("\n\n") if "kserve-torchserve" in p]
+    assert len(paragraphs) == 1 and paragraphs[0].count("kserve-torchserve") == 1, paragraphs
+    assert "kserve/kserve#5638" in paragraphs[0], paragraphs[0]
+
+
+def test_kserve_serves_our_archive_from_the_pvc_in_the_layout_the_entrypoint_reads(manifests) -> None:
     isvc = find(manifests, "InferenceService", "diffmorpher")
     predictor = isvc["spec"]["predictor"]
     model = predictor["model"]
-    assert model["modelFormat"] == {"name": "pytorch"} and model["runtime"] == "kserve-torchserve"
     claim = find(manifests, "PersistentVolumeClaim", "diffmorpher-model-store")["metadata"]["name"]
     assert model["storageUri"] == f"pvc://{claim}"
     annotations = isvc["metadata"]["annotations"]
@@ -461,38 +579,55 @@ def test_kserve_serves_our_archive_from_the_pvc_in_the_layout_its_runtime_reads(
     assert kserve["disable_token_authorization"] == "false"
 
 
-def test_the_kserve_predictor_is_a_replica_like_the_deployments(manifests) -> None:
-    """Our image and entrypoint on the runtime: gRPC v2 on the gateway's port, the guard's probes,
-    the client-token Secret, the same environment paths the entrypoint reads."""
-    model = find(manifests, "InferenceService", "diffmorpher")["spec"]["predictor"]["model"]
+def test_the_runtimes_container_is_a_replica_like_the_deployments(manifests) -> None:
+    """Our image and entrypoint: gRPC v2 on the gateway's port (the predictor Service's first
+    port), the guard's probes and health port, TorchServe's metrics port scraped, the
+    client-token Secret, the environment paths the entrypoint reads, base/'s securityContext."""
+    runtime = find(manifests, "ServingRuntime", "diffmorpher")
+    predictor = runtime_container(manifests)
     deployment = find(manifests, "Deployment", "diffmorpher")
-    guard = container(deployment, "guard")
+    guard, torchserve = container(deployment, "guard"), container(deployment, "torchserve")
     kserve = read_properties(DEPLOY / "kserve" / "config.properties")
     entrypoint = (DEPLOY / "image" / "kserve-entrypoint.sh").read_text()
-    assert model["protocolVersion"] == "grpc-v2"
-    assert model["image"].split(":")[0] == container(deployment, "torchserve")["image"] == "diffmorpher-serving"
-    assert model["command"] == ["/bin/sh", image_path("deploy/image/kserve-entrypoint.sh")]
+    assert predictor["image"].split(":")[0] == torchserve["image"] == "diffmorpher-serving"
+    assert predictor["command"] == ["/bin/sh", image_path("deploy/image/kserve-entrypoint.sh")]
     assert image_path("deploy/kserve/config.properties") in entrypoint
-    assert model["ports"] == [{"name": "h2c", "containerPort": host_port(kserve["diffmorpher.gateway_address"])[1],
-                               "protocol": "TCP"}]
+    gateway = host_port(kserve["diffmorpher.gateway_address"])[1]
     health = host_port(kserve["diffmorpher.health_address"])[1]
+    metrics = host_port(kserve["metrics_address"])[1]
+    assert [(p["name"], p["containerPort"], p["protocol"]) for p in predictor["ports"]] == [
+        ("h2c", gateway, "TCP"), ("health", health, "TCP"), ("metrics", metrics, "TCP")]
+    base_ports = {p["containerPort"] for c in (guard, torchserve) for p in c["ports"]}
+    assert {p["containerPort"] for p in predictor["ports"]} == base_ports
+    assert not {p["containerPort"] for p in predictor["ports"]} & set(LOOPBACK_PORTS)
+    for listener in LOOPBACK_LISTENERS:
+        assert kserve[listener].split("://")[-1].startswith("127.0.0.1"), listener
     for probe, path in (("startupProbe", "/healthz"), ("readinessProbe", "/healthz"), ("livenessProbe", "/livez")):
-        assert (model[probe]["httpGet"]["path"], model[probe]["httpGet"]["port"]) == (path, health), probe
-    env = {e["name"]: e for e in model["env"]}
+        get = predictor[probe]["httpGet"]
+        assert (get["path"], _port_number(get, predictor["ports"])) == (path, health), probe
+    startup = predictor["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= int(kserve["default_startup_timeout"])
+    # Prometheus scrapes TorchServe's port, as base/'s pods; KServe's own scrape annotation is
+    # off (it would name 9091, Knative's queue-proxy port).
+    pod_annotations = runtime["spec"]["annotations"]
+    assert pod_annotations["prometheus.io/port"] == str(metrics) == deployment["spec"]["template"]["metadata"][
+        "annotations"]["prometheus.io/port"]
+    isvc_annotations = find(manifests, "InferenceService", "diffmorpher")["metadata"]["annotations"]
+    assert isvc_annotations["serving.kserve.io/enable-prometheus-scraping"] == "false"
+    env = {e["name"]: e for e in predictor["env"]}
     for name in ("DIFFMORPHER_MODEL_ROOT", "DIFFMORPHER_RUN_DIR", "DIFFMORPHER_CONTROL_DIR", "DIFFMORPHER_CLIENT_TOKENS"):
         assert name in entrypoint, name
     assert env["DIFFMORPHER_MODEL_ROOT"]["value"] + "/model-store" == kserve["model_store"]  # KServe's mount
     assert env["DIFFMORPHER_CONTROL_DIR"]["value"].startswith(env["DIFFMORPHER_RUN_DIR"]["value"] + "/")
-    mounts = {m["mountPath"]: m for m in model["volumeMounts"]}
+    mounts = {m["mountPath"]: m for m in predictor["volumeMounts"]}
     assert env["DIFFMORPHER_RUN_DIR"]["value"] in mounts and env["DIFFMORPHER_CACHE_DIR"]["value"] in mounts
     tokens = mounts[env["DIFFMORPHER_CLIENT_TOKENS"]["value"]]
     assert tokens["readOnly"] is True and "subPath" not in tokens
-    volumes = {v["name"]: v for v in find(manifests, "InferenceService", "diffmorpher")["spec"]["predictor"]["volumes"]}
-    base_tokens = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "client-tokens")
-    assert volumes[tokens["name"]]["secret"] == base_tokens["secret"]
-    assert env["DIFFMORPHER_CACHE_REDIS_URL"] == {e["name"]: e for e in container(deployment, "torchserve")["env"]}[
-        "DIFFMORPHER_CACHE_REDIS_URL"]
-    assert "nvidia.com/gpu" in model["resources"]["limits"] and guard["ports"][0]["containerPort"] == 7070
+    volumes = {v["name"] for v in runtime["spec"]["volumes"]}
+    assert {m["name"] for m in predictor["volumeMounts"]} == volumes
+    assert env["DIFFMORPHER_CACHE_REDIS_URL"] == {e["name"]: e for e in torchserve["env"]}["DIFFMORPHER_CACHE_REDIS_URL"]
+    assert predictor["securityContext"] == guard["securityContext"] == torchserve["securityContext"]
+    assert predictor["resources"] == torchserve["resources"]
 
 
 def image_path(relative: str) -> str:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,7 +27,7 @@ from morph_protocol.errors import ErrorCode
 from morph_protocol.keyfile import TokenSource
 from client.morph_client import MorphClient, MorphClientError
 from client.rest import RestClient
-from tests.conftest import EMBEDDED_MODEL, demo_inputs
+from tests.conftest import EMBEDDED_MODEL, REPO_ROOT, demo_inputs, served_model
 from launcher.torchserve import TorchServeProcess
 
 pytestmark = pytest.mark.slow
@@ -63,11 +65,12 @@ def png_array(data: bytes) -> np.ndarray:
 # ---------------------------------------------------------------------------- unary gRPC
 @pytest.fixture(scope="module")
 def unary_result(server: TorchServeProcess):
-    """One unary morph (GIF + PNG frames) shared by the checks below; records the worker pid."""
+    """One unary morph (GIF + PNG frames, and its fitted LoRAs) shared by the checks below;
+    records the worker pid."""
     images, prompts = demo_inputs()
     pid_before = server.worker_pid()
     with MorphClient(server.grpc_target, tokens=TokenSource(key_file=server.key_file)) as morph:
-        result = morph.morph(images, prompts, {**TINY, "format": ["gif", "png"]}, deadline_s=600)
+        result = morph.morph(images, prompts, {**TINY, "format": ["gif", "png"], "return_loras": True}, deadline_s=600)
     return result, pid_before
 
 
@@ -127,6 +130,79 @@ def test_endpoint_frames_resemble_inputs(unary_result) -> None:
     assert max(to_a[1:-1] + to_b[1:-1]) < 18.0, (to_a, to_b)  # the frames between are neither input
 
 
+# ---------------------------------------------------------------------------- the CLI
+def test_cli_out_webp_by_suffix_gives_an_animated_webp_with_every_frame(server: TorchServeProcess, unary_result,
+                                                                        tmp_path: Path) -> None:
+    """`python -m client morph ... --out x.webp` against the served model (as after `make
+    serve`): the suffix asks for WebP, and the file is an animated WebP holding every frame at
+    the morph's size, lossy at the server's default quality, close to the PNG frames of the same
+    morph (the unary result's: same options and seed, its LoRAs now cached). Measured on the
+    demo pair: 4 frames of 64 px, 2082 bytes (the GIF 17130), 34.1-35.9 dB PSNR to the PNGs."""
+    images, prompts = demo_inputs()
+    paths = [tmp_path / f"image_{i}.png" for i in range(2)]
+    for path, data in zip(paths, images):
+        path.write_bytes(data)
+    out = tmp_path / "out" / "x.webp"
+    command = [
+        sys.executable, "-m", "client", "--target", server.grpc_target, "--key-file", str(server.key_file),
+        "morph", *map(str, paths), "--prompt-a", prompts[0], "--prompt-b", prompts[1],
+        "--frames", str(FRAMES), "--seed", str(TINY["seed"]), "--option", f"lora_steps={TINY['lora_steps']}",
+        "--option", f"num_inference_steps={TINY['num_inference_steps']}", "--option", "use_reschedule=false",
+        "--out", str(out), "--metadata-out", str(tmp_path / "metadata.json"),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"wrote {out}" in done.stdout
+    metadata = json.loads((tmp_path / "metadata.json").read_text())
+    assert metadata["formats"] == ["webp"] and metadata["webp_lossless"] is False and metadata["webp_quality"] == 80
+    result, _ = unary_result
+    pngs = [png_array(p.data) for p in result.parts if p.mime == "image/png"]
+    webp = Image.open(out)
+    assert webp.format == "WEBP" and webp.is_animated and webp.n_frames == FRAMES
+    frames = []
+    for index in range(webp.n_frames):
+        webp.seek(index)
+        frames.append(np.asarray(webp.convert("RGB"), dtype=np.float32))
+    assert all(frame.shape == pngs[0].shape for frame in frames)
+    to_png = [psnr_db(frame, png) for frame, png in zip(frames, pngs)]
+    gif_bytes = len(result.part_for("gif").data)
+    print(f"\nCLI --out x.webp: {FRAMES} frames, {out.stat().st_size} bytes (GIF {gif_bytes}), "
+          f"PSNR to the PNG frames {[round(x, 2) for x in to_png]} dB")
+    assert 30.0 < min(to_png) and max(to_png) < 50.0, to_png  # lossy: close, not exact
+    assert out.stat().st_size < gif_bytes
+
+
+def test_returned_loras_load_with_diffusers_and_sent_back_give_the_same_frames(
+    request: pytest.FixtureRequest, client: MorphClient, unary_result, tmp_path: Path
+) -> None:
+    """The fitted LoRAs the unary morph returned (return_loras) are diffusers LoRA files of the
+    served model, and sent back (lora_<i>) they replace the fits: no LoRA step runs and the
+    frames are the same PNG bytes."""
+    import safetensors.torch
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    result, _ = unary_result
+    written = result.save_loras(tmp_path)
+    assert [path.name for path in written] == ["lora_0.safetensors", "lora_1.safetensors"]
+    assert result.metadata["lora_parts"] == [path.name for path in written]
+    assert result.metadata["work"]["lora_fits"] == 2
+    sd = StableDiffusionPipeline.from_pretrained(served_model(request))
+    sd.load_lora_weights(str(tmp_path), weight_name="lora_0.safetensors", adapter_name="image_0")
+    config = sd.unet.peft_config["image_0"]
+    assert (config.r, config.lora_alpha) == (16, 16)
+    loaded = get_peft_model_state_dict(sd.unet, adapter_name="image_0")
+    in_file = safetensors.torch.load(written[0].read_bytes())
+    assert len(loaded) == len(in_file) > 0
+    assert all(torch.equal(tensor, in_file[f"unet.{key}"]) for key, tensor in loaded.items())
+    images, prompts = demo_inputs()
+    again = client.morph(images, prompts, {**TINY, "format": "png"}, deadline_s=600,
+                         loras=[path.read_bytes() for path in written])
+    assert again.metadata["work"] == {"lora_fits": 0, "lora_steps": 0, "inversions": 2}
+    assert [p.data for p in again.parts] == [p.data for p in result.parts if p.mime == "image/png"]
+
+
 # ---------------------------------------------------------------------------- REST
 def test_rest_returns_the_same_result_for_the_same_seed(server: TorchServeProcess, unary_result) -> None:
     grpc_result, _ = unary_result
@@ -180,6 +256,7 @@ def test_stream_sends_progress_then_every_frame_in_order_then_the_result(client:
         ("non_image", "not a readable image"),
         ("missing_prompt", "missing prompt 'prompt_1'"),
         ("zero_frames", "num_frames must be between 2"),
+        ("bad_lora", "field 'lora_0' is not a safetensors file"),
     ],
 )
 def test_bad_requests_get_a_client_error(server: TorchServeProcess, client: MorphClient, change: str, expected: str) -> None:
@@ -189,12 +266,14 @@ def test_bad_requests_get_a_client_error(server: TorchServeProcess, client: Morp
         images = [b"this is not an image", images[1]]
     elif change == "missing_prompt":
         prompts = prompts[:1]
-    else:
+    elif change == "zero_frames":
         options["num_frames"] = 0
     pid = server.worker_pid()
     fields = {wire.image_key(i): d for i, d in enumerate(images)}
     fields |= {wire.prompt_key(i): p.encode() for i, p in enumerate(prompts)}
     fields[wire.INPUT_OPTIONS] = json.dumps(options).encode()
+    if change == "bad_lora":
+        fields[wire.lora_key(0)] = b"PK\x03\x04 a zip, not a LoRA"
     with pytest.raises(MorphClientError) as raised:
         client.predict(fields, deadline_s=120)  # no client-side checks: the server must catch these
     assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT

@@ -12,6 +12,7 @@ from diffmorpher import ConfigError, MorphConfig
 from diffmorpher.cache import DiskStore, TensorCache
 from diffmorpher.conditioning import PromptConditioning
 from diffmorpher.endpoints import guided_predictor
+from diffmorpher.lora_file import lora_to_safetensors
 from diffmorpher.pipeline import DiffMorpherPipeline
 from tests.conftest import DEMO_DIR, EMBEDDED_MODEL
 
@@ -81,6 +82,22 @@ def test_the_same_request_makes_the_same_endpoint_bytes_and_the_cache_keeps_them
     # Kept like an uploaded image: its image_key names it for a later request.
     key = read.cache[1]["image_key"]
     assert _png(cached.stored_image(key)) == _png(made.generated[0])
+
+
+def test_one_image_gives_a_lora_per_endpoint_and_they_sent_back_skip_every_fit(pipe):
+    """The LoRAs of a one-image morph (made endpoints' too) are files like any other: sent back as
+    lora_<i>, the morph fits nothing and gives the same frames bit for bit."""
+    image = Image.new("RGB", (16, 16), (255, 0, 0))
+    config = MorphConfig(**FAST, seed=3, return_loras=True)
+    first = pipe([image], PROMPTS, config)
+    assert len(first.loras) == 3 and all(lora is not None for lora in first.loras)
+    assert first.work.lora_fits == 3
+    sent = [pipe.read_lora(lora_to_safetensors(lora), f"lora_{i}") for i, lora in enumerate(first.loras)]
+    second = pipe([image], PROMPTS, config, loras=sent)
+    assert (second.work.lora_fits, second.work.lora_steps) == (0, 0)
+    assert torch.equal(first.frame_tensors, second.frame_tensors)
+    with pytest.raises(ConfigError, match="need one LoRA \\(or None\\) per endpoint, got 1"):
+        pipe([image], PROMPTS, config, loras=sent[:1])
 
 
 @pytest.mark.parametrize(

@@ -15,15 +15,17 @@ from tests.conftest import REPO_ROOT
 
 
 def test_every_format_has_one_mime_type_and_one_suffix() -> None:
-    assert FORMATS == ("gif", "mp4", "frames-zip", "png")
+    assert FORMATS == ("gif", "mp4", "frames-zip", "png", "webp")
     assert formats.DEFAULT_FORMAT == FORMATS[0] == "gif"
-    assert MIME_TYPES == {"gif": "image/gif", "mp4": "video/mp4", "frames-zip": "application/zip", "png": "image/png"}
-    assert formats.SUFFIX_FORMATS == {".gif": "gif", ".mp4": "mp4", ".zip": "frames-zip", "": "png"}
+    assert MIME_TYPES == {"gif": "image/gif", "mp4": "video/mp4", "frames-zip": "application/zip", "png": "image/png",
+                          "webp": "image/webp"}
+    assert formats.SUFFIX_FORMATS == {".gif": "gif", ".mp4": "mp4", ".zip": "frames-zip", "": "png", ".webp": "webp"}
 
 
 @pytest.mark.parametrize("path, expected", [
     ("morph.gif", "gif"), ("out/MORPH.GIF", "gif"), (Path("a/b.mp4"), "mp4"), ("frames.zip", "frames-zip"),
     ("out/frames", "png"), (Path("frames"), "png"), (PurePosixPath("x/y.tar.zip"), "frames-zip"),
+    ("x.webp", "webp"), ("out/X.WEBP", "webp"),
 ])  # fmt: skip
 def test_a_known_suffix_maps_to_its_format_and_no_suffix_is_a_png_directory(path, expected) -> None:
     assert format_for_path(path) == expected
@@ -35,20 +37,20 @@ def test_an_unknown_suffix_is_an_error_naming_the_known_ones(path) -> None:
         format_for_path(path)
     message = str(caught.value)
     assert path in message
-    assert all(suffix in message for suffix in (".gif", ".mp4", ".zip", "no suffix"))
+    assert all(suffix in message for suffix in (".gif", ".mp4", ".webp", ".zip", "no suffix"))
 
 
 def test_the_core_client_and_page_use_the_one_definition() -> None:
     from client.__main__ import build_parser
     from diffmorpher.config import OutputOptions
-    from diffmorpher.encoding import MIME_GIF, MIME_MP4, MIME_PNG, MIME_ZIP
+    from diffmorpher.encoding import MIME_GIF, MIME_MP4, MIME_PNG, MIME_WEBP, MIME_ZIP
     from web.events import MEDIA_KEYS
-    from web.limits import FORMATS as PAGE_FORMATS
+    from web.limits import CHOSEN_FORMATS, FORMATS as PAGE_FORMATS
 
     assert OutputOptions.FORMATS is FORMATS
-    assert (MIME_GIF, MIME_MP4, MIME_ZIP, MIME_PNG) == tuple(MIME_TYPES[f] for f in FORMATS)
-    assert set(PAGE_FORMATS) < set(FORMATS)
-    assert set(MEDIA_KEYS) == {MIME_TYPES[f] for f in PAGE_FORMATS}
+    assert (MIME_GIF, MIME_MP4, MIME_ZIP, MIME_PNG, MIME_WEBP) == tuple(MIME_TYPES[f] for f in FORMATS)
+    assert set(PAGE_FORMATS) < set(FORMATS) and set(CHOSEN_FORMATS) < set(FORMATS) - set(PAGE_FORMATS)
+    assert set(MEDIA_KEYS) == {MIME_TYPES[f] for f in PAGE_FORMATS + CHOSEN_FORMATS}
     morph = build_parser()._subparsers._group_actions[0].choices["morph"]  # type: ignore[union-attr]
     (fmt,) = [action for action in morph._actions if action.dest == "format"]
     assert tuple(fmt.choices) == FORMATS

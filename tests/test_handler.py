@@ -234,6 +234,78 @@ def test_in_a_batch_only_the_bad_request_fails(handler: DiffMorpherHandler, tiny
     assert context.get_response_status(1)[0] == 400
 
 
+
+# ---------------------------------------------------------------------------- LoRAs out and in
+def test_returned_loras_sent_back_give_the_same_frames_without_a_fit(handler: DiffMorpherHandler,
+                                                                     tiny_sd_dir: Path) -> None:
+    """return_loras adds one diffusers LoRA file per image; sent back as lora_<i> they replace
+    the fits and the frames are the same bytes."""
+    # A seed of its own: the handler's cache holds the LoRAs other tests fitted.
+    (payload,) = handler.handle([good_request(format="png", return_loras=True, seed=11)], make_context(tiny_sd_dir))
+    first = wire.decode_message(payload)
+    loras = [p for p in first.parts if p.mime == wire.MIME_SAFETENSORS]
+    assert [p.name for p in loras] == ["lora_0.safetensors", "lora_1.safetensors"] == first.header["lora_parts"]
+    assert first.header["work"]["lora_fits"] == 2
+    sent = {**good_request(format="png", seed=11), "lora_0": loras[0].data, "lora_1": loras[1].data}
+    (payload,) = handler.handle([sent], make_context(tiny_sd_dir))
+    second = wire.decode_message(payload)
+    assert second.header["work"] == {"lora_fits": 0, "lora_steps": 0, "inversions": 2}
+    assert second.header["lora_parts"] == [] and all(p.mime == "image/png" for p in second.parts)
+    assert [p.data for p in second.parts] == [p.data for p in first.parts if p.mime == "image/png"]
+
+
+def test_one_image_returns_a_lora_per_endpoint_and_takes_them_back(handler: DiffMorpherHandler,
+                                                                   tiny_sd_dir: Path) -> None:
+    """One image and three prompts with return_loras: three LoRA parts (the made endpoints' too)
+    beside the made endpoints; sent back as lora_<i>, they replace those fits (frames the same
+    bytes), and a lora_3 names no endpoint."""
+    request = {"image_0": png("red"), "prompt_0": b"a red square", "prompt_1": b"a blue square",
+               "prompt_2": b"a green square"}
+    options = {**TINY, "format": "png", "seed": 13}
+    (payload,) = handler.handle([{**request, "options": json.dumps({**options, "return_loras": True}).encode()}],
+                                make_context(tiny_sd_dir))
+    first = wire.decode_message(payload)
+    loras = [p for p in first.parts if p.mime == wire.MIME_SAFETENSORS]
+    assert [p.name for p in loras] == [f"lora_{i}.safetensors" for i in range(3)] == first.header["lora_parts"]
+    assert [p.name for p in first.parts if p.mime == wire.MIME_ENDPOINT] == ["endpoint_1.png", "endpoint_2.png"]
+    assert first.header["work"]["lora_fits"] == 3
+    sent = {**request, "options": json.dumps(options).encode(), "lora_0": loras[0].data, "lora_1": loras[1].data,
+            "lora_2": loras[2].data}
+    second = wire.decode_message(handler.handle([sent], make_context(tiny_sd_dir))[0])
+    assert (second.header["work"]["lora_fits"], second.header["work"]["lora_steps"]) == (0, 0)
+    frames = [p.data for p in first.parts if p.mime == "image/png"]
+    assert [p.data for p in second.parts if p.mime == "image/png"] == frames
+    with pytest.raises(PredictionException, match="unknown field\\(s\\) \\['lora_3'\\]"):
+        handler.handle([{**sent, "lora_3": loras[0].data}], make_context(tiny_sd_dir))
+
+
+@pytest.mark.parametrize(
+    ("lora", "message"),
+    [
+        (b"not safetensors", "invalid request: field 'lora_1' is not a safetensors file (15 bytes"),
+        (b"", "invalid request: field 'lora_1' is empty"),
+        ("too big", "bytes; a LoRA may have at most 67108864 bytes"),
+        ("wrong shape", "invalid request: field 'lora_1' has 'unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k.lora_A.weight' of shape [4, 33]"),
+        ("unknown key", "invalid request: field 'lora_1' has the unknown key 'unet.conv_in.lora_A.weight'"),
+    ],
+)
+def test_a_bad_sent_lora_is_invalid_argument_naming_it(handler: DiffMorpherHandler, tiny_sd_dir: Path,
+                                                      lora, message: str) -> None:
+    import safetensors.torch
+
+    module = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"
+    data = {
+        "too big": b"\0" * (64 * 2**20 + 1),
+        "wrong shape": safetensors.torch.save({f"{module}.lora_A.weight": torch.zeros(4, 33),
+                                               f"{module}.lora_B.weight": torch.zeros(32, 4)}),
+        "unknown key": safetensors.torch.save({"unet.conv_in.lora_A.weight": torch.zeros(4, 4)}),
+    }.get(lora, lora)
+    with pytest.raises(PredictionException) as raised:
+        handler.handle([{**good_request(), "lora_1": data}], make_context(tiny_sd_dir))
+    code, text = parse_error(raised.value.message)
+    assert (raised.value.error_code, code) == (400, ErrorCode.INVALID_REQUEST)
+    assert message in text
+
 # ---------------------------------------------------------------------------- request parsing
 @pytest.mark.parametrize(
     ("request_change", "field", "message"),
@@ -244,6 +316,8 @@ def test_in_a_batch_only_the_bad_request_fails(handler: DiffMorpherHandler, tiny
         ({"options": b"[1]"}, "options", "field 'options' must be a JSON object, got list"),
         ({"image_ref_0": b"xyz", "image_0": None}, "image_ref_0", "field 'image_ref_0' must be the 64-hex-digit"),
         ({"options": b'{"num_frames": 0}'}, None, "num_frames must be between 2 and 256"),
+        ({"lora_0": b""}, "lora_0", "field 'lora_0' is empty"),
+        ({"lora_2": b"x"}, None, "unknown field(s) ['lora_2']"),
     ],
 )
 def test_errors_name_their_request_field_as_data(request_change: dict, field: str | None, message: str) -> None:
@@ -275,6 +349,28 @@ def test_server_defaults_apply_under_request_options() -> None:
     assert [o.format for o in outputs] == ["gif"]
     with pytest.raises(ConfigError, match="twice"):
         split_options({"format": ["gif", "gif"]}, defaults)
+
+
+def test_webp_options_reach_the_webp_output_and_are_refused_where_nothing_reads_them() -> None:
+    defaults = MorphConfig()
+    _, outputs = split_options({"format": ["gif", "webp"], "webp_quality": 35}, defaults)
+    assert [(o.format, o.webp_quality, o.webp_lossless) for o in outputs] == [("gif", 35, False), ("webp", 35, False)]
+    _, (lossless,) = split_options({"format": "webp", "webp_lossless": True}, defaults)
+    assert (lossless.webp_lossless, lossless.webp_quality) == (True, 80)
+    refused = {
+        "option(s) ['webp_quality'] apply to the webp format only, and the request asks for ['gif', 'mp4']":
+            {"format": ["gif", "mp4"], "webp_quality": 50},
+        "option(s) ['webp_lossless'] apply to the webp format only, and the request asks for ['gif']":
+            {"webp_lossless": True},
+        "webp_quality sets lossy WebP's quality and the request asks for lossless WebP":
+            {"format": "webp", "webp_quality": 90, "webp_lossless": True},
+        "webp_quality must be between 0 and 100, got 101": {"format": "webp", "webp_quality": 101},
+        "webp_quality must be an integer, got 7.5": {"format": "webp", "webp_quality": 7.5},
+    }
+    for message, options in refused.items():
+        with pytest.raises(ConfigError) as caught:
+            split_options(options, defaults)
+        assert message in str(caught.value), (options, str(caught.value))
 
 
 def test_a_requested_preset_overrides_server_defaults_and_request_options_override_it() -> None:
@@ -449,3 +545,33 @@ def test_a_worker_makes_its_assigned_gpu_current_before_loading_on_it(
     DiffMorpherHandler().initialize(context)
     expected_calls = [("set_device", device)] if device.type == "cuda" else []
     assert events == [*expected_calls, ("load", device, "auto")]
+
+
+def test_a_worker_without_lpips_weights_says_so_at_start_and_in_every_rescheduled_result(
+    tiny_sd_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("DIFFMORPHER_LPIPS_WEIGHTS", str(tmp_path / "missing.safetensors"))
+    worker = DiffMorpherHandler()
+    with caplog.at_level("WARNING", logger=torchserve_handler.logger.name):
+        worker.initialize(make_context(tiny_sd_dir))
+    assert any("LPIPS weights missing" in r.getMessage() and "pixel-l2" in r.getMessage() for r in caplog.records)
+    (payload,) = worker.handle([good_request(use_reschedule=True, reschedule_probe_fraction=0.5)], make_context(tiny_sd_dir))
+    header = wire.decode_message(payload).header
+    assert header["config"]["perceptual_metric"] == "lpips"  # what was asked
+    assert (header["perceptual_metric"], header["perceptual_weights"]) == ("pixel-l2", "none")  # what was used
+
+
+def test_a_worker_with_lpips_weights_names_them(handler: DiffMorpherHandler, tiny_sd_dir: Path) -> None:
+    if handler.pipeline is None or handler.pipeline.perceptual is None or handler.pipeline.perceptual.name != "lpips-alex":
+        pytest.skip("no LPIPS weights prepared here (make setup prepares them)")
+    (payload,) = handler.handle([good_request(use_reschedule=True, reschedule_probe_fraction=0.5)], make_context(tiny_sd_dir))
+    header = wire.decode_message(payload).header
+    assert header["perceptual_metric"] == "lpips-alex" and header["perceptual_weights"].endswith(".safetensors")
+
+
+def test_a_cache_wait_given_up_is_busy_not_internal() -> None:
+    from diffmorpher.cache import CacheWaitTimeout
+
+    code, message = DiffMorpherHandler._classify(CacheWaitTimeout("gave up after waiting 3600 s for another worker's fit"))
+    assert code == ErrorCode.BUSY and code.retryable and code.http_status == 503
+    assert message.startswith("busy: gave up after waiting 3600 s")

@@ -1,10 +1,10 @@
 """The KServe predictor's entrypoint (deploy/image/kserve-entrypoint.sh) run for real, in the
 layout KServe gives it: the model store under a "mounted" model root, the image's
 deploy/kserve/config.properties (only ports and host-side paths changed, and loopback for the
-gateway, as tests bind), a kubelet-style client-token Secret, and the runtime's own TorchServe
-arguments appended (ignored). A KServe v2 client (tritonclient) then morphs through the
-gateway's Open Inference Protocol service with a client token; without one it is refused; and
-SIGTERM stops TorchServe, its worker and the guard."""
+gateway, as tests bind), a kubelet-style client-token Secret, and TorchServe-style arguments such
+as an InferenceService could append to our runtime's command (ignored). A KServe v2 client
+(tritonclient) then morphs through the gateway's Open Inference Protocol service with a client
+token; without one it is refused; and SIGTERM stops TorchServe, its worker and the guard."""
 
 from __future__ import annotations
 

@@ -33,6 +33,7 @@ from loadtest.scrape import parse_prometheus, read_samples
 from loadtest.schedule import StepSchedule
 from loadtest.targets import TargetError, build_targets, split_list, target_index
 from tests.conftest import EMBEDDED_MODEL, REPO_ROOT
+from tests.markdown import markdown_table
 
 STAGES = "2,10"
 STAGE_S = 15  # 2 x 15 s of load, then in-flight morphs drain (a few seconds each)
@@ -227,18 +228,6 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def report_table(report: str, heading: str) -> list[list[str]]:
-    """Cells of the first markdown table after `heading`."""
-    lines = report.split(heading, 1)[1].splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
-    rows = []
-    for line in lines[start + 2:]:
-        if not line.startswith("|"):
-            break
-        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
-    return rows
-
-
 @pytest.mark.slow
 def test_load_run_succeeds_and_stays_bounded(load_run) -> None:
     out, process, elapsed = load_run
@@ -324,7 +313,7 @@ def test_combined_goodput_is_the_sum_of_the_replicas(load_run) -> None:
                  and s["ts"] - ledger["started_wall"] < duration_s]
         assert row["goodput_per_min"] == pytest.approx(len(ended) / (duration_s / 60.0))
     report = (out / "report.md").read_text()
-    table = {r[0]: r for r in report_table(report, "## Per target (replica)")}
+    table = {r[0]: r for r in markdown_table(report, "## Per target (replica)")}
     assert float(table["**combined**"][7]) == pytest.approx(combined["goodput_per_min"], abs=0.005)
     for row in rows:
         assert float(table[row["name"]][7]) == pytest.approx(row["goodput_per_min"], abs=0.005)
@@ -359,7 +348,7 @@ def test_report_files_exist_and_match_the_csv(load_run) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["consistency_problems"] == []
     # Whole-run table == locust_stats.csv, entry by entry.
-    rows = {(r[0], r[1]): r[2:] for r in report_table(report, "## Whole run")}
+    rows = {(r[0], r[1]): r[2:] for r in markdown_table(report, "## Whole run")}
     stats = [r for r in read_csv(out / "locust_stats.csv") if r["Name"] != "Aggregated"]
     assert len(rows) == len(stats)
     for row in stats:
@@ -368,13 +357,13 @@ def test_report_files_exist_and_match_the_csv(load_run) -> None:
             assert float(cell) == pytest.approx(float(row[column]), abs=0.051), (row["Name"], column)
     # Per-stage table adds up to the ledger; the headline numbers are the ledger's.
     totals = summary["ledger"]
-    stages = report_table(report, "## Per stage")
+    stages = markdown_table(report, "## Per stage")
     assert [int(r[0]) for r in stages] == [int(u) for u in STAGES.split(",")]
     assert sum(int(r[1]) for r in stages) == totals["sent"]
     assert sum(int(r[2]) for r in stages) == totals["ok"]
     assert sum(int(r[3]) for r in stages) == totals["busy"]
     assert f"**{totals['sent']} requests sent, {totals['answered']} answered**" in report
-    workers = report_table(report, "## Load generator")
+    workers = markdown_table(report, "## Load generator")
     assert [int(r[1]) for r in workers] == [w["totals"]["sent"] for w in summary["workers"]]
     # The capacity recommendation is stated with numbers.
     capacity = summary["capacity"]

@@ -13,6 +13,7 @@ same worker serves the next request; a ModelInfer deadline stops the morph on th
 from __future__ import annotations
 
 import base64
+import io
 import json
 import sys
 import time
@@ -24,6 +25,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from google.protobuf import descriptor_pb2
+from PIL import Image
 from tritonclient.grpc import service_pb2 as triton_pb2
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
@@ -290,6 +292,43 @@ def test_oip_and_native_give_identical_frames(server: TorchServeProcess, oip_cli
     assert metadata["worker_pid"] == native.metadata["worker_pid"] == server.worker_pid()
     print(f"\nOIP ModelInfer {oip_s:.2f} s, native Predictions {native_s:.2f} s (LoRAs cached), "
           f"{len(frames)} parts, {sum(map(len, frames))} bytes, identical")
+
+
+@pytest.mark.slow
+def test_oip_outputs_an_animated_webp_lossless_or_lossy(server: TorchServeProcess, oip_client) -> None:
+    """WebP through ModelInfer: its options as parameters (`webp_lossless` a bool, `webp_quality`
+    an int), the WebP an element of output `frames`. Lossless, it decodes to exactly the PNG
+    frames of the same morph; lossy, it holds every frame in fewer bytes; a quality out of range
+    is INVALID_ARGUMENT naming the bounds."""
+    images, prompts = demo_inputs()
+    quick = {"num_frames": 3, "lora_steps": 1, "num_inference_steps": 2, "use_reschedule": False, "seed": 31}
+    lossless = oip_morph(oip_client, server, images, prompts, {**quick, "format": ["webp", "png"], "webp_lossless": True})
+    webp, *pngs = list(lossless.as_numpy("frames"))
+    metadata = json.loads(lossless.as_numpy("metadata")[0])
+    assert [p["mime"] for p in metadata["parts"]] == ["image/webp"] + ["image/png"] * 3
+    assert metadata["webp_lossless"] is True
+    decoded = webp_frames(webp)
+    assert len(decoded) == len(pngs) == 3
+    for frame, png in zip(decoded, pngs):
+        assert np.array_equal(frame, np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
+    lossy = oip_morph(oip_client, server, images, prompts, {**quick, "format": ["webp"], "webp_quality": 30})
+    (small,) = list(lossy.as_numpy("frames"))
+    assert json.loads(lossy.as_numpy("metadata")[0])["webp_quality"] == 30
+    assert len(webp_frames(small)) == 3 and len(small) < len(webp)
+    print(f"\nOIP WebP of 3 frames: lossless {len(webp)} bytes, lossy at 30 {len(small)} bytes")
+    code, message = status_of(lambda: oip_morph(oip_client, server, images, prompts,
+                                                {**quick, "format": ["webp"], "webp_quality": 101}))
+    assert code == "StatusCode.INVALID_ARGUMENT" and "webp_quality must be between 0 and 100, got 101" in message
+
+
+def webp_frames(data: bytes) -> list[np.ndarray]:
+    webp = Image.open(io.BytesIO(data))
+    assert webp.format == "WEBP"
+    frames = []
+    for index in range(webp.n_frames):
+        webp.seek(index)
+        frames.append(np.asarray(webp.convert("RGB")))
+    return frames
 
 
 @pytest.mark.slow

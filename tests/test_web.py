@@ -475,6 +475,41 @@ def test_service_error_is_shown_and_the_page_still_works(browser, web_url: str, 
     assert gif_frame_count(download(driver, "download-gif")) == FRAMES
 
 
+
+def test_fitted_loras_download_and_upload_in_the_browser(browser, web_url: str, tmp_path: Path) -> None:
+    """The advanced option return_loras offers one LoRA download per image (diffusers LoRA files);
+    uploaded beside their images, they are sent instead of fitted: no LoRA step runs, the
+    images are inverted with the sent LoRAs, and the GIF is the same bytes."""
+    from selenium.webdriver.support.select import Select
+
+    driver = browser
+    driver.set_script_timeout(60)
+    open_page(driver, web_url)
+    upload(driver, *(DEMO_DIR / name for name in DEMO_NAMES))
+    fill_fast_settings(driver)
+    Select(driver.find_element("id", "opt-return_loras")).select_by_value("true")
+    assert morph_and_wait(driver) == "done", error_text(driver)
+    gif = download(driver, "download-gif")
+    links = driver.find_elements("css selector", "#download-loras a")
+    assert [link.get_attribute("download") for link in links] == ["lora_0.safetensors", "lora_1.safetensors"]
+    assert driver.find_element("id", "download-loras").is_displayed()
+    paths = []
+    for index in range(2):
+        data = download(driver, f"download-lora_{index}")
+        header_length = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_length])
+        assert header["__metadata__"]["lora_adapter_metadata"] and any(k.startswith("unet.") for k in header)
+        paths.append(tmp_path / f"lora_{index}.safetensors")
+        paths[-1].write_bytes(data)
+    for lora_input, path in zip(driver.find_elements("css selector", "#images input.lora"), paths):
+        lora_input.send_keys(str(path))
+    assert [s.text for s in driver.find_elements("css selector", "#images .lora-name")] == [p.name for p in paths]
+    assert morph_and_wait(driver) == "done", error_text(driver)
+    metadata = json.loads(driver.find_element("id", "metadata-json").get_attribute("textContent"))
+    assert metadata["work"] == {"lora_fits": 0, "lora_steps": 0, "inversions": 2}  # sent: nothing cached under them
+    assert [entry["lora"] for entry in metadata["cache"]] == ["off", "off"]
+    assert download(driver, "download-gif") == gif
+
 def test_upload_over_the_service_limit_is_refused_before_reading(web_url: str) -> None:
     """An upload larger than max_request_size is answered 413 from its Content-Length alone."""
     host, port = web_url.split("//")[1].strip("/").split(":")
@@ -489,6 +524,78 @@ def test_upload_over_the_service_limit_is_refused_before_reading(web_url: str) -
     connection.close()
     assert response.status == 413
     assert "at most 104857600 bytes" in answer["message"]
+
+
+def test_the_form_adds_a_chosen_webp_to_the_page_s_formats_and_refuses_others() -> None:
+    from diffmorpher.config import OutputOptions
+    from web.form import FormError, parse_options
+    from web.limits import page_limits
+
+    assert parse_options('{"seed": 1}') == {"seed": 1, "format": ["gif", "mp4", "frames-zip"]}
+    assert parse_options('{"format": ["webp"], "webp_quality": 30}') == {
+        "format": ["gif", "mp4", "frames-zip", "webp"], "webp_quality": 30}
+    for bad in ('{"format": ["png"]}', '{"format": "webp"}', '{"format": ["gif"]}'):
+        with pytest.raises(FormError) as refused:
+            parse_options(bad)
+        assert refused.value.status == 400 and "format must be a list of the formats the page adds (['webp'])" in refused.value.message
+    assert page_limits().webp_quality == {"min": 0, "max": 100, "default": OutputOptions().webp_quality}
+
+
+def webp_frames(data: bytes) -> list[np.ndarray]:
+    with Image.open(io.BytesIO(data)) as webp:
+        assert webp.format == "WEBP"
+        frames = []
+        for index in range(webp.n_frames):
+            webp.seek(index)
+            frames.append(np.asarray(webp.convert("RGB"), dtype=np.float64))
+        return frames
+
+
+def test_webp_choice_in_the_browser_downloads_a_lossy_then_a_lossless_webp(browser, web_url: str) -> None:
+    """The settings' "Also as WebP" choice: its quality field takes the service's bounds and
+    default, refuses 101 in the page, and a morph then offers "Download WebP" with every frame:
+    lossy at the quality asked for (close to the ZIP's PNG frames), lossless (exactly them)."""
+    from selenium.webdriver.support.ui import Select
+
+    driver = browser
+    driver.set_script_timeout(60)
+    open_page(driver, web_url)
+    upload(driver, *(DEMO_DIR / name for name in DEMO_NAMES))
+    fill_fast_settings(driver)
+    quality = driver.find_element("id", "webp-quality")
+    assert (quality.get_attribute("min"), quality.get_attribute("max"), quality.get_attribute("placeholder")) == ("0", "100", "80")
+    assert not quality.is_enabled()  # no WebP chosen
+    mode = Select(driver.find_element("id", "webp-mode"))
+    mode.select_by_value("lossy")
+    assert quality.is_enabled()
+    set_field(driver, "webp-quality", "101")
+    driver.find_element("id", "morph").click()
+    assert "WebP quality must be a whole number from 0 to 100" in error_text(driver)
+    set_field(driver, "webp-quality", "50")
+    downloads = {}
+    for choice in ("lossy", "lossless"):
+        mode.select_by_value(choice)
+        assert morph_and_wait(driver) == "done", error_text(driver)
+        link = driver.find_element("id", "download-webp")
+        assert link.is_displayed() and link.get_attribute("download") == "morph.webp"
+        assert re.fullmatch(r"Download WebP \(\d+ (B|KiB)\)", link.text), link.text
+        downloads[choice] = download(driver, "download-webp")
+        metadata = json.loads(driver.find_element("id", "metadata-json").get_attribute("textContent"))
+        assert metadata["formats"] == ["gif", "mp4", "frames-zip", "webp"]
+        assert (metadata["webp_lossless"], metadata["webp_quality"]) == ((True, 80) if choice == "lossless" else (False, 50))
+        with zipfile.ZipFile(io.BytesIO(download(driver, "download-zip"))) as frames_zip:
+            pngs = [np.asarray(Image.open(io.BytesIO(frames_zip.read(name))).convert("RGB"), dtype=np.float64)
+                    for name in sorted(frames_zip.namelist())]
+        frames = webp_frames(downloads[choice])
+        assert len(frames) == len(pngs) == FRAMES
+        psnr = [10 * math.log10(255**2 / max(float(np.mean((a - b) ** 2)), 1e-12)) for a, b in zip(frames, pngs)]
+        if choice == "lossless":
+            assert all(np.array_equal(a, b) for a, b in zip(frames, pngs))
+        else:
+            assert 25.0 < min(psnr) and max(psnr) < 60.0, psnr  # close, not exact
+    print(f"web WebP of {FRAMES} frames: lossy at 50 {len(downloads['lossy'])} bytes, "
+          f"lossless {len(downloads['lossless'])} bytes")
+    assert len(downloads["lossy"]) < len(downloads["lossless"])
 
 
 def test_cancel_stops_the_morph_on_the_service(browser, web_url: str, server: TorchServeProcess) -> None:

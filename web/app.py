@@ -65,6 +65,7 @@ async def morph_stream(settings: WebSettings, form: MorphForm):
             result = client.morph_stream(
                 form.images, form.prompts, form.options, deadline_s=settings.deadline_s,
                 on_event=lambda message: emit(events.for_message(message)),
+                loras=form.loras if any(lora is not None for lora in form.loras) else None,
             )
             emit(events.for_result(result))
         except MorphClientError as error:

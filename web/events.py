@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from morph_protocol import wire
-from morph_protocol.formats import FRAMES_ZIP, GIF, MIME_TYPES, MP4
+from morph_protocol.formats import FRAMES_ZIP, GIF, MIME_TYPES, MP4, WEBP
 from client.morph_client import MorphClientError, MorphResult
 
 EVENT_ACCEPTED = "accepted"
@@ -24,7 +24,8 @@ EVENT_ERROR = "error"
 # browser tab while the service is still fitting LoRAs.
 KEEPALIVE = b": keep-alive\n\n"
 # Result parts the page offers, by MIME type: the key the page looks them up under.
-MEDIA_KEYS = {MIME_TYPES[GIF]: "gif", MIME_TYPES[MP4]: "mp4", MIME_TYPES[FRAMES_ZIP]: "zip"}
+MEDIA_KEYS = {MIME_TYPES[GIF]: "gif", MIME_TYPES[MP4]: "mp4", MIME_TYPES[FRAMES_ZIP]: "zip",
+              MIME_TYPES[WEBP]: "webp"}
 
 
 def sse(event: str, data: dict[str, Any]) -> bytes:
@@ -48,15 +49,21 @@ def for_message(message: wire.Message) -> bytes:
 
 
 def for_result(result: MorphResult) -> bytes:
-    """The final answer: the service's metadata as it sent it, plus the GIF, MP4 and ZIP."""
+    """The final answer: the service's metadata as it sent it, plus the GIF, MP4, ZIP (and WebP),
+    and the morph's LoRA files when it was asked for them (return_loras)."""
     media = {}
     for part in result.parts:
         key = MEDIA_KEYS.get(part.mime)
         if key:
-            media[key] = {"name": part.name, "mime": part.mime, "size": len(part.data), "data": _b64(part.data)}
+            media[key] = _media(part)
+    loras = [_media(part) for part in result.lora_parts()]
     # One image and several prompts: the endpoints the service made, as PNGs, in prompt order.
-    endpoints = [{"name": part.name, "png": _b64(part.data)} for part in result.parts if part.mime == wire.MIME_ENDPOINT]
-    return sse(EVENT_RESULT, {"metadata": result.metadata, "media": media, "endpoints": endpoints})
+    endpoints = [{"name": part.name, "png": _b64(part.data)} for part in result.endpoints]
+    return sse(EVENT_RESULT, {"metadata": result.metadata, "media": media, "loras": loras, "endpoints": endpoints})
+
+
+def _media(part: wire.Part) -> dict[str, Any]:
+    return {"name": part.name, "mime": part.mime, "size": len(part.data), "data": _b64(part.data)}
 
 
 def for_client_error(error: MorphClientError) -> bytes:

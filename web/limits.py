@@ -22,7 +22,7 @@ from types import ModuleType
 from typing import Any
 
 from morph_protocol import limits as service_limits
-from morph_protocol.formats import FRAMES_ZIP, GIF, MP4
+from morph_protocol.formats import FRAMES_ZIP, GIF, MP4, WEBP
 from morph_protocol.properties import max_request_bytes, read_properties
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +37,8 @@ SERVER_OPTIONS = ("device", "dtype")
 DEFAULT_PRESET = "fast"
 # One morph, every encoding the page offers: the GIF plays, MP4 and ZIP are downloads.
 FORMATS = [GIF, MP4, FRAMES_ZIP]
+# Encodings a person may add to those (the form's "format" list): a WebP download.
+CHOSEN_FORMATS = [WEBP]
 
 
 def load_morph_config() -> ModuleType:
@@ -88,6 +90,9 @@ class PageLimits:
     options: list[dict[str, Any]] = field(default_factory=list)
     known_prompts: dict[str, str] = field(default_factory=dict)
     formats: list[str] = field(default_factory=lambda: list(FORMATS))
+    chosen_formats: list[str] = field(default_factory=lambda: list(CHOSEN_FORMATS))
+    # The WebP choice's quality field: bounds from morph_protocol.limits, default OutputOptions'.
+    webp_quality: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -130,4 +135,6 @@ def page_limits(ts_config: Path = DEFAULT_TS_CONFIG) -> PageLimits:
         default_preset=DEFAULT_PRESET if DEFAULT_PRESET in config.PRESETS else next(iter(config.PRESETS)),
         options=options,
         known_prompts=read_known_prompts(),
+        webp_quality={"min": service_limits.MIN_WEBP_QUALITY, "max": service_limits.MAX_WEBP_QUALITY,
+                      "default": config.OutputOptions().webp_quality},
     )

@@ -1,17 +1,18 @@
 #!/bin/sh
-# The KServe predictor's command (deploy/kserve/inferenceservice.yaml): TorchServe and the guard
-# in the one container KServe's kserve-torchserve runtime gives a model, in place of the
-# runtime's own wrapper. So a KServe replica is what a deploy/base pod is: clients reach only the
-# guard's gateway (native gRPC and the Open Inference Protocol's inference.GRPCInferenceService on
-# 7070, which the InferenceService declares as its h2c port), with its deadlines, cancellation,
-# stream/unary protection, watchdog, token rotation, client tokens and /healthz, /livez.
+# The KServe predictor's command (our runtime, deploy/kserve/servingruntime.yaml): TorchServe and
+# the guard in the one container KServe gives a model. So a KServe replica is what a deploy/base
+# pod is: clients reach only the guard's gateway (native gRPC and the Open Inference Protocol's
+# inference.GRPCInferenceService on 7070, which the runtime declares as its h2c port), with its
+# deadlines, cancellation, stream/unary protection, watchdog, token rotation, client tokens and
+# /healthz, /livez.
 #
 # Paths (environment, defaults for the pod):
 #   DIFFMORPHER_TS_CONFIG      TorchServe's config.properties (the image's deploy/kserve copy)
 #   DIFFMORPHER_MODEL_ROOT     where KServe mounted storageUri (/mnt/models; the .mar is in model-store/)
 #   DIFFMORPHER_RUN_DIR        TorchServe's start directory: key_file.json, logs/, control/
 #   DIFFMORPHER_CLIENT_TOKENS  the mounted client-token Secret (guard --client-tokens)
-# Arguments (the runtime's own TorchServe command line) are ignored, and said so.
+# Arguments (our runtime passes none; an InferenceService's model `args` are appended) are
+# ignored, and said so.
 # The container ends when either process ends (the kubelet restarts it); SIGTERM stops both,
 # after the preStop hook (drain.sh) let running morphs finish.
 set -eu

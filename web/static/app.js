@@ -86,6 +86,23 @@ class MorphPage {
       grid.appendChild(label);
     }
     this.updatePlaceholders();
+    this.buildWebpChoice();
+  }
+
+  buildWebpChoice() {
+    // The WebP download: none, lossy at a quality (bounds and default from the service), or lossless.
+    const Q = this.limits.webp_quality;
+    const quality = $("webp-quality");
+    quality.min = Q.min; quality.max = Q.max; quality.placeholder = String(Q.default);
+    $("webp-mode").addEventListener("change", () => { quality.disabled = $("webp-mode").value !== "lossy"; });
+  }
+
+  webpOptions() {
+    const mode = $("webp-mode").value;
+    if (!mode) return {};
+    if (mode === "lossless") return { format: ["webp"], webp_lossless: true };
+    const raw = $("webp-quality").value.trim();
+    return raw === "" ? { format: ["webp"] } : { format: ["webp"], webp_quality: Number(raw) };
   }
 
   updatePlaceholders() {
@@ -108,7 +125,7 @@ class MorphPage {
       const kind = input.dataset.kind;
       options[input.dataset.option] = kind === "bool" ? raw === "true" : kind === "int" || kind === "float" ? Number(raw) : raw;
     }
-    return options;
+    return { ...options, ...this.webpOptions() };
   }
 
   // ------------------------------------------------------------------ images
@@ -156,13 +173,19 @@ class MorphPage {
       li.draggable = true;
       li.dataset.index = index;
       li.innerHTML = `<span class="handle" title="drag to reorder">&#x2630;</span><img alt="">
-        <div><input type="text" class="prompt" aria-label="prompt of image ${index + 1}"><div class="name"></div></div>
+        <div><input type="text" class="prompt" aria-label="prompt of image ${index + 1}"><div class="name"></div>
+          <label class="lora-upload">LoRA (optional) <input type="file" class="lora" accept=".safetensors"></label> <span class="lora-name"></span></div>
         <div class="tools"><button type="button" class="up" title="earlier">&uarr;</button><button type="button" class="down" title="later">&darr;</button><button type="button" class="remove" title="remove">&times;</button></div>`;
       li.querySelector("img").src = item.url;
       li.querySelector(".name").textContent = `${index + 1}. ${item.file.name} (${formatBytes(item.file.size)})`;
       const prompt = li.querySelector("input.prompt");
       prompt.value = item.prompt;
       prompt.addEventListener("input", () => { item.prompt = prompt.value; });
+      // A LoRA file sent for this image instead of fitting one (kept with the image when reordered).
+      const lora = li.querySelector("input.lora");
+      const loraName = li.querySelector(".lora-name");
+      loraName.textContent = item.lora ? item.lora.name : "";
+      lora.addEventListener("change", () => { item.lora = lora.files[0] || null; loraName.textContent = item.lora ? item.lora.name : ""; });
       li.querySelector(".up").addEventListener("click", () => this.move(index, index - 1));
       li.querySelector(".down").addEventListener("click", () => this.move(index, index + 1));
       li.querySelector(".remove").addEventListener("click", () => {
@@ -200,6 +223,10 @@ class MorphPage {
     const frames = Number($("frames").value);
     if (!Number.isInteger(frames) || frames < L.min_frames || frames > L.max_frames)
       return `frames must be a whole number from ${L.min_frames} to ${L.max_frames}`;
+    const quality = $("webp-quality");
+    const q = Number(quality.value);
+    if (!quality.disabled && quality.value.trim() !== "" && (!Number.isInteger(q) || q < L.webp_quality.min || q > L.webp_quality.max))
+      return `WebP quality must be a whole number from ${L.webp_quality.min} to ${L.webp_quality.max}`;
     return null;
   }
 
@@ -242,10 +269,11 @@ class MorphPage {
     if (problem) { this.showError("REFUSED", problem); return; }
     this.resetRun();
     const body = new FormData();
-    for (const item of this.items) {
+    this.items.forEach((item, index) => {
       body.append("image", item.file, item.file.name);
       body.append("prompt", item.prompt);
-    }
+      if (item.lora) body.append("lora_" + index, item.lora, item.lora.name);
+    });
     for (const prompt of this.morePrompts()) body.append("prompt", prompt);
     body.append("options", JSON.stringify(this.options()));
     this.abort = new AbortController();
@@ -335,7 +363,7 @@ class MorphPage {
     $("status").textContent = `frame ${f.index + 1} of ${f.num_frames}`;
   }
 
-  onResult({ metadata, media, endpoints }) {
+  onResult({ metadata, media, loras, endpoints }) {
     this.showMadeEndpoints(endpoints);
     for (const stage of STAGES) {
       if (!this.stageState[stage]) $("label-" + stage).textContent = this.skippedLabel(stage, metadata);
@@ -352,11 +380,28 @@ class MorphPage {
     show("gif", "result-gif", "download-gif");
     show("mp4", "result-mp4", "download-mp4");
     show("zip", null, "download-zip");
+    show("webp", null, "download-webp");
+    this.showLoras(loras || []);
     this.renderMetadata(metadata);
     $("metadata-json").textContent = JSON.stringify(metadata, null, 2);
     $("result").hidden = false;
     const seconds = ((performance.now() - this.started) / 1000).toFixed(1);
     $("status").textContent = `done: ${metadata.num_frames} frames in ${seconds} s`;
+  }
+
+  showLoras(loras) {
+    // One download per image's LoRA (return_loras): diffusers LoRA files.
+    const box = $("download-loras");
+    box.replaceChildren();
+    for (const part of loras) {
+      const url = URL.createObjectURL(base64Blob(part.data, part.mime));
+      this.urls.push(url);
+      const link = document.createElement("a");
+      link.className = "button"; link.href = url; link.download = part.name; link.id = "download-" + part.name.replace(/\.safetensors$/, "");
+      link.textContent = `Download ${part.name} (${formatBytes(part.size)})`;
+      box.appendChild(link);
+    }
+    box.hidden = loras.length === 0;
   }
 
   skippedLabel(stage, metadata) {
