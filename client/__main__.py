@@ -7,6 +7,8 @@ Examples::
         --frames 16 --out out/morph.gif --out out/morph.mp4 --stream
     python -m client morph a.png b.png c.png --prompt "a" --prompt "b" --prompt "c" \\
         --option lora_steps=50 --format png --out out/frames/
+    python -m client morph red.png --prompt "a red circle" --prompt "a blue circle" --out out/morph.gif
+        (one image: the server makes the blue circle from it; saved as out/morph.endpoint_1.png)
     python -m client morph a.png b.png --prompt-a ... --prompt-b ... --save-loras out/loras/
     python -m client morph a.png b.png --prompt-a ... --prompt-b ... \
         --lora 0=out/loras/lora_0.safetensors --lora 1=out/loras/lora_1.safetensors
@@ -65,13 +67,17 @@ def _parse_lora(text: str) -> tuple[int, Path]:
 
 
 def _read_loras(args: argparse.Namespace) -> list[bytes | None] | None:
-    """Per image, the bytes of its --lora file, or None (no --lora at all: None)."""
+    """Per endpoint (each image; with one image, each prompt's endpoint), the bytes of its
+    --lora file, or None (no --lora at all: None)."""
     if not args.lora:
         return None
-    loras: list[bytes | None] = [None] * len(args.images)
+    one_image = len(args.images) == 1
+    count = len(args.prompt or []) if one_image else len(args.images)
+    what = "prompts (one image: one endpoint per prompt)" if one_image else "images"
+    loras: list[bytes | None] = [None] * count
     for index, path in args.lora:
-        if index >= len(args.images):
-            raise SystemExit(f"--lora {index}={path}: there are only {len(args.images)} images (0..{len(args.images) - 1})")
+        if index >= count:
+            raise SystemExit(f"--lora {index}={path}: there are only {count} {what} (0..{count - 1})")
         if loras[index] is not None:
             raise SystemExit(f"--lora {index}=...: image {index} has two LoRAs")
         try:
@@ -128,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "reuses an image a previous result named (its fitted LoRA, no upload)")
     morph.add_argument("--prompt-a", help="prompt of the first image (two-image morphs)")
     morph.add_argument("--prompt-b", help="prompt of the second image (two-image morphs)")
-    morph.add_argument("--prompt", action="append", default=[], help="one per image, in order")
+    morph.add_argument("--prompt", action="append", default=[],
+                       help="one per image, in order; with ONE image, two or more: the server makes "
+                            "an endpoint from the image for each prompt after the first and morphs through them")
     morph.add_argument("--frames", type=int, help="number of frames (num_frames)")
     morph.add_argument("--seed", type=int, help="random seed")
     morph.add_argument("--option", action="append", type=_parse_option, default=[],
@@ -249,6 +257,8 @@ def _run_morph(client: MorphClient, args: argparse.Namespace) -> int:
     for out, fmt in zip(outs, formats):
         for path in result.save(out, fmt):
             print(f"wrote {path}")
+    for path in result.save_endpoints(outs[0]):
+        print(f"wrote {path} (an endpoint the server made)")
     if args.save_loras is not None:
         for path in result.save_loras(args.save_loras):
             print(f"wrote {path}")

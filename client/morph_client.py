@@ -115,8 +115,24 @@ class MorphResult:
                 return part
         raise MorphClientError(None, f"the result has no {fmt} part: {[p.name for p in self.parts]}")
 
+    @property
+    def endpoints(self) -> list[wire.Part]:
+        """The endpoints the server made (one image and K prompts): PNGs `endpoint_<k>.png`."""
+        return [part for part in self.parts if part.mime == wire.MIME_ENDPOINT]
+
+    def save_endpoints(self, out: str | Path) -> list[Path]:
+        """Each made endpoint beside `out`: `morph.gif` -> `morph.endpoint_1.png`, ..."""
+        out = Path(out)
+        written = []
+        for part in self.endpoints:
+            path = out.with_name(f"{out.stem}.{part.name}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(part.data)
+            written.append(path)
+        return written
+
     def lora_parts(self) -> list[wire.Part]:
-        """The morph's LoRAs (`return_loras`): one diffusers LoRA file per image."""
+        """The morph's LoRAs (`return_loras`): one diffusers LoRA file per endpoint (image)."""
         return [part for part in self.parts if part.mime == wire.MIME_SAFETENSORS]
 
     def save_loras(self, directory: str | Path) -> list[Path]:
@@ -167,22 +183,32 @@ def build_input(
     `deadline_s` the request carries its deadline, so the server stops working on it when this
     client stops waiting (the gateway also derives it from the gRPC deadline). An image may be
     a `wire.ImageRef` (the `image_key` of a previous result) instead of its bytes. `loras`: per
-    image, a LoRA file (a result's LoRA part) to use instead of fitting one, or None."""
-    if len(images) < limits.MIN_IMAGES:
+    endpoint (each image; with one image, each prompt's endpoint, made ones too), a LoRA file (a
+    result's LoRA part) to use instead of fitting one, or None."""
+    if len(images) == 1:  # one image, K >= 2 prompts: the server makes the other endpoints
+        if not limits.MIN_ONE_IMAGE_PROMPTS <= len(prompts) <= limits.MAX_ONE_IMAGE_PROMPTS:
+            raise MorphClientError(
+                None, f"a morph needs at least {limits.MIN_IMAGES} images, or one image and "
+                      f"{limits.MIN_ONE_IMAGE_PROMPTS} to {limits.MAX_ONE_IMAGE_PROMPTS} prompts; "
+                      f"got 1 image and {len(prompts)} prompt(s)")
+    elif len(images) < limits.MIN_IMAGES:
         raise MorphClientError(None, f"a morph needs at least {limits.MIN_IMAGES} images, got {len(images)}")
-    if len(images) > limits.MAX_IMAGES:
+    elif len(images) > limits.MAX_IMAGES:
         raise MorphClientError(None, f"at most {limits.MAX_IMAGES} images per morph, got {len(images)}")
-    if len(prompts) != len(images):
+    elif len(prompts) != len(images):
         raise MorphClientError(None, f"one prompt per image: {len(images)} images, {len(prompts)} prompts")
     data: dict[str, bytes] = {}
-    for index, (image, prompt) in enumerate(zip(images, prompts)):
+    for index, image in enumerate(images):
         if isinstance(image, wire.ImageRef):
             data[wire.image_ref_key(index)] = image.key.encode("ascii")
         else:
             data[wire.image_key(index)] = bytes(image)
+    for index, prompt in enumerate(prompts):
         data[wire.prompt_key(index)] = prompt.encode("utf-8")
-    if loras is not None and len(loras) != len(images):
-        raise MorphClientError(None, f"one LoRA (or None) per image: {len(images)} images, {len(loras)} LoRAs")
+    if loras is not None and len(loras) != len(prompts):  # one per endpoint; as many as prompts
+        what = f"{len(images)} images" if len(images) > 1 else f"1 image and {len(prompts)} prompts"
+        raise MorphClientError(None, f"one LoRA (or None) per image (or prompt, with one image): {what}, "
+                                     f"{len(loras)} LoRAs")
     for index, lora in enumerate(loras or []):
         if lora is None:
             continue

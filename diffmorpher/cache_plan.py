@@ -19,7 +19,7 @@ from .cache import KEY as CACHE_KEY
 from .cache import CacheKeys, CacheMiss, TensorCache
 from .config import ConfigError, MorphConfig, show
 from .interrupt import StopCheck, never_stop
-from .lora import image_cache_key, inversion_cache_key, lora_cache_key, shared_lora_cache_key
+from .lora import endpoint_cache_key, image_cache_key, inversion_cache_key, lora_cache_key, shared_lora_cache_key
 from .models import MorphModels
 from .perceptual import PerceptualDistance
 from .preprocess import to_model_square
@@ -161,6 +161,40 @@ class CachePlan:
         if alphas is None or tuple(alphas.shape) != (num_images - 1, num_frames):
             return None
         return [[float(a) for a in row] for row in alphas.tolist()]
+
+
+def generated_endpoints(
+    cache: TensorCache | None,
+    image: Image.Image,
+    prompts: Sequence[str],
+    models: MorphModels,
+    config: MorphConfig,
+    resolution: int,
+    generate: Callable[[list[int]], dict[int, Image.Image]],
+    stop: StopCheck = never_stop,
+) -> tuple[list[Image.Image], list[str]]:
+    """The endpoints made from `image` for prompts 1..K-1 (endpoints.py) and, per endpoint,
+    "hit", "miss" or "off": read where cached, else made by `generate` (all missing ones in one
+    call, given their prompt indices) and cached as pixels, as `remember_images` keeps an input
+    image; under their keys' locks, so two workers make an endpoint once (`stop` ends a wait for
+    another worker's lock: MorphStopped)."""
+    indices = list(range(1, len(prompts)))
+    if cache is None:
+        made = generate(indices)
+        return [made[index] for index in indices], ["off"] * len(indices)
+    model_identity = models.identity
+    key_of = {index: endpoint_cache_key(image, prompts[0], prompts[index], model_identity, config, resolution)
+              for index in indices}
+    index_of = {key: index for index, key in key_of.items()}
+
+    def make_missing(missing: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+        made = generate(sorted({index_of[key] for key in missing}))
+        return {key: {"pixels": torch.from_numpy(np.asarray(made[index_of[key]], dtype=np.uint8).copy())}
+                for key in missing}
+
+    entries, hits = cache.get_or_compute_many([key_of[index] for index in indices], make_missing, stop)
+    images = [Image.fromarray(entries[key_of[index]]["pixels"].numpy(), mode="RGB") for index in indices]
+    return images, ["hit" if key_of[index] in hits else "miss" for index in indices]
 
 
 def stored_image(cache: TensorCache | None, key: str) -> Image.Image:

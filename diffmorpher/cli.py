@@ -122,7 +122,7 @@ def morph_command(args: argparse.Namespace) -> int:
                            webp_quality=args.webp_quality, webp_lossless=args.webp_lossless)
     images = [Image.open(path) for path in args.images]
     pipe = DiffMorpherPipeline.from_pretrained(args.model, config.device, config.dtype, args.lpips_weights)
-    loras = _read_loras(pipe, args.lora, len(images))
+    loras = _read_loras(pipe, args.lora, len(prompts))  # one per endpoint (with one image: per prompt)
     bars = _ProgressBars()
     try:
         result = pipe(images, prompts, config, loras=loras, progress=bars)

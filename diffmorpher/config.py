@@ -136,6 +136,12 @@ class MorphConfig:
     # reschedule evens out (PDV +5 % at 0.7, +11 % at 0.5, +23 % on pair 2 at 0.6; docs/quality.md
     # "Measuring pass"). A repeated morph skips the pass altogether (its alphas are cached).
     reschedule_probe_fraction: float = 0.8
+    # One image and K >= 2 prompts (endpoints.py): each missing endpoint is the image, DDIM-
+    # inverted with its own prompt over the last `endpoint_strength` of the steps, denoised back
+    # with the next prompt at classifier-free guidance `endpoint_guidance` (1: none). Chosen on the
+    # embedded model's red-to-blue circle (docs/core.md "One image, several prompts").
+    endpoint_strength: float = 0.6
+    endpoint_guidance: float = 5.0
     # Execution
     # Rows (endpoints + frames, or images being fitted) per UNet call; AUTO_FRAME_BATCH (0): as
     # many as the device's free memory holds, at most DEFAULT_FRAME_BATCH (docs/sizing.md "Frame
@@ -188,6 +194,8 @@ class MorphConfig:
         _check_bool("use_reschedule", self.use_reschedule)
         _check_choice("perceptual_metric", self.perceptual_metric, PERCEPTUAL_METRICS)
         _check_float("reschedule_probe_fraction", self.reschedule_probe_fraction, 0.0, 1.0, low_inclusive=False)
+        _check_float("endpoint_strength", self.endpoint_strength, 0.0, 1.0, low_inclusive=False)
+        _check_float("endpoint_guidance", self.endpoint_guidance, 1.0, limits.MAX_ENDPOINT_GUIDANCE)
         _check_int("frame_batch_size", self.frame_batch_size, AUTO_FRAME_BATCH, limits.MAX_FRAME_BATCH)
         _check_int("vae_batch_size", self.vae_batch_size, 1, limits.MAX_VAE_BATCH)
         _check_choice("dtype", self.dtype, DTYPES)
@@ -228,6 +236,11 @@ class MorphConfig:
     def reschedule_probe_steps(self) -> int:
         """DDIM steps of the reschedule's measuring pass (at least one)."""
         return max(1, int(round(self.reschedule_probe_fraction * self.num_inference_steps)))
+
+    @property
+    def endpoint_steps(self) -> int:
+        """DDIM steps of a generated endpoint's inversion and of its denoising (at least one)."""
+        return max(1, int(round(self.endpoint_strength * self.num_inference_steps)))
 
     @property
     def num_attn_replace_steps(self) -> int:

@@ -68,6 +68,17 @@ class StepPlan:
             [self.step_indices[i] for i in keep],
         )
 
+    def tail(self, num_steps: int) -> "StepPlan":
+        """The last `num_steps` steps of this walk (the least noisy ones): an image-to-image
+        pass inverts a clean latent over them and samples back over the same ones, so it
+        starts from the noise level of step `len - num_steps` (SDEdit's "strength")."""
+        if not 1 <= num_steps <= len(self.timesteps):
+            raise ValueError(f"a walk of {len(self.timesteps)} steps has no tail of {num_steps}")
+        start = len(self.timesteps) - num_steps
+        return StepPlan(
+            self.timesteps[start:], self.alphas[start:], self.previous_alphas[start:], self.step_indices[start:]
+        )
+
 
 @dataclass(frozen=True)
 class NoiseSchedule:
@@ -161,10 +172,13 @@ def ddim_sample(
     num_inference_steps: int,
     on_step: StepCallback | None = None,
     walk_steps: int | None = None,
+    last_steps: int | None = None,
 ) -> torch.Tensor:
     """Denoise from the noisiest timestep to the clean latent; with `walk_steps` fewer than
-    `num_inference_steps`, over a coarse subset of the same timesteps (StepPlan.coarse)."""
-    return _walk(scheduler, predict, latents, num_inference_steps, on_step, invert=False, walk_steps=walk_steps)
+    `num_inference_steps`, over a coarse subset of the same timesteps (StepPlan.coarse); with
+    `last_steps`, from the noise level of the plan's last `last_steps` steps (StepPlan.tail)."""
+    return _walk(scheduler, predict, latents, num_inference_steps, on_step, invert=False, walk_steps=walk_steps,
+                 last_steps=last_steps)
 
 
 def ddim_invert(
@@ -173,14 +187,17 @@ def ddim_invert(
     latents: torch.Tensor,
     num_inference_steps: int,
     on_step: StepCallback | None = None,
+    last_steps: int | None = None,
 ) -> torch.Tensor:
-    """Run the sampler's steps backwards: clean latent -> noise latent z_T.
+    """Run the sampler's steps backwards: clean latent -> noise latent z_T (with `last_steps`,
+    only the plan's last `last_steps` steps: up to the noise level an image-to-image pass
+    samples back from, StepPlan.tail).
 
     At each timestep t (ascending) the latent is at the level of the step below t; the model is
     evaluated there with timestep label t (the label the sampler uses when it leaves t), and the
     step formula moves the latent up to level t.
     """
-    return _walk(scheduler, predict, latents, num_inference_steps, on_step, invert=True)
+    return _walk(scheduler, predict, latents, num_inference_steps, on_step, invert=True, last_steps=last_steps)
 
 
 def _walk(
@@ -192,6 +209,7 @@ def _walk(
     *,
     invert: bool,
     walk_steps: int | None = None,
+    last_steps: int | None = None,
 ) -> torch.Tensor:
     """The sampler's steps in order, or in reverse order with each step run backwards. The
     predictor is told the sampler's step index of each timestep in both directions. The
@@ -200,6 +218,8 @@ def _walk(
     plan = schedule.plan(num_inference_steps)
     if walk_steps is not None:
         plan = plan.coarse(walk_steps)
+    if last_steps is not None:
+        plan = plan.tail(last_steps)
     timesteps = torch.tensor(plan.timesteps, device=latents.device)
     prediction_type = schedule.prediction_type
     count = len(plan.timesteps)

@@ -331,6 +331,18 @@ def inversion_cache_key(
     })
 
 
+def endpoint_cache_key(
+    image: Image.Image, source_prompt: str, target_prompt: str, model_id: str, config: MorphConfig, resolution: int
+) -> str:
+    """Content address of an endpoint made from an image for another prompt (endpoints.py):
+    the image's pixels, both prompts, the model and every option the generation reads."""
+    return _content_key(image, resolution, {
+        "source": source_prompt, "target": target_prompt, "model": model_id, "resolution": resolution,
+        "dtype": config.dtype, "steps": config.num_inference_steps, "strength": config.endpoint_strength,
+        "guidance": config.endpoint_guidance, "seed": config.seed, "kind": "endpoint", "version": 1,
+    })
+
+
 def image_cache_key(image: Image.Image, resolution: int) -> str:
     """Content address of the image as the model sees it (the preprocessed square): what a
     client sends back as an image reference to morph the image again without uploading it."""

@@ -1,6 +1,7 @@
 """DiffMorpherPipeline: the paper's algorithm as numbered stages.
 
-    0. check inputs
+    0. check inputs; with one image and K >= 2 prompts, make the K-1 other endpoints from it
+       (endpoints.py: the image-to-image pass of the base model, cached like an input image)
     1. encode images and prompts       (one preprocessing for every stage; conditioning.py)
     2. fit one LoRA per image          (lora.py, peft), or one for all (shared_lora)
     3. DDIM-invert each image          (ddim.py, with its own LoRA mix loaded)
@@ -44,12 +45,13 @@ from .batching import (
     sequence_batches,
 )
 from .cache import TensorCache
-from .cache_plan import CachePlan, Lora, Schedule, stored_image
+from .cache_plan import CachePlan, Lora, Schedule, generated_endpoints, stored_image
 from .conditioning import PromptConditioning
 from .config import AUTO, DEFAULT_VAE_BATCH, ConfigError, MorphConfig
 from .ddim import Predictor, ddim_invert, ddim_sample
 from .devices import is_out_of_memory, release_cached_memory, resolve_dtype, select_device, synchronize
 from .emission import FrameCollector
+from .endpoints import UNCONDITIONAL_PROMPT, generate_endpoint_latents
 from .interrupt import StopCheck, never_stop, raise_if_stopped
 from .lora import fit_loras, fit_shared_lora
 from .lora_file import check_lora_ranks, lora_module_shapes, read_lora
@@ -60,6 +62,7 @@ from .preprocess import image_to_tensor, tensor_to_images
 from .reschedule import reschedule_alphas, uniform_alphas
 from .transfer import row_index
 from .results import (
+    STAGE_ENDPOINTS,
     STAGE_FRAMES,
     STAGE_INVERSION,
     STAGE_LORA,
@@ -121,7 +124,9 @@ class DiffMorpherPipeline:
         stop: StopCheck = never_stop,
     ) -> MorphResult:
         """`stop` is asked between steps whether to go on (deadline, cancelled client); when it
-        says stop, MorphStopped is raised and the UNet is left as it was."""
+        says stop, MorphStopped is raised and the UNet is left as it was. One image with K >= 2
+        prompts: the other K-1 endpoints are made from it first (`generate_endpoints`) and
+        returned in the result's `generated`."""
         config = config or MorphConfig()
         # 0. check inputs
         self.check_inputs(images, prompts, config, loras)
@@ -130,6 +135,12 @@ class DiffMorpherPipeline:
         resolution = config.resolution or self.models.native_resolution
         config = config.replace(frame_batch_size=self.frame_batch_size(config, resolution))
         device = self.models.device
+        generated: list[Image.Image] = []
+        endpoint_cache: list[str] = []
+        if len(images) == 1:  # 0b. one image, K prompts: make the other endpoints (base model, no LoRA yet)
+            with torch.no_grad(), _timed(timings, STAGE_ENDPOINTS, device):
+                generated, endpoint_cache = self.generate_endpoints(images[0], prompts, config, resolution, progress, stop)
+            images = [images[0], *generated]
         plan = CachePlan.for_morph(self.cache, images, prompts, self.models, config, resolution, loras)
         work = WorkDone()
         with torch.no_grad():
@@ -184,6 +195,8 @@ class DiffMorpherPipeline:
             dtype=str(self.models.dtype).removeprefix("torch."),
             frame_batch_size=config.frame_batch_size,
             work=work,
+            generated=generated,
+            endpoint_cache=endpoint_cache,
         )
 
     # ------------------------------------------------------------------ stage 0: checks
@@ -194,15 +207,24 @@ class DiffMorpherPipeline:
         config: MorphConfig,
         loras: Sequence[Lora | None] | None,
     ) -> None:
-        if not limits.MIN_IMAGES <= len(images) <= limits.MAX_IMAGES:
-            raise ConfigError(f"need between {limits.MIN_IMAGES} and {limits.MAX_IMAGES} images, got {len(images)}")
-        if len(prompts) != len(images):
+        if len(images) == 1 and len(prompts) >= limits.MIN_ONE_IMAGE_PROMPTS:
+            if len(prompts) > limits.MAX_ONE_IMAGE_PROMPTS:
+                raise ConfigError(
+                    f"one image takes at most {limits.MAX_ONE_IMAGE_PROMPTS} prompts (its own, then one per "
+                    f"endpoint to make), got {len(prompts)}"
+                )
+        elif not limits.MIN_IMAGES <= len(images) <= limits.MAX_IMAGES:
+            raise ConfigError(
+                f"need between {limits.MIN_IMAGES} and {limits.MAX_IMAGES} images, got {len(images)} (or one image "
+                f"and {limits.MIN_ONE_IMAGE_PROMPTS} to {limits.MAX_ONE_IMAGE_PROMPTS} prompts)"
+            )
+        elif len(prompts) != len(images):
             raise ConfigError(f"need one prompt per image: {len(images)} images, {len(prompts)} prompts")
         for index, prompt in enumerate(prompts):
             if not isinstance(prompt, str):
                 raise ConfigError(f"prompt {index} must be a string, got {type(prompt).__name__}")
-        if loras is not None and len(loras) != len(images):
-            raise ConfigError(f"need one LoRA (or None) per image, got {len(loras)}")
+        if loras is not None and len(loras) != len(prompts):
+            raise ConfigError(f"need one LoRA (or None) per endpoint, got {len(loras)}")
         if config.lora_mode == "shared" and loras is not None and any(lora is not None for lora in loras):
             raise ConfigError("shared_lora fits one LoRA on all the images; it cannot be combined with given LoRAs")
         if loras is not None and any(lora is not None for lora in loras):
@@ -257,6 +279,38 @@ class DiffMorpherPipeline:
         scale = vae.config.scaling_factor
         slices = [vae.decode(part.to(vae.dtype) / scale).sample for part in latents.split(vae_batch_size)]
         return ((torch.cat(slices).float() + 1) / 2).clamp(0, 1)
+
+    # ------------------------------------------------------------------ stage 0b: endpoints from one image
+    def generate_endpoints(
+        self,
+        image: Image.Image,
+        prompts: Sequence[str],
+        config: MorphConfig,
+        resolution: int,
+        progress: ProgressCallback | None = None,
+        stop: StopCheck = never_stop,
+    ) -> tuple[list[Image.Image], list[str]]:
+        """The endpoints for prompts 1..K-1, made from `image` (prompt 0's) by the base model's
+        image-to-image pass (endpoints.py), at the model resolution; read from the cache where
+        made before (cache_plan.generated_endpoints). Also: per endpoint "hit", "miss" or "off"."""
+
+        def generate(indices: list[int]) -> dict[int, Image.Image]:
+            conditioning = self.encode_prompts([prompts[0], *(prompts[i] for i in indices), UNCONDITIONAL_PROMPT],
+                                               resolution)
+            latent, _ = self.encode_images([image], resolution, config.vae_batch_size)
+
+            def on_step(step: int, total: int) -> None:
+                if progress:
+                    progress(ProgressEvent(stage=STAGE_ENDPOINTS, step=step, total=total))
+
+            latents = generate_endpoint_latents(
+                self.models.unet, self.models.schedule, latent, conditioning.select([0]),
+                conditioning.select(range(1, len(indices) + 1)), conditioning.select([len(indices) + 1]),
+                config, stop, on_step,
+            )
+            return dict(zip(indices, tensor_to_images(self.decode(latents, config.vae_batch_size))))
+
+        return generated_endpoints(self.cache, image, prompts, self.models, config, resolution, generate, stop)
 
     def read_lora(self, data: bytes, field: str | None = None) -> Lora:
         """A LoRA sent as safetensors (diffusers' format, as a result's LoRA part), checked

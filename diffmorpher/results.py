@@ -9,12 +9,13 @@ import torch
 from PIL import Image
 
 # Stage names, in pipeline order. Servers forward them to clients verbatim.
+STAGE_ENDPOINTS = "endpoints"  # one image, K prompts: making the K-1 other endpoints; step = denoising step
 STAGE_LORA = "lora"  # fitting one LoRA per image (or one shared: item 0); step = optimisation step
 STAGE_INVERSION = "inversion"  # DDIM inversion per image; step = denoising step
 STAGE_FRAMES = "frames"  # generating frames (first pass); step = frames done
 STAGE_RESCHEDULE = "reschedule"  # second pass at re-spaced alphas; step = frames done
 STAGE_FRAME_READY = "frame"  # a final output frame is ready (event carries the image)
-STAGES = (STAGE_LORA, STAGE_INVERSION, STAGE_FRAMES, STAGE_RESCHEDULE, STAGE_FRAME_READY)
+STAGES = (STAGE_ENDPOINTS, STAGE_LORA, STAGE_INVERSION, STAGE_FRAMES, STAGE_RESCHEDULE, STAGE_FRAME_READY)
 
 
 @dataclass
@@ -71,3 +72,7 @@ class MorphResult:
     dtype: str = ""
     frame_batch_size: int = 0
     work: WorkDone = field(default_factory=WorkDone)  # LoRA fits and inversions this morph ran
+    # One image and K prompts: the K-1 endpoints the service made (for prompts 1..K-1), and per
+    # endpoint whether it came from the cache: "hit", "miss" (made now) or "off" (no cache).
+    generated: list[Image.Image] = field(default_factory=list)
+    endpoint_cache: list[str] = field(default_factory=list)

@@ -45,8 +45,9 @@ class MorphRequest:
     config: MorphConfig
     outputs: list[OutputOptions]  # one per requested format, same duration/loop
     stream: bool
-    # Per image, a LoRA sent instead of fitted (`lora_<i>`, safetensors bytes, size-checked
-    # here; checked against the served UNet by the core's read_lora), or None.
+    # Per endpoint (an image, or one made from one image for prompt i), a LoRA sent instead of
+    # fitted (`lora_<i>`, safetensors bytes, size-checked here; checked against the served UNet
+    # by the core's read_lora), or None.
     loras: list[bytes | None] = field(default_factory=list)
 
     @property
@@ -301,37 +302,44 @@ def parse_request(data: Mapping[str, Any], defaults: MorphConfig) -> MorphReques
             f"unknown field(s) {name_list(beyond)}: images are numbered image_0, image_1, ... "
             f"(or image_ref_0, ...) without gaps, and {wire.image_key(count)!r} is missing"
         )
-    if count < 2:
+    num_prompts = count
+    if count == 1:  # one image and K >= 2 prompts: the server makes the other endpoints
+        while wire.prompt_key(num_prompts) in fields and num_prompts <= limits.MAX_ONE_IMAGE_PROMPTS:
+            num_prompts += 1
+    if count < limits.MIN_IMAGES and num_prompts < limits.MIN_ONE_IMAGE_PROMPTS:
         body_hint = (
             " (REST requests must be multipart/form-data, e.g. curl -F image_0=@a.png ...)"
             if "body" in fields or "data" in fields else ""
         )
         raise ConfigError(
-            f"a morph needs at least 2 images in fields image_0, image_1, ...; got {count}"
+            f"a morph needs at least 2 images in fields image_0, image_1, ..., or one image and at "
+            f"least {limits.MIN_ONE_IMAGE_PROMPTS} prompts (prompt_0, prompt_1, ...); got {count} image(s)"
             f"{body_hint}. Fields received: {name_list(sorted(map(str, fields)), 20)}"
         )
     if count > limits.MAX_IMAGES:
         raise ConfigError(f"at most {limits.MAX_IMAGES} images per morph, got {count}")
+    if num_prompts > limits.MAX_ONE_IMAGE_PROMPTS:
+        raise ConfigError(f"one image takes at most {limits.MAX_ONE_IMAGE_PROMPTS} prompts, got more")
     prompts = []
-    for index in range(count):
+    for index in range(num_prompts):
         key = wire.prompt_key(index)
         if key not in fields:
             raise ConfigError(f"missing {FIELD} for image {index}: send one prompt per image", field=key, kind="prompt")
         prompts.append(_check_prompt(key, fields[key]))
-    expected = {wire.image_key(i) for i in range(count)} | {wire.prompt_key(i) for i in range(count)}
-    expected |= {wire.image_ref_key(i) for i in range(count)} | {wire.lora_key(i) for i in range(count)}
+    expected = {wire.image_key(i) for i in range(count)} | {wire.prompt_key(i) for i in range(num_prompts)}
+    expected |= {wire.image_ref_key(i) for i in range(count)} | {wire.lora_key(i) for i in range(num_prompts)}
     expected |= {wire.INPUT_OPTIONS, wire.INPUT_STREAM, wire.INPUT_DEADLINE, wire.INPUT_CALL_ID}
     unknown = sorted(set(fields) - expected)
     if unknown:
         raise ConfigError(
             f"unknown field(s) {name_list(unknown)}; expected image_0..image_{count - 1} (or "
             f"image_ref_<i> in place of image_<i>), "
-            f"prompt_0..prompt_{count - 1}, lora_<i> (optional), options, stream, deadline"
+            f"prompt_0..prompt_{num_prompts - 1}, lora_<i> (optional), options, stream, deadline"
         )
     config, outputs = split_options(parse_options(fields.get(wire.INPUT_OPTIONS)), defaults)
     stream = parse_stream(fields.get(wire.INPUT_STREAM))
     images = [_image_or_reference(fields, i) for i in range(count)]
-    loras = [_sent_lora(fields, i) for i in range(count)]
+    loras = [_sent_lora(fields, i) for i in range(num_prompts)]  # one per endpoint, made ones too
     return MorphRequest(images, prompts, config, outputs, stream, loras)
 
 

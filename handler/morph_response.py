@@ -53,13 +53,27 @@ def result_metadata(request: MorphRequest, result: MorphResult, timings: dict[st
         "lora_parts": [wire.lora_part_name(index) for index, lora in enumerate(result.loras) if lora is not None]
         if request.config.return_loras else [],
         "work": result.work.to_dict(),  # LoRA fits/steps and inversions this morph ran (the cache's proof)
+        # One image, K prompts: per endpoint the server made, its prompt index, part and cache state.
+        "endpoints": [
+            {"index": index, "part": wire.endpoint_part_name(index), "cache": state}
+            for index, state in enumerate(result.endpoint_cache, start=1)
+        ],
         "worker_pid": os.getpid(),  # which worker served it (logs, cache sharing)
     }
 
 
+def endpoint_parts(result: MorphResult) -> list[wire.Part]:
+    """The endpoints the server made for prompts 1..K-1 of a one-image morph, as PNG parts
+    (wire.MIME_ENDPOINT); none for a morph of uploaded images."""
+    return [
+        wire.Part(wire.endpoint_part_name(index), wire.MIME_ENDPOINT, encode_png(image))
+        for index, image in enumerate(result.generated, start=1)
+    ]
+
+
 def lora_parts(result: MorphResult) -> list[wire.Part]:
-    """The morph's LoRAs (fitted, cached or sent), one diffusers LoRA file per image
-    (`lora_<i>.safetensors`); none in no-LoRA mode."""
+    """The morph's LoRAs (fitted, cached or sent), one diffusers LoRA file per endpoint (each
+    image, made ones of a one-image morph too: `lora_<i>.safetensors`); none in no-LoRA mode."""
     return [
         wire.Part(wire.lora_part_name(index), wire.MIME_SAFETENSORS, lora_to_safetensors(lora))
         for index, lora in enumerate(result.loras) if lora is not None

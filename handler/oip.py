@@ -92,22 +92,25 @@ def parse_infer_request(data: Any) -> InferRequest | None:
     parameters, outputs = _gateway_contract(tensors[GATEWAY_INPUT])
     images = _bytes_elements(tensors, INPUT_IMAGES)
     prompts = _bytes_elements(tensors, INPUT_PROMPTS)
-    if not limits.MIN_IMAGES <= len(images) <= limits.MAX_IMAGES:
+    # One image and K >= 2 prompts: the server makes the other endpoints (the native parser checks K).
+    one_image = len(images) == 1 and len(prompts) >= limits.MIN_ONE_IMAGE_PROMPTS
+    if not one_image and not limits.MIN_IMAGES <= len(images) <= limits.MAX_IMAGES:
         raise ConfigError(
             f"input tensor {INPUT_IMAGES!r} has {len(images)} element(s); a morph needs "
             f"{limits.MIN_IMAGES} to {limits.MAX_IMAGES} images"
         )
-    if len(prompts) != len(images):
+    if not one_image and len(prompts) != len(images):
         raise ConfigError(
             f"input tensor {INPUT_PROMPTS!r} has {len(prompts)} element(s) for {len(images)} images: "
             f"send one prompt per image"
         )
     fields: dict[str, bytes] = {}
-    for index, (image, prompt) in enumerate(zip(images, prompts)):
+    for index, image in enumerate(images):
         if image.startswith(IMAGE_REF_PREFIX):
             fields[wire.image_ref_key(index)] = image[len(IMAGE_REF_PREFIX):]
         else:
             fields[wire.image_key(index)] = image
+    for index, prompt in enumerate(prompts):
         fields[wire.prompt_key(index)] = prompt
     for key in (PARAM_DEADLINE, PARAM_CALL_ID):  # checked by request_stop.parse_call_control
         if key in parameters:

@@ -45,7 +45,9 @@ from diffmorpher.interrupt import CANCELLED, MorphStopped
 from diffmorpher.pipeline import DiffMorpherPipeline
 from morph_protocol.control import ControlDir
 from handler.morph_request import parse_request
-from handler.morph_response import ResponseTooLarge, StreamSender, check_size, lora_parts, result_metadata
+from handler.morph_response import (
+    ResponseTooLarge, StreamSender, check_size, endpoint_parts, lora_parts, result_metadata,
+)
 from handler.oip import CONTENT_TYPE as OIP_CONTENT_TYPE
 from handler.oip import InferRequest, oip_message, parse_infer_request, response_body
 from handler.request_stop import CallStop, WorkerHeartbeat, parse_call_control
@@ -203,7 +205,7 @@ class DiffMorpherHandler:
             wire.Part(part.name, part.mime, part.data)
             for output in request.outputs
             for part in encode_parts(result.frames, output)
-        ]
+        ] + endpoint_parts(result)
         if request.config.return_loras:
             parts += lora_parts(result)
         finished = time.perf_counter()

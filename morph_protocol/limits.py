@@ -14,6 +14,9 @@ GiB = 1024 * MiB
 # ---------------------------------------------------------------------------- a request
 MIN_IMAGES = 2
 MAX_IMAGES = 8
+# One image and K >= 2 prompts: the service makes the K - 1 other endpoints (diffmorpher.endpoints).
+MIN_ONE_IMAGE_PROMPTS = 2
+MAX_ONE_IMAGE_PROMPTS = MAX_IMAGES
 MAX_IMAGE_PIXELS = 4096 * 4096  # 16 Mpixel per decoded image
 MAX_PROMPT_CHARS = 2000
 MAX_PROMPT_BYTES = 4 * MAX_PROMPT_CHARS  # UTF-8: at most 4 bytes a character
@@ -36,6 +39,10 @@ MAX_LORA_BYTES = 64 * MiB
 MAX_FRAME_BATCH = 64  # 0 asks for the worker's choice (diffmorpher.batching.frame_batch_size)
 MAX_VAE_BATCH = 64
 MAX_RESOLUTION = 2048
+# Classifier-free guidance of a generated endpoint (MorphConfig.endpoint_guidance): past ~20
+# Stable Diffusion saturates colours; 30 leaves room and refuses nonsense.
+MAX_ENDPOINT_GUIDANCE = 30.0
+
 # Lossy WebP's quality (libwebp's 0-100 scale: 0 smallest, 100 best); `webp_quality`.
 MIN_WEBP_QUALITY = 0
 MAX_WEBP_QUALITY = 100

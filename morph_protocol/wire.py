@@ -121,6 +121,11 @@ STREAM_TRUE = ("true", "1", "yes")  # accepted values of `stream` (case-insensit
 STREAM_FALSE = ("false", "0", "no", "")
 # The fields' limits (image count, options size, ...) are morph_protocol.limits'; a failed request's
 # typed code is morph_protocol.errors'.
+# One image and K >= 2 prompts (`image_0`, `prompt_0` .. `prompt_<K-1>`): the server makes the
+# other K-1 endpoints from the image and returns each as a result part `endpoint_<k>.png` (k the
+# index of its prompt) of MIME type MIME_ENDPOINT: a PNG whose type parameter keeps it apart from
+# the frames (`image/png` parts are the frames, in order); the header's `endpoints` lists them.
+MIME_ENDPOINT = "image/png; role=endpoint"
 # An image reference is the SHA-256 (hex) of the image as the server prepared it.
 IMAGE_REF_LENGTH = 64
 
@@ -144,8 +149,13 @@ def prompt_key(index: int) -> str:
     return f"prompt_{index}"
 
 
+def endpoint_part_name(index: int) -> str:
+    """The result part of the endpoint the server made for prompt `index` (one-image morphs)."""
+    return f"endpoint_{index}.png"
+
+
 # A result carries the morph's LoRAs when the options ask for them (`return_loras`): one part per
-# image, `lora_<i>.safetensors`, of MIME_SAFETENSORS, in diffusers' LoRA format (loadable with
+# endpoint (each image, and the endpoints made from one image), `lora_<i>.safetensors`, of MIME_SAFETENSORS, in diffusers' LoRA format (loadable with
 # `load_lora_weights`); the same bytes sent back as `lora_<i>` skip that image's fit.
 MIME_SAFETENSORS = "application/vnd.safetensors"
 LORA_PART_SUFFIX = ".safetensors"

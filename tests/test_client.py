@@ -72,19 +72,33 @@ def test_build_input_follows_the_schema() -> None:
 
 @pytest.mark.parametrize(
     ("images", "prompts", "match"),
-    [([b"a"], ["x"], "at least 2"), ([b"a", b"b"], ["x"], "one prompt per image"), ([b"a"] * 9, ["x"] * 9, "at most")],
+    [([b"a"], ["x"], "at least 2 images, or one image and 2 to 8 prompts"), ([b"a"], ["x"] * 9, "got 1 image and 9"),
+     ([b"a", b"b"], ["x"], "one prompt per image"), ([b"a"] * 9, ["x"] * 9, "at most")],
 )
 def test_build_input_rejects_bad_shapes(images, prompts, match) -> None:
     with pytest.raises(MorphClientError, match=match):
         build_input(images, prompts, None, stream=False)
 
 
+def test_one_image_and_two_prompts_is_a_request_and_its_made_endpoints_are_saved(tmp_path) -> None:
+    fields = build_input([b"a"], ["a red circle", "a blue circle"], None, stream=False)
+    assert (fields["image_0"], fields["prompt_0"], fields["prompt_1"]) == (b"a", b"a red circle", b"a blue circle")
+    assert "image_1" not in fields
+    parts = [wire.Part("morph.gif", "image/gif", b"GIF89a"), wire.Part("endpoint_1.png", wire.MIME_ENDPOINT, b"\x89PNG1")]
+    written = MorphResult({}, parts).save_endpoints(tmp_path / "out" / "morph.gif")
+    assert written == [tmp_path / "out" / "morph.endpoint_1.png"]
+    assert written[0].read_bytes() == b"\x89PNG1"
+
 
 def test_loras_travel_as_lora_fields_and_come_back_as_files(tmp_path: Path) -> None:
     fields = build_input([b"a", b"b", b"c"], ["p0", "p1", "p2"], None, stream=False, loras=[None, b"LORA1", None])
     assert fields["lora_1"] == b"LORA1" and "lora_0" not in fields and "lora_2" not in fields
-    with pytest.raises(MorphClientError, match="one LoRA \\(or None\\) per image: 2 images, 1 LoRAs"):
+    with pytest.raises(MorphClientError, match="one LoRA \\(or None\\) per image \\(or prompt, with one image\\): 2 images, 1 LoRAs"):
         build_input([b"a", b"b"], ["x", "y"], None, stream=False, loras=[b"x"])
+    one = build_input([b"a"], ["p0", "p1", "p2"], None, stream=False, loras=[None, None, b"LORA2"])
+    assert one["lora_2"] == b"LORA2" and "lora_0" not in one  # one image: one LoRA per prompt's endpoint
+    with pytest.raises(MorphClientError, match="1 image and 2 prompts, 1 LoRAs"):
+        build_input([b"a"], ["x", "y"], None, stream=False, loras=[b"x"])
     with pytest.raises(MorphClientError, match="LoRA 0 is 0 bytes"):
         build_input([b"a", b"b"], ["x", "y"], None, stream=False, loras=[b"", None])
     result = MorphResult({}, [wire.Part("frame_0.png", "image/png", b"png"),
@@ -109,6 +123,11 @@ def test_cli_lora_arguments(tmp_path: Path) -> None:
     assert _read_loras(parser.parse_args(["morph", "a.png", "b.png"])) is None
     with pytest.raises(SystemExit, match="there are only 2 images"):
         _read_loras(parser.parse_args(["morph", "a.png", "b.png", "--lora", f"2={tmp_path / 'l.safetensors'}"]))
+    one = parser.parse_args(["morph", "a.png", "--prompt", "p0", "--prompt", "p1", "--lora", f"1={tmp_path / 'l.safetensors'}"])
+    assert _read_loras(one) == [None, b"LORA"]  # one image: the made endpoint's LoRA
+    with pytest.raises(SystemExit, match="there are only 2 prompts"):
+        _read_loras(parser.parse_args(["morph", "a.png", "--prompt", "p0", "--prompt", "p1",
+                                       "--lora", f"2={tmp_path / 'l.safetensors'}"]))
     with pytest.raises(SystemExit, match="cannot read LoRA"):
         _read_loras(parser.parse_args(["morph", "a.png", "b.png", "--lora", f"0={tmp_path / 'missing'}"]))
     with pytest.raises(SystemExit):

@@ -114,3 +114,26 @@ def test_a_coarse_walk_lands_on_the_image_a_perfect_model_predicts():
     assert seen == [0, 1, 2, 3, 4, 5, 14, 23, 32, 41]
     assert (coarse - full).abs().max() < 1e-9
     assert (coarse - x0).abs().max() < 0.05
+
+
+def test_a_tail_walk_inverts_and_samples_over_the_last_steps_only():
+    """Image-to-image (endpoints.py): invert over the plan's last 10 of 25 steps, sample back
+    over the same 10: the pair undoes itself and visits the least noisy timesteps only."""
+    scheduler = _scheduler()
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    inverted_log, sampled_log = [], []
+    noisy = ddim_invert(scheduler, _recording_predictor(inverted_log), x0, 25, last_steps=10)
+    back = ddim_sample(scheduler, _recording_predictor(sampled_log), noisy, 25, last_steps=10)
+    timesteps = ddim_timesteps(scheduler, 25).tolist()
+    assert [t for t, _ in sampled_log] == timesteps[15:]
+    assert [i for _, i in sampled_log] == list(range(15, 25))
+    assert inverted_log == sampled_log[::-1]
+    assert (back - x0).abs().max() < 1e-9
+    full = ddim_invert(scheduler, _recording_predictor([]), x0, 25)
+    # Partly noised: further from the image than nothing, closer than the full inversion.
+    assert 0.05 < (noisy - x0).abs().mean() < (full - x0).abs().mean()
+
+
+def test_a_tail_longer_than_the_walk_is_refused():
+    with pytest.raises(ValueError, match="no tail of 26"):
+        ddim_sample(_scheduler(), _recording_predictor([]), torch.zeros(1, 4, 2, 2), 25, last_steps=26)

@@ -399,3 +399,29 @@ def test_cli_morphs_three_images_with_one_shared_lora(server: TorchServeProcess,
     assert metadata["work"] == {"lora_fits": 1, "lora_steps": TINY["lora_steps"], "inversions": 3}
     assert len({entry["lora_key"] for entry in metadata["cache"]}) == 1  # one key for the whole set
     assert len(frames_of_gif(out.read_bytes())) == metadata["num_frames"] == 2 * (FRAMES - 1) + 1
+
+
+# ---------------------------------------------------------------------------- one image, two prompts
+@pytest.mark.skipif(not HAS_EMBEDDED, reason="the red-to-blue check needs the embedded model")
+def test_one_image_and_two_prompts_through_the_cli_end_on_a_blue_circle(
+    server: TorchServeProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The issue's acceptance through `python -m client`: `morph red_circle.png --prompt P1
+    --prompt P2` succeeds; the last frame and the endpoint the server made (saved beside the
+    GIF) are bluer than red inside the circle."""
+    from client.__main__ import main
+    from tests.conftest import DEMO_DIR
+    from tests.test_endpoints import RED_TO_BLUE, inside_shape
+
+    out = tmp_path / "morph.gif"
+    options = {"lora_steps": 20, "num_inference_steps": 15, "use_reschedule": False}
+    code = main(["--target", server.grpc_target, "--key-file", str(server.key_file), "morph",
+                 str(DEMO_DIR / "red_circle.png"), "--prompt", RED_TO_BLUE[0], "--prompt", RED_TO_BLUE[1],
+                 "--frames", "4", "--seed", "3", "--out", str(out),
+                 *(f"--option={key}={json.dumps(value)}" for key, value in options.items())])
+    assert code == 0, capsys.readouterr()
+    last = Image.fromarray(frames_of_gif(out.read_bytes())[-1].astype(np.uint8))
+    made = Image.open(tmp_path / "morph.endpoint_1.png").convert("RGB")
+    for image in (last, made):
+        inside = np.asarray(image, dtype=np.float64)[inside_shape(image)]
+        assert inside[:, 2].mean() > inside[:, 0].mean() + 60, (inside[:, 0].mean(), inside[:, 2].mean())

@@ -171,6 +171,9 @@ def changed_request(change: dict) -> dict:
         ({"image_ref_1": b"0" * 64, "image_1": None}, "is not in this server's cache"),
         ({"image_ref_1": b"ab" * 33, "image_1": None}, "must be the 64-hex-digit image_key"),
         ({"image_ref_1": b"x" * 100_000, "image_1": None}, "an image_key has 64 hex digits"),
+        ({"image_1": None, "prompt_1": None}, "or one image and at least 2 prompts"),
+        ({"image_1": None, **{f"prompt_{i}": b"a square" for i in range(1, 10)}}, "one image takes at most 8 prompts"),
+        ({"image_1": None, "options": b'{"endpoint_guidance": 0.5}'}, "endpoint_guidance must be in [1.0, 30.0]"),
     ],
 )
 def test_bad_requests_are_refused_with_their_code_and_a_specific_message(
@@ -183,6 +186,25 @@ def test_bad_requests_are_refused_with_their_code_and_a_specific_message(
     expected = ErrorCode.NOT_FOUND if "cache" in message else ErrorCode.INVALID_REQUEST
     assert (raised.value.error_code, code) == (expected.http_status, expected)
     assert message in text and "diffmorpher:" not in text
+
+
+def test_one_image_and_three_prompts_return_the_made_endpoints_as_parts(
+    handler: DiffMorpherHandler, tiny_sd_dir: Path
+) -> None:
+    """`image_0` and `prompt_0..prompt_2`: five frames through two made endpoints, each returned
+    as its own PNG part (wire.MIME_ENDPOINT, apart from the frame PNGs) and listed in the header;
+    the same request gives the same endpoint bytes."""
+    request = {"image_0": png("red"), "prompt_0": b"a red square", "prompt_1": b"a blue square",
+               "prompt_2": b"a green square", "options": json.dumps({**TINY, "format": ["gif", "png"]}).encode()}
+    first, again = (wire.decode_message(handler.handle([dict(request)], make_context(tiny_sd_dir))[0])
+                    for _ in range(2))
+    assert first.header["num_frames"] == 5 and first.header["segments"] == [0, 0, 1, 1, 1]
+    assert [p.name for p in first.parts if p.mime == "image/png"] == [f"frame_{i:03d}.png" for i in range(5)]
+    made = [p for p in first.parts if p.mime == wire.MIME_ENDPOINT]
+    assert [p.name for p in made] == ["endpoint_1.png", "endpoint_2.png"]
+    assert [e["part"] for e in first.header["endpoints"]] == ["endpoint_1.png", "endpoint_2.png"]
+    assert Image.open(io.BytesIO(made[0].data)).size == (16, 16)
+    assert [p.data for p in made] == [p.data for p in again.parts if p.mime == wire.MIME_ENDPOINT]
 
 
 def test_oversize_result_is_413_not_a_dead_worker(tiny_sd_dir: Path, handler: DiffMorpherHandler) -> None:
@@ -230,6 +252,31 @@ def test_returned_loras_sent_back_give_the_same_frames_without_a_fit(handler: Di
     assert second.header["work"] == {"lora_fits": 0, "lora_steps": 0, "inversions": 2}
     assert second.header["lora_parts"] == [] and all(p.mime == "image/png" for p in second.parts)
     assert [p.data for p in second.parts] == [p.data for p in first.parts if p.mime == "image/png"]
+
+
+def test_one_image_returns_a_lora_per_endpoint_and_takes_them_back(handler: DiffMorpherHandler,
+                                                                   tiny_sd_dir: Path) -> None:
+    """One image and three prompts with return_loras: three LoRA parts (the made endpoints' too)
+    beside the made endpoints; sent back as lora_<i>, they replace those fits (frames the same
+    bytes), and a lora_3 names no endpoint."""
+    request = {"image_0": png("red"), "prompt_0": b"a red square", "prompt_1": b"a blue square",
+               "prompt_2": b"a green square"}
+    options = {**TINY, "format": "png", "seed": 13}
+    (payload,) = handler.handle([{**request, "options": json.dumps({**options, "return_loras": True}).encode()}],
+                                make_context(tiny_sd_dir))
+    first = wire.decode_message(payload)
+    loras = [p for p in first.parts if p.mime == wire.MIME_SAFETENSORS]
+    assert [p.name for p in loras] == [f"lora_{i}.safetensors" for i in range(3)] == first.header["lora_parts"]
+    assert [p.name for p in first.parts if p.mime == wire.MIME_ENDPOINT] == ["endpoint_1.png", "endpoint_2.png"]
+    assert first.header["work"]["lora_fits"] == 3
+    sent = {**request, "options": json.dumps(options).encode(), "lora_0": loras[0].data, "lora_1": loras[1].data,
+            "lora_2": loras[2].data}
+    second = wire.decode_message(handler.handle([sent], make_context(tiny_sd_dir))[0])
+    assert (second.header["work"]["lora_fits"], second.header["work"]["lora_steps"]) == (0, 0)
+    frames = [p.data for p in first.parts if p.mime == "image/png"]
+    assert [p.data for p in second.parts if p.mime == "image/png"] == frames
+    with pytest.raises(PredictionException, match="unknown field\\(s\\) \\['lora_3'\\]"):
+        handler.handle([{**sent, "lora_3": loras[0].data}], make_context(tiny_sd_dir))
 
 
 @pytest.mark.parametrize(

@@ -159,6 +159,12 @@ def test_model_infer_mistakes_are_named_by_tensor_and_parameter(images, prompts,
     assert message in oip_message(error.value)
 
 
+def test_one_image_and_two_prompts_become_the_native_one_image_fields() -> None:
+    infer = parse_infer_request(torchserve_body([b"a"], [b"p", b"q"], {}))
+    assert (infer.fields["image_0"], infer.fields["prompt_0"], infer.fields["prompt_1"]) == (b"a", b"p", b"q")
+    assert "image_1" not in infer.fields
+
+
 def test_calls_that_skip_the_gateway_and_unknown_outputs_are_refused() -> None:
     data = torchserve_body([b"a", b"b"], [b"p", b"q"], {})
     body = json.loads(data["body"])

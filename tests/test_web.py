@@ -415,6 +415,37 @@ def test_morph_in_the_browser(browser, web_url: str) -> None:
     print(f"web morph: {FRAMES} frames in {seconds:.1f} s; screenshot {SCREENSHOT}")
 
 
+def test_one_image_mode_in_the_browser(browser, web_url: str) -> None:
+    """One upload shows the one-image block; with a second prompt typed there the service makes
+    the other end (shown under the result) and the morph ends on it: a blue circle."""
+    driver = browser
+    driver.set_script_timeout(60)
+    open_page(driver, web_url)
+    assert not driver.find_element("id", "one-image").is_displayed()
+    upload(driver, DEMO_DIR / "red_circle.png")
+    assert driver.find_element("id", "one-image").is_displayed()
+    fill_fast_settings(driver)
+    driver.find_element("id", "morph").click()  # no prompt to morph to yet: the page says so
+    assert wait_for_state(driver, ("idle", "error"), 10) in ("idle", "error")
+    assert "one image needs 1 to 7 prompt(s) to morph to, got 0" in error_text(driver)
+    set_field(driver, "more-prompts", "a blue circle on a white background")
+    assert morph_and_wait(driver) == "done", error_text(driver)
+    made = driver.find_elements("css selector", "#made-endpoints img")
+    assert [img.get_attribute("data-name") for img in made] == ["endpoint_1.png"]
+    png = base64.b64decode(made[0].get_attribute("src").split(",", 1)[1])
+    frames = driver.find_elements("css selector", "#frames-strip img")
+    last = base64.b64decode(frames[-1].get_attribute("src").split(",", 1)[1])
+    assert len(frames) == FRAMES
+    for data in (png, last):
+        from tests.test_endpoints import inside_shape
+
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        inside = np.asarray(image, dtype=np.float64)[inside_shape(image)]
+        red, blue = inside[:, 0].mean(), inside[:, 2].mean()
+        print(f"one-image web morph: inside the circle R {red:.0f} B {blue:.0f}")
+        assert blue > red + 30, (red, blue)
+
+
 def test_service_error_is_shown_and_the_page_still_works(browser, web_url: str, server: TorchServeProcess,
                                                          tmp_path: Path) -> None:
     driver = browser

@@ -57,7 +57,9 @@ def for_result(result: MorphResult) -> bytes:
         if key:
             media[key] = _media(part)
     loras = [_media(part) for part in result.lora_parts()]
-    return sse(EVENT_RESULT, {"metadata": result.metadata, "media": media, "loras": loras})
+    # One image and several prompts: the endpoints the service made, as PNGs, in prompt order.
+    endpoints = [{"name": part.name, "png": _b64(part.data)} for part in result.endpoints]
+    return sse(EVENT_RESULT, {"metadata": result.metadata, "media": media, "loras": loras, "endpoints": endpoints})
 
 
 def _media(part: wire.Part) -> dict[str, Any]:

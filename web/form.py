@@ -1,5 +1,6 @@
 """The page's morph form (multipart: `image` files in morph order, one `prompt` each, `options`
-JSON), checked against the service's limits before anything is sent on.
+JSON; or one `image` and several `prompt`s, the service making the other endpoints), checked
+against the service's limits before anything is sent on.
 
 Only what protects this process is checked here (the upload's size, the image count, that the
 options are a JSON object). Whether a file is an image and whether an option is valid is the
@@ -38,7 +39,8 @@ class MorphForm:
     images: list[bytes]
     prompts: list[str]
     options: dict[str, Any]
-    # Per image, a LoRA file to use instead of fitting one (form field `lora_<i>`), or None.
+    # Per endpoint (each image; with one image, each prompt), a LoRA file to use instead of fitting
+    # one (form field `lora_<i>`), or None.
     loras: list[bytes | None] = field(default_factory=list)
 
 
@@ -54,7 +56,8 @@ def check_length(request: Request, limits: PageLimits) -> None:
 
 async def read_form(request: Request, limits: PageLimits) -> MorphForm:
     check_length(request, limits)
-    form = await request.form(max_files=2 * limits.max_images + 1, max_fields=limits.max_images + 8,
+    endpoints = max(limits.max_images, limits.max_one_image_prompts)  # a prompt and maybe a LoRA each
+    form = await request.form(max_files=limits.max_images + endpoints + 1, max_fields=endpoints + 8,
                               max_part_size=service_limits.MAX_OPTIONS_BYTES)
     try:
         uploads = form.getlist("image")
@@ -62,13 +65,17 @@ async def read_form(request: Request, limits: PageLimits) -> MorphForm:
         raw_options = form.get("options") or "{}"
         if not all(isinstance(upload, UploadFile) for upload in uploads):
             raise FormError(400, "every `image` field must be a file")
-        if not limits.min_images <= len(uploads) <= limits.max_images:
+        one_image = len(uploads) == 1 and len(prompts) >= limits.min_one_image_prompts
+        if one_image and len(prompts) > limits.max_one_image_prompts:
+            raise FormError(400, f"one image takes {limits.min_one_image_prompts} to "
+                                 f"{limits.max_one_image_prompts} prompts, got {len(prompts)}")
+        if not one_image and not limits.min_images <= len(uploads) <= limits.max_images:
             raise FormError(400, f"a morph takes {limits.min_images} to {limits.max_images} images, "
                                  f"got {len(uploads)}")
-        if len(prompts) != len(uploads):
+        if not one_image and len(prompts) != len(uploads):
             raise FormError(400, f"one prompt per image: {len(uploads)} images, {len(prompts)} prompts")
         images = [await upload.read() for upload in uploads]  # type: ignore[union-attr]
-        loras = await read_loras(form, len(uploads))
+        loras = await read_loras(form, len(prompts) if one_image else len(uploads))  # one per endpoint
     finally:
         await form.close()
     total = sum(len(image) for image in images) + sum(len(lora) for lora in loras if lora)
@@ -79,7 +86,8 @@ async def read_form(request: Request, limits: PageLimits) -> MorphForm:
 
 
 async def read_loras(form: Any, count: int) -> list[bytes | None]:
-    """The optional LoRA file of each image (`lora_<i>`, a file a result offered for download):
+    """The optional LoRA file of each image (`lora_<i>`, a file a result offered for download;
+    with one image and K prompts, of each prompt's endpoint, made ones too):
     at most service_limits.MAX_LORA_BYTES each; what it holds is the service's to check."""
     names = {str(name) for name in form.keys() if str(name).startswith("lora_")}
     expected = {wire.lora_key(index) for index in range(count)}

@@ -80,6 +80,9 @@ class PageLimits:
     max_request_bytes: int
     max_images: int = service_limits.MAX_IMAGES
     min_images: int = service_limits.MIN_IMAGES
+    # One image and several prompts: the service makes the other endpoints.
+    min_one_image_prompts: int = service_limits.MIN_ONE_IMAGE_PROMPTS
+    max_one_image_prompts: int = service_limits.MAX_ONE_IMAGE_PROMPTS
     min_frames: int = 2
     max_frames: int = service_limits.MAX_FRAMES
     default_frames: int = 16

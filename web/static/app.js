@@ -204,6 +204,7 @@ class MorphPage {
       });
       list.appendChild(li);
     });
+    $("one-image").hidden = this.items.length !== 1;  // one image: the prompts to make the other ends from
     const total = this.items.reduce((sum, item) => sum + item.file.size, 0);
     $("upload-note").textContent = this.items.length
       ? `${this.items.length} image(s), ${formatBytes(total)} of at most ${formatBytes(this.limits.max_request_bytes)}`
@@ -213,7 +214,10 @@ class MorphPage {
   // ------------------------------------------------------------------ checks
   check() {
     const L = this.limits;
-    if (this.items.length < L.min_images || this.items.length > L.max_images)
+    const more = this.morePrompts().length;
+    if (this.items.length === 1 && (more < L.min_one_image_prompts - 1 || more > L.max_one_image_prompts - 1))
+      return `one image needs ${L.min_one_image_prompts - 1} to ${L.max_one_image_prompts - 1} prompt(s) to morph to, got ${more}`;
+    if (this.items.length !== 1 && (this.items.length < L.min_images || this.items.length > L.max_images))
       return `a morph takes ${L.min_images} to ${L.max_images} images, got ${this.items.length}`;
     const total = this.items.reduce((sum, item) => sum + item.file.size, 0);
     if (total > L.max_request_bytes)
@@ -226,6 +230,25 @@ class MorphPage {
     if (!quality.disabled && quality.value.trim() !== "" && (!Number.isInteger(q) || q < L.webp_quality.min || q > L.webp_quality.max))
       return `WebP quality must be a whole number from ${L.webp_quality.min} to ${L.webp_quality.max}`;
     return null;
+  }
+
+  morePrompts() {
+    // One-image mode: the prompts of the endpoints the service makes, one per non-empty line.
+    if (this.items.length !== 1) return [];
+    return $("more-prompts").value.split("\n").map((line) => line.trim()).filter((line) => line);
+  }
+
+  showMadeEndpoints(endpoints) {
+    const box = $("made-endpoints");
+    box.replaceChildren();
+    for (const endpoint of endpoints || []) {
+      const img = document.createElement("img");
+      img.src = "data:image/png;base64," + endpoint.png;
+      img.alt = `made by the service: ${endpoint.name}`;
+      img.dataset.name = endpoint.name;
+      box.appendChild(img);
+    }
+    box.hidden = !box.children.length;
   }
 
   // ------------------------------------------------------------------ morph
@@ -253,6 +276,7 @@ class MorphPage {
       body.append("prompt", item.prompt);
       if (item.lora) body.append("lora_" + index, item.lora, item.lora.name);
     });
+    for (const prompt of this.morePrompts()) body.append("prompt", prompt);
     body.append("options", JSON.stringify(this.options()));
     this.abort = new AbortController();
     this.started = performance.now();
@@ -341,7 +365,8 @@ class MorphPage {
     $("status").textContent = `frame ${f.index + 1} of ${f.num_frames}`;
   }
 
-  onResult({ metadata, media, loras }) {
+  onResult({ metadata, media, loras, endpoints }) {
+    this.showMadeEndpoints(endpoints);
     for (const stage of STAGES) {
       if (!this.stageState[stage]) $("label-" + stage).textContent = this.skippedLabel(stage, metadata);
     }
