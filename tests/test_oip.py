@@ -41,6 +41,7 @@ from handler.morph_request import parse_request
 from handler.oip import oip_message, parse_infer_request, response_body
 from tests.test_e2e_torchserve import TINY, demo_inputs
 from tests.test_client import descriptor_set
+from tests.test_encoding import webp_frames
 from launcher.torchserve import TorchServeProcess
 
 MODEL = "diffmorpher"
@@ -307,28 +308,18 @@ def test_oip_outputs_an_animated_webp_lossless_or_lossy(server: TorchServeProces
     metadata = json.loads(lossless.as_numpy("metadata")[0])
     assert [p["mime"] for p in metadata["parts"]] == ["image/webp"] + ["image/png"] * 3
     assert metadata["webp_lossless"] is True
-    decoded = webp_frames(webp)
+    decoded, _ = webp_frames(webp)
     assert len(decoded) == len(pngs) == 3
     for frame, png in zip(decoded, pngs):
         assert np.array_equal(frame, np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
     lossy = oip_morph(oip_client, server, images, prompts, {**quick, "format": ["webp"], "webp_quality": 30})
     (small,) = list(lossy.as_numpy("frames"))
     assert json.loads(lossy.as_numpy("metadata")[0])["webp_quality"] == 30
-    assert len(webp_frames(small)) == 3 and len(small) < len(webp)
+    assert len(webp_frames(small)[0]) == 3 and len(small) < len(webp)
     print(f"\nOIP WebP of 3 frames: lossless {len(webp)} bytes, lossy at 30 {len(small)} bytes")
     code, message = status_of(lambda: oip_morph(oip_client, server, images, prompts,
                                                 {**quick, "format": ["webp"], "webp_quality": 101}))
     assert code == "StatusCode.INVALID_ARGUMENT" and "webp_quality must be between 0 and 100, got 101" in message
-
-
-def webp_frames(data: bytes) -> list[np.ndarray]:
-    webp = Image.open(io.BytesIO(data))
-    assert webp.format == "WEBP"
-    frames = []
-    for index in range(webp.n_frames):
-        webp.seek(index)
-        frames.append(np.asarray(webp.convert("RGB")))
-    return frames
 
 
 @pytest.mark.slow
