@@ -49,24 +49,22 @@ def frame_name(index: int, count: int) -> str:
     return f"frame_{index:0{width}d}.png"
 
 
+def _animation(frames: Sequence[Image.Image], options: OutputOptions, **format_args: object) -> bytes:
+    """The frames as one animated image file: RGB, every frame after the first appended, each
+    shown `frame_duration_ms`; `format_args` are Pillow's writer's own (format, loop, ...)."""
+    rgb = [frame.convert("RGB") for frame in frames]
+    buffer = io.BytesIO()
+    rgb[0].save(buffer, save_all=True, append_images=rgb[1:], duration=options.frame_duration_ms, **format_args)
+    return buffer.getvalue()
+
+
 def encode_gif(frames: Sequence[Image.Image], options: OutputOptions) -> bytes:
     """An animated GIF. Pillow merges a frame identical to its predecessor into it (durations
     add up), so a GIF can hold fewer frames than the morph when two neighbours are identical;
     playback is the same."""
-    rgb = [frame.convert("RGB") for frame in frames]
-    buffer = io.BytesIO()
-    save_args: dict = {
-        "format": "GIF",
-        "save_all": True,
-        "append_images": rgb[1:],
-        "duration": options.frame_duration_ms,
-        "disposal": 1,
-        "optimize": False,
-    }
-    if options.loop:
-        save_args["loop"] = 0  # 0 = repeat forever; without the key the GIF plays once
-    rgb[0].save(buffer, **save_args)
-    return buffer.getvalue()
+    # loop 0 = repeat forever; without the key the GIF plays once
+    looping = {"loop": 0} if options.loop else {}
+    return _animation(frames, options, format="GIF", disposal=1, optimize=False, **looping)
 
 
 def encode_webp(frames: Sequence[Image.Image], options: OutputOptions) -> bytes:
@@ -74,21 +72,14 @@ def encode_webp(frames: Sequence[Image.Image], options: OutputOptions) -> bytes:
     smaller), or lossless (`webp_lossless`: every pixel as the morph made it). libwebp, like
     Pillow's GIF writer, merges a frame identical to its predecessor into it (durations add
     up); playback is the same."""
-    rgb = [frame.convert("RGB") for frame in frames]
-    buffer = io.BytesIO()
-    save_args: dict = {
-        "format": "WEBP",
-        "save_all": True,
-        "append_images": rgb[1:],
-        "duration": options.frame_duration_ms,
-        "loop": 0 if options.loop else 1,  # WebP counts plays: 0 = forever, 1 = once
-        "lossless": options.webp_lossless,
-        "method": 4,  # libwebp's default effort; 6 (its most) took 45x longer for 1.4 % less (demo, lossless)
-    }
-    if not options.webp_lossless:
-        save_args["quality"] = options.webp_quality
-    rgb[0].save(buffer, **save_args)
-    return buffer.getvalue()
+    quality = {} if options.webp_lossless else {"quality": options.webp_quality}
+    return _animation(
+        frames, options, format="WEBP",
+        loop=0 if options.loop else 1,  # WebP counts plays: 0 = forever, 1 = once
+        lossless=options.webp_lossless,
+        method=4,  # libwebp's default effort; 6 (its most) took 45x longer for 1.4 % less (demo, lossless)
+        **quality,
+    )
 
 
 def encode_mp4(frames: Sequence[Image.Image], options: OutputOptions) -> bytes:
